@@ -1,0 +1,150 @@
+"""The ``meshnet`` command. It only parses flags into a :class:`Config` and
+calls :func:`meshnet.train.run`; every flag is a field of that config.
+
+    meshnet train                      # MLP on digits, 8 simulated CPU devices
+    meshnet train --mesh data=4 --devices 4 --optimizer sgd --lr 0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Any, Callable, Sequence
+
+from meshnet.config import (
+    Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig,
+)
+from meshnet.errors import MeshnetError
+
+# The command simulates 8 CPU devices unless told otherwise (a no-op for the
+# accelerators of a GPU/TPU host); MeshConfig.devices defaults to None.
+CLI_DEFAULT_DEVICES = 8
+
+
+def _ints(text: str) -> tuple[int, ...]:
+  try:
+    values = tuple(int(v) for v in text.split(",") if v.strip())
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is not a comma-separated list of integers (e.g. 512,256,128)"
+    ) from None
+  return values
+
+
+def _optional_float(text: str) -> float | None:
+  return None if text.lower() in ("none", "off", "0") else float(text)
+
+
+def _optional_int(text: str) -> int | None:
+  return None if text.lower() in ("none", "off") else int(text)
+
+
+def _optional_str(text: str) -> str | None:
+  return None if text.lower() in ("none", "") else text
+
+
+# flag -> (config section, field, parser, help). The section's dataclass
+# default is the flag's default.
+TRAIN_FLAGS: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
+    "--model": ("model", "name", str, "model name"),
+    "--hidden": ("model", "hidden", _ints, "hidden widths, e.g. 512,256,128"),
+    "--activation": ("model", "activation", str, "hidden activation"),
+    "--dropout": ("model", "dropout", float, "dropout rate when training"),
+    "--dataset": ("data", "dataset", str, "xor, digits or mnist"),
+    "--data-dir": ("data", "data_dir", _optional_str, "directory of data files (mnist)"),
+    "--batch-size": ("data", "batch_size", int, "global batch size"),
+    "--devices": ("mesh", "devices", _optional_int,
+                  "simulate N CPU devices (CPU platform only; 'none': as JAX finds)"),
+    "--optimizer": ("optim", "optimizer", str, "sgd, momentum, adam or adamw"),
+    "--lr": ("optim", "lr", float, "peak learning rate"),
+    "--weight-decay": ("optim", "weight_decay", float, "weight decay"),
+    "--momentum": ("optim", "momentum", float, "momentum (optimizer momentum)"),
+    "--lr-schedule": ("optim", "lr_schedule", str, "constant or warmup_cosine"),
+    "--warmup-steps": ("optim", "warmup_steps", int, "warmup steps (warmup_cosine)"),
+    "--clip-norm": ("optim", "clip_norm", _optional_float,
+                    "clip the gradient's global norm (0/none: off)"),
+    "--grad-accum": ("optim", "grad_accum", int, "gradient accumulation micro-steps"),
+    "--steps": ("train", "steps", _optional_int, "optimizer steps (default: from --epochs)"),
+    "--epochs": ("train", "epochs", int, "epochs when --steps is not given"),
+    "--seed": ("train", "seed", int, "random seed"),
+    "--eval-every": ("train", "eval_every", int, "evaluate every N steps (0: off)"),
+    "--log-every": ("train", "log_every", int, "log every N steps"),
+    "--metrics-file": ("train", "metrics_file", _optional_str, "JSON-lines metrics file"),
+    "--eval-batch-size": ("train", "eval_batch_size", int, "evaluation batch size"),
+}
+_SECTIONS = {"mesh": MeshConfig, "model": ModelConfig, "data": DataConfig,
+             "optim": OptimConfig, "train": TrainConfig}
+
+
+def _dest(flag: str) -> str:
+  return flag.lstrip("-").replace("-", "_")
+
+
+def _add_train_parser(subparsers) -> None:
+  parser = subparsers.add_parser(
+      "train", help="train a model (defaults: MLP on digits, 8 simulated CPU devices)",
+      description="Train a model data-parallel over a device mesh. Every flag is a "
+      "field of meshnet.Config.",
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+  )
+  parser.add_argument("--mesh", default="data=-1", metavar="AXIS=N,...",
+                      help="mesh axis sizes over data,fsdp,stage,tensor; -1 = the rest")
+  for flag, (section, field, parse, help_text) in TRAIN_FLAGS.items():
+    default = getattr(_SECTIONS[section](), field)
+    if flag == "--devices":
+      default = CLI_DEFAULT_DEVICES
+    if isinstance(default, tuple):
+      default = ",".join(map(str, default))
+    parser.add_argument(flag, type=parse, default=default, dest=_dest(flag),
+                        help=help_text)
+  parser.add_argument("--no-progress", action="store_true",
+                      help="do not draw the progress bar (TrainConfig.progress=False)")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+  """The :class:`Config` that parsed ``meshnet train`` flags describe."""
+  fields: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+  for flag, (section, field, parse, _) in TRAIN_FLAGS.items():
+    fields[section][field] = getattr(args, _dest(flag))
+  fields["train"]["progress"] = not args.no_progress
+  mesh = MeshConfig.parse(args.mesh, devices=fields["mesh"].pop("devices"))
+  return Config(
+      mesh=mesh,
+      **{name: cls(**fields[name]) for name, cls in _SECTIONS.items() if name != "mesh"},
+  )
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="meshnet", description="Pure-JAX distributed training on a device mesh."
+  )
+  subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+  subparsers.required = True
+  _add_train_parser(subparsers)
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Entry point of the ``meshnet`` command; returns the exit status."""
+  args = build_parser().parse_args(argv)
+  try:
+    if args.command == "train":
+      config = config_from_args(args)
+      if config.mesh.devices is not None:
+        # Before anything starts JAX's backends (the mesh, the data, jit).
+        from meshnet.mesh import set_cpu_device_count
+        set_cpu_device_count(config.mesh.devices)
+      from meshnet.train import run
+      run(config)
+    return 0
+  except MeshnetError as e:
+    print(f"meshnet: error: {e}", file=sys.stderr)
+    return 1 if isinstance(e, FloatingPointError) else 2
+  except KeyboardInterrupt:
+    print("meshnet: interrupted", file=sys.stderr)
+    return 130
+
+
+if __name__ == "__main__":
+  sys.exit(main())

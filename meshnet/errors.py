@@ -1,0 +1,23 @@
+"""Errors meshnet raises for bad input: one line that names the value and the fix."""
+
+from __future__ import annotations
+
+
+class MeshnetError(ValueError):
+  """A user-facing error: the message is one line naming the bad value and what to do.
+
+  The ``meshnet`` command prints it as ``meshnet: error: <message>`` and exits
+  with status 2, without a traceback.
+  """
+
+
+class NonFiniteLossError(MeshnetError, FloatingPointError):
+  """The training loss became NaN or infinite; ``step`` is the first bad step."""
+
+  def __init__(self, step: int, loss: float, hint: str = ""):
+    self.step = step
+    self.loss = loss
+    message = f"loss is {loss} at step {step}; training stopped"
+    if hint:
+      message += f" ({hint})"
+    super().__init__(message)

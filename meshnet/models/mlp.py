@@ -1,0 +1,76 @@
+"""Multi-layer perceptron: dense layers with an activation between them."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+
+from meshnet import nn
+from meshnet.errors import MeshnetError
+from meshnet.model import Model
+
+_GAIN = {"relu": 2.0, "gelu": 2.0, "silu": 2.0}
+
+
+def mlp(
+    widths: Sequence[int],
+    activation: str = "relu",
+    output_activation: str | None = None,
+    dropout: float = 0.0,
+) -> Model:
+  """An MLP ``widths[0] -> widths[1] -> ... -> widths[-1]``.
+
+  Examples: ``mlp([2, 4, 1])`` is the ReLU/linear XOR net;
+  ``mlp([4, 3, 1], "sigmoid", "sigmoid")`` the sigmoid net of classic
+  backprop; ``mlp([784, 512, 256, 128, 10], dropout=0.2)`` the MNIST MLP.
+
+  Args:
+    widths: feature sizes, input first, output last (at least two).
+    activation: name of the activation after every hidden layer
+      (relu, gelu, tanh, sigmoid, silu, linear).
+    output_activation: activation after the last layer; ``None`` gives raw
+      outputs (logits for classification).
+    dropout: rate of dropout after every hidden activation, when training.
+
+  Returns:
+    A :class:`Model`. ``params`` is a list with one ``{"w": [I, O], "b": [O]}``
+    per layer; ``apply`` maps ``x: [B, widths[0]]`` to ``[B, widths[-1]]``.
+  """
+  widths = [int(w) for w in widths]
+  if len(widths) < 2 or min(widths) < 1:
+    raise MeshnetError(
+        f"mlp widths {widths} need an input and an output size, all >= 1"
+    )
+  if not 0.0 <= dropout < 1.0:
+    raise MeshnetError(f"dropout {dropout} must be in [0, 1)")
+  hidden_fn = nn.activation(activation)
+  output_fn = nn.activation(output_activation)
+  gain = _GAIN.get(activation, 1.0)
+  n_layers = len(widths) - 1
+
+  def init(key: jax.Array) -> list[dict[str, jax.Array]]:
+    keys = jax.random.split(key, n_layers)
+    return [
+        nn.dense_init(k, fan_in, fan_out, gain=gain if i < n_layers - 1 else 1.0)
+        for i, (k, fan_in, fan_out) in enumerate(zip(keys, widths[:-1], widths[1:]))
+    ]
+
+  def apply(params, x_BxI, *, train: bool = False, key: jax.Array | None = None):
+    if x_BxI.shape[-1] != widths[0]:
+      raise MeshnetError(
+          f"mlp expects inputs of {widths[0]} features, got shape {x_BxI.shape}"
+      )
+    h = x_BxI.reshape(x_BxI.shape[0], -1)
+    keys = (
+        jax.random.split(key, n_layers) if key is not None and dropout > 0 else
+        [None] * n_layers
+    )
+    for i, layer in enumerate(params):
+      h = nn.dense(layer, h)
+      if i < n_layers - 1:
+        h = hidden_fn(h)
+        h = nn.dropout(h, dropout, key=keys[i], train=train)
+    return output_fn(h)
+
+  return Model(init, apply)

@@ -1,0 +1,252 @@
+"""The training step and the evaluation step, as single jitted SPMD programs.
+
+``state, metrics = train_step(state, (x, y))``: one optimizer step on a
+global batch. Inside ``shard_map`` each device computes the gradient of its
+share of the batch (accumulated over micro-steps), the gradients are averaged
+over ``data`` with a bucketed ``pmean``, and the optax update runs on the
+averaged (replicated) gradient.
+
+The gradient computation is the part a parallelism replaces (a pipeline over
+``stage`` computes the same ``(loss, grads)`` differently); the optimizer
+update and the state are shared by all of them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, PartitionSpec as P
+
+from meshnet import collectives, losses
+from meshnet.errors import MeshnetError
+from meshnet.mesh import DATA, FSDP, STAGE, TENSOR, axis_size
+from meshnet.model import Model, Params
+from meshnet.sharding import batch_sharding, batch_spec, replicated
+
+Batch = tuple[jax.Array, jax.Array]
+
+
+class TrainState(NamedTuple):
+  """Everything that changes during training; a pytree of arrays.
+
+  Attributes:
+    step: int32 scalar, optimizer steps taken.
+    params: the model's parameters (replicated over ``data``).
+    opt_state: the optax state for ``params``.
+    rng: ``uint32[2]`` raw key data (``jax.random.key_data``), so the state
+      is plain arrays that any checkpointer can store. Step ``s`` draws from
+      ``fold_in(key, s)``.
+  """
+
+  step: jax.Array
+  params: Params
+  opt_state: Any
+  rng: jax.Array
+
+
+def init_train_state(
+    model: Model, optimizer: optax.GradientTransformation, mesh: Mesh, key: jax.Array
+) -> TrainState:
+  """Initial state, built directly in its sharding on ``mesh``.
+
+  Args:
+    model: the model; ``model.init`` receives a key derived from ``key``.
+    optimizer: the optax transformation whose state to create.
+    mesh: the mesh; parameters and optimizer state are replicated on it.
+    key: a ``jax.random.key``.
+  """
+  init_key, rng_key = jax.random.split(key)
+
+  def init(init_key, rng_key):
+    params = model.init(init_key)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=optimizer.init(params),
+        rng=jax.random.key_data(rng_key),
+    )
+
+  return jax.jit(init, out_shardings=replicated(mesh))(init_key, rng_key)
+
+
+def check_batch_size(global_batch: int, mesh: Mesh, grad_accum: int = 1) -> int:
+  """The per-device micro-batch size, or a clear error if it is not whole.
+
+  Raises:
+    MeshnetError: ``global_batch`` is not divisible by ``data * grad_accum``.
+  """
+  if grad_accum < 1:
+    raise MeshnetError(f"grad_accum={grad_accum} must be >= 1")
+  data = axis_size(mesh, DATA)
+  if global_batch % (data * grad_accum):
+    hint = f"data={data}" + (f" x grad_accum={grad_accum}" if grad_accum > 1 else "")
+    raise MeshnetError(
+        f"global batch size {global_batch} is not divisible by {hint} = "
+        f"{data * grad_accum}; use a batch size that is a multiple of "
+        f"{data * grad_accum}"
+    )
+  return global_batch // (data * grad_accum)
+
+
+def _check_data_parallel_mesh(mesh: Mesh) -> None:
+  for axis in (FSDP, STAGE, TENSOR):
+    if axis_size(mesh, axis) > 1:
+      raise MeshnetError(
+          f"mesh axis {axis}={axis_size(mesh, axis)} is not supported by this "
+          f"version's train step (data parallelism only); set {axis}=1"
+      )
+
+
+def _local_value_and_grad(
+    loss_of: Callable[[Params, jax.Array, jax.Array, jax.Array], jax.Array],
+    params: Params, x: jax.Array, y: jax.Array, key: jax.Array, grad_accum: int,
+) -> tuple[jax.Array, Params]:
+  """Mean loss and gradient over this device's batch, in ``grad_accum`` parts.
+
+  Shapes are local: ``x: [b, ...]``, ``y: [b, ...]`` with ``b`` the per-device
+  batch. ``params`` must already be varying over ``data`` so the gradient is
+  this device's own (no implicit reduction).
+  """
+  value_and_grad = jax.value_and_grad(loss_of)
+  if grad_accum == 1:
+    return value_and_grad(params, x, y, key)
+
+  def split(a):
+    return a.reshape(grad_accum, a.shape[0] // grad_accum, *a.shape[1:])
+
+  def micro_step(carry, inputs):
+    loss_sum, grad_sum = carry
+    loss, grads = value_and_grad(params, *inputs)
+    return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+  zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                       (jax.ShapeDtypeStruct((), jnp.float32), params))
+  zeros = jax.lax.pcast(zeros, (DATA,), to="varying")  # the scan carry varies per device
+  (loss_sum, grad_sum), _ = jax.lax.scan(
+      micro_step, zeros, (split(x), split(y), jax.random.split(key, grad_accum))
+  )
+  return loss_sum / grad_accum, jax.tree.map(lambda g: g / grad_accum, grad_sum)
+
+
+def make_grad_fn(
+    model: Model, mesh: Mesh, *, loss: str | losses.Objective | Callable = "cross_entropy",
+    grad_accum: int = 1, bucket_bytes: int = collectives.DEFAULT_BUCKET_BYTES,
+) -> Callable[[Params, Batch, jax.Array], tuple[jax.Array, Params]]:
+  """``(params, (x, y), key) -> (loss, grads)`` averaged over the global batch.
+
+  Global shapes: ``x: [B, ...]`` and ``y: [B, ...]`` sharded over ``data``;
+  ``params`` and the results are replicated. Inside ``shard_map`` each device
+  takes its ``B / data`` examples, folds its ``data`` index into ``key`` (so
+  dropout differs per device), accumulates ``grad_accum`` micro-steps, and
+  the gradient pytree is averaged over ``data`` with one bucketed ``pmean``.
+  """
+  _check_data_parallel_mesh(mesh)
+  objective = losses.objective(loss)
+
+  def loss_of(params, x, y, key):
+    outputs = model.apply(params, x, train=True, key=key)
+    return jnp.mean(objective.loss(outputs, y))
+
+  def local(params, x, y, key):
+    key = jax.random.fold_in(key, jax.lax.axis_index(DATA))
+    # Make params per-device values: their gradient is then this device's own,
+    # and we do the one (bucketed) reduction ourselves.
+    params = jax.lax.pcast(params, (DATA,), to="varying")
+    loss, grads = _local_value_and_grad(loss_of, params, x, y, key, grad_accum)
+    with jax.named_scope("gradient_exchange"):
+      grads = collectives.pmean_bucketed(grads, DATA, bucket_bytes=bucket_bytes)
+      loss = jax.lax.pmean(loss, DATA)
+    return loss, grads
+
+  sharded = jax.shard_map(
+      local, mesh=mesh, in_specs=(P(), batch_spec(), batch_spec(), P()),
+      out_specs=(P(), P()),
+  )
+
+  def grad_fn(params, batch, key):
+    x, y = batch
+    check_batch_size(x.shape[0], mesh, grad_accum)
+    x, y = (jax.reshard(a, batch_sharding(mesh)) for a in (x, y))  # no-op when already so
+    return sharded(params, x, y, key)
+
+  return grad_fn
+
+
+def make_train_step(
+    model: Model, optimizer: optax.GradientTransformation, mesh: Mesh, *,
+    loss: str | losses.Objective | Callable = "cross_entropy", grad_accum: int = 1,
+    bucket_bytes: int = collectives.DEFAULT_BUCKET_BYTES, donate: bool = True,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+  """A jitted ``step(state, (x, y)) -> (state, metrics)``.
+
+  Args:
+    model: the model to train.
+    optimizer: optax transformation (clipping included, see
+      :func:`meshnet.optim.make_optimizer`); it sees the gradient averaged
+      over the whole global batch.
+    mesh: the mesh; the batch is split over ``data``.
+    loss: a name in :data:`meshnet.losses.OBJECTIVES`, an ``Objective``, or
+      ``(outputs [B, ...], targets [B, ...]) -> [B]`` per-example losses.
+    grad_accum: micro-steps per step; the global batch must divide by
+      ``data * grad_accum``. The result equals one step on the whole batch.
+    bucket_bytes: the most bytes per gradient reduction.
+    donate: donate ``state``'s buffers to the output (the input state must
+      not be used after the call).
+
+  Returns:
+    ``step``. ``metrics`` holds ``loss`` (mean over the global batch, before
+    the update) and ``grad_norm`` (global norm of the averaged gradient,
+    before clipping), both replicated scalars.
+  """
+  grad_fn = make_grad_fn(model, mesh, loss=loss, grad_accum=grad_accum,
+                         bucket_bytes=bucket_bytes)
+
+  def step(state: TrainState, batch: Batch):
+    with jax.named_scope("train_step"):
+      key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+      loss_value, grads = grad_fn(state.params, batch, key)
+      with jax.named_scope("optimizer_update"):
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+      new_state = TrainState(state.step + 1, params, opt_state, state.rng)
+      return new_state, {"loss": loss_value, "grad_norm": optax.global_norm(grads)}
+
+  return jax.jit(step, donate_argnums=(0,) if donate else ())
+
+
+def make_eval_step(
+    model: Model, mesh: Mesh, *, loss: str | losses.Objective | Callable = "cross_entropy",
+) -> Callable[[Params, Batch, jax.Array], dict[str, jax.Array]]:
+  """A jitted ``eval_step(params, (x, y), mask) -> sums``.
+
+  ``x``, ``y`` are ``[B, ...]`` and ``mask`` ``[B]`` (1 for real examples, 0
+  for padding), all sharded over ``data``. Returns replicated sums over the
+  real examples: ``loss_sum``, ``count`` and, if the objective has a
+  correctness test, ``correct``. Divide by ``count`` for means.
+  """
+  _check_data_parallel_mesh(mesh)
+  objective = losses.objective(loss)
+
+  def local(params, x, y, mask):
+    outputs = model.apply(params, x, train=False)
+    sums = {
+        "loss_sum": jnp.sum(objective.loss(outputs, y) * mask),
+        "count": jnp.sum(mask),
+    }
+    if objective.correct is not None:
+      sums["correct"] = jnp.sum(objective.correct(outputs, y) * mask)
+    return jax.lax.psum(sums, DATA)
+
+  sharded = jax.shard_map(
+      local, mesh=mesh, in_specs=(P(), batch_spec(), batch_spec(), batch_spec()),
+      out_specs=P(),
+  )
+
+  def eval_step(params, batch, mask):
+    x, y, mask = (jax.reshard(a, batch_sharding(mesh)) for a in (*batch, mask))
+    return sharded(params, x, y, mask)
+
+  return jax.jit(eval_step)

@@ -1,0 +1,194 @@
+"""The training run: ``run(config)`` builds the mesh, data, model, optimizer
+and step from a :class:`~meshnet.config.Config`, trains, evaluates and logs.
+
+``meshnet train`` is this function behind a flag parser.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, NamedTuple
+
+import jax
+import numpy as np
+
+from meshnet import models
+from meshnet.config import Config
+from meshnet.data import BatchSampler, Dataset, global_batch, load_dataset
+from meshnet.errors import MeshnetError, NonFiniteLossError
+from meshnet.mesh import DATA, axis_size, describe_mesh, make_mesh, set_cpu_device_count
+from meshnet.metrics import MetricsWriter, Progress, is_main_process
+from meshnet.model import Model, Params
+from meshnet.optim import make_optimizer, make_schedule
+from meshnet.sharding import batch_sharding
+from meshnet.step import (
+    TrainState, check_batch_size, init_train_state, make_eval_step, make_train_step,
+)
+
+
+class RunResult(NamedTuple):
+  """What :func:`run` returns.
+
+  Attributes:
+    state: the final :class:`~meshnet.step.TrainState`.
+    eval: the last evaluation (``eval_loss``, ``eval_accuracy`` if the task
+      has one), or ``{}`` when evaluation is off.
+    history: every logged record, as written to the metrics file.
+  """
+
+  state: TrainState
+  eval: dict[str, float]
+  history: list[dict[str, Any]]
+
+
+def evaluate(
+    eval_step: Callable, params: Params, x: np.ndarray, y: np.ndarray,
+    mesh: jax.sharding.Mesh, batch_size: int,
+) -> dict[str, float]:
+  """Mean loss (and accuracy) of ``params`` on ``(x, y)``, over the mesh.
+
+  The examples are cut into batches of ``batch_size`` rounded up to a
+  multiple of the ``data`` axis; the last batch is padded and the padding
+  masked out, so every example counts exactly once.
+
+  Returns:
+    ``{"eval_loss": ..., "eval_accuracy": ...}`` (accuracy only when the
+    objective defines correctness).
+  """
+  data = axis_size(mesh, DATA)
+  batch_size = -(-min(batch_size, len(x)) // data) * data
+  sharding = batch_sharding(mesh)
+  totals: dict[str, float] = {}
+  for start in range(0, len(x), batch_size):
+    stop = min(start + batch_size, len(x))
+    indices = np.arange(start, start + batch_size) % len(x)
+    mask = (np.arange(start, start + batch_size) < stop).astype(np.float32)
+    xb, yb = global_batch((x, y), indices, sharding)
+    (mb,) = global_batch((mask,), np.arange(batch_size), sharding)
+    for name, value in jax.device_get(eval_step(params, (xb, yb), mb)).items():
+      totals[name] = totals.get(name, 0.0) + float(value)
+  result = {"eval_loss": totals["loss_sum"] / totals["count"]}
+  if "correct" in totals:
+    result["eval_accuracy"] = totals["correct"] / totals["count"]
+  return result
+
+
+def _format_eval(step: int, result: dict[str, float]) -> str:
+  text = f"eval @ step {step}: loss {result['eval_loss']:.4f}"
+  if "eval_accuracy" in result:
+    text += f", accuracy {100 * result['eval_accuracy']:.2f}%"
+  return text
+
+
+def run(
+    config: Config = Config(), *, model: Model | None = None,
+    dataset: Dataset | None = None, log: Callable[[str], None] | None = None,
+) -> RunResult:
+  """Trains as ``config`` says; returns the final state and metrics.
+
+  Args:
+    config: the run's configuration.
+    model: a model to use instead of ``config.model`` (any
+      :class:`~meshnet.Model`, e.g. a user's own pair of functions); it must
+      map ``dataset``'s inputs to its outputs.
+    dataset: data to use instead of ``config.data.dataset``.
+    log: where to print one-off lines (default: the progress bar's stream,
+      process 0 only).
+
+  Raises:
+    MeshnetError: bad configuration (with the value and the fix).
+    NonFiniteLossError: the loss became NaN or infinite (names the step).
+  """
+  if config.mesh.devices is not None:
+    set_cpu_device_count(config.mesh.devices)
+  mesh = make_mesh(**config.mesh.axes())
+  tc, oc = config.train, config.optim
+  if dataset is None:
+    dataset = load_dataset(config.data.dataset, config.data.data_dir)
+  if model is None:
+    model = models.build(
+        config.model.name, dataset.input_size, dataset.num_outputs,
+        hidden=config.model.hidden, activation=config.model.activation,
+        dropout=config.model.dropout,
+    )
+  batch_size = config.data.batch_size
+  sampler = BatchSampler(len(dataset.x_train), batch_size, seed=tc.seed)
+  check_batch_size(batch_size, mesh, oc.grad_accum)
+  total = tc.steps if tc.steps is not None else tc.epochs * sampler.steps_per_epoch
+  if total < 1:
+    raise MeshnetError(f"the run has {total} steps; set steps >= 1 or epochs >= 1")
+  if tc.log_every < 1 or tc.eval_every < 0:
+    raise MeshnetError(
+        f"log_every={tc.log_every} must be >= 1 and eval_every={tc.eval_every} >= 0"
+    )
+  optimizer = make_optimizer(oc, total)
+  schedule = make_schedule(oc, total)
+
+  progress = Progress(total, enabled=tc.progress)
+  say = log or progress.message
+  say(describe_mesh(mesh).splitlines()[0])
+  say(f"{dataset.name}: {len(dataset.x_train)} train / {len(dataset.x_test)} test "
+      f"examples; global batch {batch_size} ({sampler.steps_per_epoch} steps/epoch); "
+      f"{total} steps")
+
+  state = init_train_state(model, optimizer, mesh, jax.random.key(tc.seed))
+  n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
+  say(f"model: {n_params:,} parameters; optimizer {oc.optimizer}, lr {oc.lr}")
+  train_step = make_train_step(model, optimizer, mesh, loss=dataset.loss,
+                               grad_accum=oc.grad_accum)
+  eval_step = make_eval_step(model, mesh, loss=dataset.loss) if tc.eval_every else None
+  sharding = batch_sharding(mesh)
+
+  def next_batch():
+    return global_batch((dataset.x_train, dataset.y_train), next(sampler), sharding)
+
+  history: list[dict[str, Any]] = []
+  last_eval: dict[str, float] = {}
+  with MetricsWriter(tc.metrics_file) as writer:
+    started = time.perf_counter()
+    batch = next_batch()
+    train_step = train_step.lower(state, batch).compile()
+    say(f"compiled the train step in {time.perf_counter() - started:.1f}s")
+
+    pending: list[jax.Array] = []
+    window_start = time.perf_counter()
+    for step in range(1, total + 1):
+      state, metrics = train_step(state, batch)
+      pending.append(metrics["loss"])
+      if step < total:
+        batch = next_batch()  # overlaps with the step running asynchronously
+      if step % tc.log_every == 0 or step == total:
+        window_losses = np.asarray(jax.device_get(pending))
+        bad = np.flatnonzero(~np.isfinite(window_losses))
+        if bad.size:
+          progress.close()
+          first = step - len(pending) + 1 + int(bad[0])
+          raise NonFiniteLossError(first, float(window_losses[bad[0]]),
+                                   "lower --lr or set --clip-norm")
+        elapsed = time.perf_counter() - window_start
+        record = {
+            "step": step, "epoch": (step - 1) // sampler.steps_per_epoch,
+            "loss": float(window_losses[-1]),
+            "grad_norm": float(metrics["grad_norm"]),
+            "lr": float(schedule(step - 1)),
+            "samples_per_sec": batch_size * len(pending) / elapsed,
+        }
+        writer.write(record)
+        history.append(record)
+        progress.update(step, loss=record["loss"],
+                        samples_per_sec=record["samples_per_sec"],
+                        seconds_per_step=elapsed / len(pending))
+        pending = []
+        window_start = time.perf_counter()
+      if eval_step is not None and (step % tc.eval_every == 0 or step == total):
+        last_eval = evaluate(eval_step, state.params, dataset.x_test, dataset.y_test,
+                             mesh, tc.eval_batch_size)
+        record = {"step": step, **last_eval}
+        writer.write(record)
+        history.append(record)
+        say(_format_eval(step, last_eval))
+        window_start = time.perf_counter()  # evaluation time is not training time
+  progress.close()
+  if is_main_process() and tc.metrics_file:
+    say(f"metrics written to {tc.metrics_file}")
+  return RunResult(state, last_eval, history)
