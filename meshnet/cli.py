@@ -130,13 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   try:
     if args.command == "train":
-      config = config_from_args(args)
-      if config.mesh.devices is not None:
-        # Before anything starts JAX's backends (the mesh, the data, jit).
-        from meshnet.mesh import set_cpu_device_count
-        set_cpu_device_count(config.mesh.devices)
       from meshnet.train import run
-      run(config)
+      run(config_from_args(args))  # applies --devices before JAX starts
     return 0
   except MeshnetError as e:
     print(f"meshnet: error: {e}", file=sys.stderr)

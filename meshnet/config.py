@@ -20,8 +20,8 @@ class MeshConfig:
 
   Attributes:
     data, fsdp, stage, tensor: axis sizes (see :mod:`meshnet.mesh`).
-    devices: simulate this many CPU devices (applied before JAX starts; only
-      the CPU platform is affected). ``None`` uses the devices JAX has.
+    devices: on the CPU platform, run on this many (simulated) devices; see
+      :func:`meshnet.mesh.select_devices`. ``None`` uses every device JAX has.
   """
 
   data: int = -1

@@ -57,6 +57,36 @@ def set_cpu_device_count(n: int) -> None:
       ) from None
 
 
+def select_devices(n: int | None) -> list[jax.Device]:
+  """The devices a run with ``devices=n`` uses.
+
+  ``None``: every device JAX has. On the CPU platform, ``n`` simulated
+  devices: JAX is asked for ``n`` if its backends have not started yet, and
+  the first ``n`` are used if it already has more (a notebook or test that
+  started JAX with 8 can still run on 4). On GPUs and TPUs ``n`` is ignored:
+  the accelerators are the devices.
+
+  Raises:
+    MeshnetError: JAX already started with fewer than ``n`` CPU devices.
+  """
+  if n is None:
+    return list(jax.devices())
+  try:
+    set_cpu_device_count(n)
+  except MeshnetError:
+    pass  # already started with another count: use a subset below, if it can be
+  devices = list(jax.devices())
+  if devices[0].platform != "cpu":
+    return devices
+  if len(devices) < n:
+    raise MeshnetError(
+        f"devices={n} but JAX already started with {len(devices)} CPU devices; set "
+        "the device count before any JAX computation (e.g. call "
+        f"meshnet.set_cpu_device_count({n}) right after import)"
+    )
+  return devices[:n]
+
+
 def resolve_axis_sizes(n_devices: int, **axes: int) -> dict[str, int]:
   """Turns user axis sizes into the full ``{axis: size}`` for ``n_devices``.
 

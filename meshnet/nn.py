@@ -50,7 +50,7 @@ def dense_init(
 
 def dense(params: dict[str, jax.Array], x_BxI: jax.Array) -> jax.Array:
   """``x @ w + b``: ``[B, I] -> [B, O]``."""
-  return x_BxI @ params["w"] + params["b"]
+  return x_BxI @ params["w"] + params["b"][None, :]
 
 
 def dropout(x: jax.Array, rate: float, *, key: jax.Array | None, train: bool) -> jax.Array:

@@ -212,7 +212,7 @@ def make_train_step(
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
       new_state = TrainState(state.step + 1, params, opt_state, state.rng)
-      return new_state, {"loss": loss_value, "grad_norm": optax.global_norm(grads)}
+      return new_state, {"loss": loss_value, "grad_norm": optax.tree.norm(grads)}
 
   return jax.jit(step, donate_argnums=(0,) if donate else ())
 

@@ -16,7 +16,7 @@ from meshnet import models
 from meshnet.config import Config
 from meshnet.data import BatchSampler, Dataset, global_batch, load_dataset
 from meshnet.errors import MeshnetError, NonFiniteLossError
-from meshnet.mesh import DATA, axis_size, describe_mesh, make_mesh, set_cpu_device_count
+from meshnet.mesh import DATA, axis_size, describe_mesh, make_mesh, select_devices
 from meshnet.metrics import MetricsWriter, Progress, is_main_process
 from meshnet.model import Model, Params
 from meshnet.optim import make_optimizer, make_schedule
@@ -99,9 +99,7 @@ def run(
     MeshnetError: bad configuration (with the value and the fix).
     NonFiniteLossError: the loss became NaN or infinite (names the step).
   """
-  if config.mesh.devices is not None:
-    set_cpu_device_count(config.mesh.devices)
-  mesh = make_mesh(**config.mesh.axes())
+  mesh = make_mesh(devices=select_devices(config.mesh.devices), **config.mesh.axes())
   tc, oc = config.train, config.optim
   if dataset is None:
     dataset = load_dataset(config.data.dataset, config.data.data_dir)

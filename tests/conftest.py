@@ -1,0 +1,15 @@
+"""Test set-up: 8 simulated CPU devices, strict numpy rank promotion.
+
+XLA_FLAGS must be set before JAX starts, so this runs before any test module
+imports jax.
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]
+).strip()
+
+import jax  # noqa: E402
+
+jax.config.update("jax_numpy_rank_promotion", "raise")

@@ -1,0 +1,42 @@
+"""Single-device references the parallel paths are compared against.
+
+Nothing here uses meshnet's step, collectives or shardings: just the model's
+own ``apply``, ``jax.grad`` on the whole batch, and optax, on one device.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+ONE_DEVICE = jax.devices()[0]
+
+
+def mean_loss(model, per_example_loss, params, x, y):
+  return jnp.mean(per_example_loss(model.apply(params, x), y))
+
+
+def loss_and_grad(model, per_example_loss, params, x, y):
+  """Full-batch loss and gradient on one device."""
+  params, x, y = jax.device_put((params, np.asarray(x), np.asarray(y)), ONE_DEVICE)
+  return jax.jit(jax.value_and_grad(
+      lambda p: mean_loss(model, per_example_loss, p, x, y)))(params)
+
+
+def train(model, per_example_loss, optimizer, params, batches):
+  """Plain optax steps on one device; returns (params, losses)."""
+  params = jax.device_put(params, ONE_DEVICE)
+  opt_state = optimizer.init(params)
+  losses = []
+  for x, y in batches:
+    loss, grads = loss_and_grad(model, per_example_loss, params, x, y)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    losses.append(float(loss))
+  return params, losses
+
+
+def to_numpy(tree):
+  return jax.tree.map(np.asarray, jax.device_get(tree))
