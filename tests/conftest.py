@@ -13,3 +13,7 @@ os.environ["XLA_FLAGS"] = " ".join(
 import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# Start the backends now, so that no test's devices=N can change the count for
+# the tests after it (a run asking for fewer devices then uses a subset).
+assert len(jax.devices()) == 8, jax.devices()

@@ -18,20 +18,25 @@ def mean_loss(model, per_example_loss, params, x, y):
   return jnp.mean(per_example_loss(model.apply(params, x), y))
 
 
+def _value_and_grad(model, per_example_loss):
+  return jax.jit(jax.value_and_grad(
+      lambda p, x, y: mean_loss(model, per_example_loss, p, x, y)))
+
+
 def loss_and_grad(model, per_example_loss, params, x, y):
   """Full-batch loss and gradient on one device."""
   params, x, y = jax.device_put((params, np.asarray(x), np.asarray(y)), ONE_DEVICE)
-  return jax.jit(jax.value_and_grad(
-      lambda p: mean_loss(model, per_example_loss, p, x, y)))(params)
+  return _value_and_grad(model, per_example_loss)(params, x, y)
 
 
 def train(model, per_example_loss, optimizer, params, batches):
   """Plain optax steps on one device; returns (params, losses)."""
+  value_and_grad = _value_and_grad(model, per_example_loss)
   params = jax.device_put(params, ONE_DEVICE)
   opt_state = optimizer.init(params)
   losses = []
   for x, y in batches:
-    loss, grads = loss_and_grad(model, per_example_loss, params, x, y)
+    loss, grads = value_and_grad(params, *jax.device_put((x, y), ONE_DEVICE))
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     losses.append(float(loss))
