@@ -5,7 +5,7 @@ is mesh axes (:func:`make_mesh`: ``data``, ``fsdp``, ``stage``, ``tensor``);
 a training step is ``state, metrics = step(state, batch)``.
 """
 
-from meshnet import collectives, data, losses, models, nn
+from meshnet import collectives, data, losses, models, nn, sharding
 from meshnet.config import (
     Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig,
 )
@@ -28,5 +28,5 @@ __all__ = [
     "OptimConfig", "STAGE", "TENSOR", "TrainConfig", "TrainState", "collectives",
     "data", "describe_mesh", "global_batch", "init_train_state", "load_dataset",
     "losses", "make_eval_step", "make_grad_fn", "make_mesh", "make_optimizer",
-    "make_train_step", "models", "nn", "set_cpu_device_count",
+    "make_train_step", "models", "nn", "set_cpu_device_count", "sharding",
 ]
