@@ -134,6 +134,7 @@ def _local_value_and_grad(
 def make_grad_fn(
     model: Model, mesh: Mesh, *, loss: str | losses.Objective | Callable = "cross_entropy",
     grad_accum: int = 1, bucket_bytes: int = collectives.DEFAULT_BUCKET_BYTES,
+    flatten_buckets: bool | None = None,
 ) -> Callable[[Params, Batch, jax.Array], tuple[jax.Array, Params]]:
   """``(params, (x, y), key) -> (loss, grads)`` averaged over the global batch.
 
@@ -142,9 +143,14 @@ def make_grad_fn(
   takes its ``B / data`` examples, folds its ``data`` index into ``key`` (so
   dropout differs per device), accumulates ``grad_accum`` micro-steps, and
   the gradient pytree is averaged over ``data`` with one bucketed ``pmean``.
+  ``flatten_buckets`` (default: only when several processes take part) packs
+  the gradient into flat buckets; see :mod:`meshnet.collectives` for the
+  measurements behind that default.
   """
   _check_data_parallel_mesh(mesh)
   objective = losses.objective(loss)
+  if flatten_buckets is None:
+    flatten_buckets = jax.process_count() > 1
 
   def loss_of(params, x, y, key):
     outputs = model.apply(params, x, train=True, key=key)
@@ -157,7 +163,8 @@ def make_grad_fn(
     params = jax.lax.pcast(params, (DATA,), to="varying")
     loss, grads = _local_value_and_grad(loss_of, params, x, y, key, grad_accum)
     with jax.named_scope("gradient_exchange"):
-      grads = collectives.pmean_bucketed(grads, DATA, bucket_bytes=bucket_bytes)
+      grads = collectives.pmean_bucketed(grads, DATA, bucket_bytes=bucket_bytes,
+                                         flatten=flatten_buckets)
       loss = jax.lax.pmean(loss, DATA)
     return loss, grads
 
@@ -178,7 +185,8 @@ def make_grad_fn(
 def make_train_step(
     model: Model, optimizer: optax.GradientTransformation, mesh: Mesh, *,
     loss: str | losses.Objective | Callable = "cross_entropy", grad_accum: int = 1,
-    bucket_bytes: int = collectives.DEFAULT_BUCKET_BYTES, donate: bool = True,
+    bucket_bytes: int = collectives.DEFAULT_BUCKET_BYTES,
+    flatten_buckets: bool | None = None, donate: bool = True,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
   """A jitted ``step(state, (x, y)) -> (state, metrics)``.
 
@@ -192,7 +200,9 @@ def make_train_step(
       ``(outputs [B, ...], targets [B, ...]) -> [B]`` per-example losses.
     grad_accum: micro-steps per step; the global batch must divide by
       ``data * grad_accum``. The result equals one step on the whole batch.
-    bucket_bytes: the most bytes per gradient reduction.
+    bucket_bytes: the most bytes per packed gradient reduction.
+    flatten_buckets: pack the gradient into flat buckets before reducing;
+      ``None`` packs only in multi-process runs (see :func:`make_grad_fn`).
     donate: donate ``state``'s buffers to the output (the input state must
       not be used after the call).
 
@@ -202,7 +212,7 @@ def make_train_step(
     before clipping), both replicated scalars.
   """
   grad_fn = make_grad_fn(model, mesh, loss=loss, grad_accum=grad_accum,
-                         bucket_bytes=bucket_bytes)
+                         bucket_bytes=bucket_bytes, flatten_buckets=flatten_buckets)
 
   def step(state: TrainState, batch: Batch):
     with jax.named_scope("train_step"):

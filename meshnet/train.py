@@ -73,6 +73,21 @@ def evaluate(
   return result
 
 
+def max_steps_in_flight(mesh: jax.sharding.Mesh) -> int:
+  """How many train steps the host may dispatch before waiting for the oldest.
+
+  On accelerators two, so the host queues the next step while one runs. On
+  CPU one: XLA:CPU runs each device's program on a shared thread pool and
+  its in-process collectives block their thread at a rendezvous; with many
+  steps of an 8-device program queued on 2 cores, threads parked in step
+  k+1's all-reduce starved step k's devices until XLA aborted the process
+  (rendezvous termination timeout, seen here with 40 queued steps of the
+  784-512-256-128-10 MLP; 100 steps with at most 1 or 2 in flight ran clean).
+  """
+  platform = mesh.devices.flat[0].platform
+  return 1 if platform == "cpu" and mesh.devices.size > 1 else 2
+
+
 def _format_eval(step: int, result: dict[str, float]) -> str:
   text = f"eval @ step {step}: loss {result['eval_loss']:.4f}"
   if "eval_accuracy" in result:
@@ -149,12 +164,17 @@ def run(
     say(f"compiled the train step in {time.perf_counter() - started:.1f}s")
 
     pending: list[jax.Array] = []
+    in_flight: list[jax.Array] = []
+    max_in_flight = max_steps_in_flight(mesh)
     window_start = time.perf_counter()
     for step in range(1, total + 1):
       state, metrics = train_step(state, batch)
       pending.append(metrics["loss"])
+      in_flight.append(metrics["loss"])
       if step < total:
         batch = next_batch()  # overlaps with the step running asynchronously
+      if len(in_flight) >= max_in_flight:
+        jax.block_until_ready(in_flight.pop(0))
       if step % tc.log_every == 0 or step == total:
         window_losses = np.asarray(jax.device_get(pending))
         bad = np.flatnonzero(~np.isfinite(window_losses))

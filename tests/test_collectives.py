@@ -31,16 +31,18 @@ def _per_device_tree():
   }
 
 
-@pytest.mark.parametrize("bucket_bytes", [4, 64, 1 << 20])
+@pytest.mark.parametrize("bucket_bytes, flatten", [(4, True), (64, True), (1 << 20, True),
+                                                  (1 << 20, False)])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_bucketed_reduction_equals_numpy(bucket_bytes, reduction):
+def test_bucketed_reduction_equals_numpy(bucket_bytes, flatten, reduction):
   """Device i holds tree[i]; the reduction over data equals numpy's over axis 0."""
   mesh = meshnet.make_mesh(data=-1)
   tree = _per_device_tree()
   reduce = pmean_bucketed if reduction == "mean" else psum_bucketed
 
   def local(t):
-    return reduce(jax.tree.map(lambda a: a[0], t), "data", bucket_bytes=bucket_bytes)
+    return reduce(jax.tree.map(lambda a: a[0], t), "data", bucket_bytes=bucket_bytes,
+                  flatten=flatten)
 
   f = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=P("data"), out_specs=P()))
   sharded = jax.device_put(tree, NamedSharding(mesh, P("data")))
@@ -54,19 +56,27 @@ def test_bucketed_reduction_equals_numpy(bucket_bytes, reduction):
                                atol=tol)
 
 
-def _count_all_reduces(bucket_bytes):
+def _all_reduces(bucket_bytes, flatten):
+  """All-reduce ops in the program as emitted and as XLA compiled it."""
   mesh = meshnet.make_mesh(data=-1)
   tree = _per_device_tree()
   f = jax.jit(jax.shard_map(
       lambda t: pmean_bucketed(jax.tree.map(lambda a: a[0], t), "data",
-                               bucket_bytes=bucket_bytes),
+                               bucket_bytes=bucket_bytes, flatten=flatten),
       mesh=mesh, in_specs=P("data"), out_specs=P()))
-  hlo = f.lower(jax.device_put(tree, NamedSharding(mesh, P("data")))).as_text()
-  return hlo.count("all_reduce") + hlo.count("all-reduce(")
+  lowered = f.lower(jax.device_put(tree, NamedSharding(mesh, P("data"))))
+  return (lowered.as_text().count("stablehlo.all_reduce"),
+          lowered.compile().as_text().count(" all-reduce("))
 
 
-def test_bucketing_reduces_the_number_of_collectives():
-  # 4 leaves in 2 dtypes: one reduction per dtype with big buckets, one per
-  # leaf with tiny ones.
-  assert _count_all_reduces(1 << 20) == 2
-  assert _count_all_reduces(4) == 4
+def test_flat_buckets_set_the_number_of_collectives():
+  # 4 leaves in 2 dtypes: one packed reduction per dtype with big buckets,
+  # one per leaf with tiny ones.
+  assert _all_reduces(1 << 20, True)[0] == 2
+  assert _all_reduces(4, True)[0] == 4
+
+
+def test_unflattened_reductions_are_combined_by_xla():
+  emitted, compiled = _all_reduces(1 << 20, False)
+  assert emitted == 4  # one per leaf
+  assert compiled < emitted  # XLA's all-reduce combiner groups them

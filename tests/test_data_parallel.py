@@ -52,14 +52,14 @@ def _put(mesh, batch):
 
 
 @pytest.mark.parametrize("model_name", sorted(MODELS))
-@pytest.mark.parametrize("data", [8, 2])
-def test_gradient_equals_single_device(model_name, data, digits_batches):
+@pytest.mark.parametrize("data, flatten", [(8, True), (8, False), (2, True)])
+def test_gradient_equals_single_device(model_name, data, flatten, digits_batches):
   model = MODELS[model_name]()
   mesh = meshnet.make_mesh(data=data, devices=jax.devices()[:data])
   params = model.init(jax.random.key(0))
   x, y = digits_batches[0]
   grad_fn = jax.jit(meshnet.make_grad_fn(model, mesh, loss="cross_entropy",
-                                         bucket_bytes=4096))
+                                         bucket_bytes=4096, flatten_buckets=flatten))
   loss, grads = grad_fn(params, _put(mesh, (x, y)), jax.random.key(1))
   ref_loss, ref_grads = reference.loss_and_grad(model, losses.cross_entropy, params, x, y)
   np.testing.assert_allclose(loss, ref_loss, **TIGHT)
