@@ -43,10 +43,15 @@ class Model:
       data-parallel training). ``key`` is given when ``train`` is true, for
       dropout. An ``apply(params, x)`` that takes neither ``train`` nor ``key``
       is accepted too and is called without them.
+    layers: for models that are a sequence of layers (each itself a
+      ``Model``), the layers; ``params`` is then a list with one entry per
+      layer. Pipeline parallelism cuts a model along its layers, so only
+      models with ``layers`` can be pipelined. See :func:`sequential`.
   """
 
   init: InitFn
   apply: ApplyFn
+  layers: tuple["Model", ...] | None = None
 
   def __post_init__(self):
     if not callable(self.init) or not callable(self.apply):
@@ -60,3 +65,24 @@ class Model:
         return plain(params, x)
 
       object.__setattr__(self, "apply", apply)
+
+
+def sequential(layers: Sequence[Model]) -> Model:
+  """The layers run one after another, as one :class:`Model`.
+
+  ``params`` is a list with one entry per layer; when training with a key,
+  layer ``i`` gets ``jax.random.split(key, len(layers))[i]``.
+  """
+  layers = tuple(layers)
+
+  def init(key):
+    keys = jax.random.split(key, len(layers))
+    return [layer.init(k) for layer, k in zip(layers, keys)]
+
+  def apply(params, x, *, train=False, key=None):
+    keys = jax.random.split(key, len(layers)) if key is not None else [None] * len(layers)
+    for layer, p, k in zip(layers, params, keys):
+      x = layer.apply(p, x, train=train, key=k)
+    return x
+
+  return Model(init, apply, layers=layers)

@@ -8,7 +8,7 @@ import jax
 
 from meshnet import nn
 from meshnet.errors import MeshnetError
-from meshnet.model import Model
+from meshnet.model import Model, sequential
 
 _GAIN = {"relu": 2.0, "gelu": 2.0, "silu": 2.0}
 
@@ -34,7 +34,8 @@ def mlp(
     dropout: rate of dropout after every hidden activation, when training.
 
   Returns:
-    A :class:`Model`. ``params`` is a list with one ``{"w": [I, O], "b": [O]}``
+    A :class:`Model` with ``layers`` (one dense layer each, so it can be
+    pipelined). ``params`` is a list with one ``{"w": [I, O], "b": [O]}``
     per layer; ``apply`` maps ``x: [B, widths[0]]`` to ``[B, widths[-1]]``.
   """
   widths = [int(w) for w in widths]
@@ -49,28 +50,22 @@ def mlp(
   gain = _GAIN.get(activation, 1.0)
   n_layers = len(widths) - 1
 
-  def init(key: jax.Array) -> list[dict[str, jax.Array]]:
-    keys = jax.random.split(key, n_layers)
-    return [
-        nn.dense_init(k, fan_in, fan_out, gain=gain if i < n_layers - 1 else 1.0)
-        for i, (k, fan_in, fan_out) in enumerate(zip(keys, widths[:-1], widths[1:]))
-    ]
+  def make_layer(i: int, fan_in: int, fan_out: int) -> Model:
+    last = i == n_layers - 1
 
-  def apply(params, x_BxI, *, train: bool = False, key: jax.Array | None = None):
-    if x_BxI.shape[-1] != widths[0]:
-      raise MeshnetError(
-          f"mlp expects inputs of {widths[0]} features, got shape {x_BxI.shape}"
-      )
-    h = x_BxI.reshape(x_BxI.shape[0], -1)
-    keys = (
-        jax.random.split(key, n_layers) if key is not None and dropout > 0 else
-        [None] * n_layers
-    )
-    for i, layer in enumerate(params):
-      h = nn.dense(layer, h)
-      if i < n_layers - 1:
-        h = hidden_fn(h)
-        h = nn.dropout(h, dropout, key=keys[i], train=train)
-    return output_fn(h)
+    def init(key: jax.Array) -> dict[str, jax.Array]:
+      return nn.dense_init(key, fan_in, fan_out, gain=1.0 if last else gain)
 
-  return Model(init, apply)
+    def apply(params, x_BxI, *, train: bool = False, key: jax.Array | None = None):
+      if x_BxI.shape[-1] != fan_in:
+        raise MeshnetError(
+            f"mlp layer {i} expects inputs of {fan_in} features, got shape {x_BxI.shape}")
+      h = nn.dense(params, x_BxI.reshape(x_BxI.shape[0], -1))
+      if last:
+        return output_fn(h)
+      return nn.dropout(hidden_fn(h), dropout, key=key, train=train)
+
+    return Model(init, apply)
+
+  return sequential(
+      [make_layer(i, a, b) for i, (a, b) in enumerate(zip(widths[:-1], widths[1:]))])

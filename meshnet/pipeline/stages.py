@@ -1,0 +1,71 @@
+"""Layers, and cutting a list of layers into pipeline stages.
+
+A layer is a pair of pure functions like a model (:class:`meshnet.Model`):
+``init(key) -> params`` and ``apply(params, x, *, train, key) -> y``. A
+pipelined model is a list of layers; stage ``k`` runs layers
+``bounds[k]:bounds[k+1]`` one after another.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from meshnet.errors import MeshnetError
+from meshnet.model import Model
+
+
+def layer_param_counts(layers: Sequence[Model]) -> list[int]:
+  """Number of parameters of each layer (from shapes only; nothing is run)."""
+  counts = []
+  for layer in layers:
+    shapes = jax.eval_shape(layer.init, jax.random.key(0))
+    counts.append(sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes)))
+  return counts
+
+
+def balanced_bounds(costs: Sequence[float], num_stages: int) -> list[int]:
+  """Contiguous split of ``costs`` into ``num_stages`` non-empty parts that
+  minimises the largest part's total (exact, by dynamic programming).
+
+  Returns:
+    ``bounds`` of length ``num_stages + 1``: part ``k`` is
+    ``costs[bounds[k]:bounds[k+1]]``.
+
+  Raises:
+    MeshnetError: more stages than layers.
+  """
+  n = len(costs)
+  if num_stages > n:
+    raise MeshnetError(
+        f"{num_stages} pipeline stages but the model has only {n} layers; use at "
+        f"most {n} stages (stage x virtual stages <= layers)")
+  prefix = np.concatenate([[0.0], np.cumsum(costs)])
+  inf = float("inf")
+  # best[k][i]: minimal max-part cost splitting the first i layers into k parts.
+  best = np.full((num_stages + 1, n + 1), inf)
+  cut = np.zeros((num_stages + 1, n + 1), int)
+  best[0][0] = 0.0
+  for k in range(1, num_stages + 1):
+    for i in range(k, n - (num_stages - k) + 1):
+      for j in range(k - 1, i):
+        value = max(best[k - 1][j], prefix[i] - prefix[j])
+        if value < best[k][i]:
+          best[k][i], cut[k][i] = value, j
+  bounds = [n]
+  for k in range(num_stages, 0, -1):
+    bounds.append(int(cut[k][bounds[-1]]))
+  return bounds[::-1]
+
+
+def check_bounds(bounds: Sequence[int], num_layers: int, num_stages: int) -> list[int]:
+  """Validates user-given stage boundaries (``[0, ..., num_layers]``)."""
+  bounds = [int(b) for b in bounds]
+  if (len(bounds) != num_stages + 1 or bounds[0] != 0 or bounds[-1] != num_layers
+      or any(b >= e for b, e in zip(bounds[:-1], bounds[1:]))):
+    raise MeshnetError(
+        f"stage bounds {bounds} must rise strictly from 0 to {num_layers} with "
+        f"{num_stages + 1} entries (one non-empty range of layers per stage)")
+  return bounds
