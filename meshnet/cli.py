@@ -13,7 +13,7 @@ import sys
 from typing import Any, Callable, Sequence
 
 from meshnet.config import (
-    Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig,
+    Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, PipelineConfig, TrainConfig,
 )
 from meshnet.errors import MeshnetError
 
@@ -65,6 +65,12 @@ TRAIN_FLAGS: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
     "--clip-norm": ("optim", "clip_norm", _optional_float,
                     "clip the gradient's global norm (0/none: off)"),
     "--grad-accum": ("optim", "grad_accum", int, "gradient accumulation micro-steps"),
+    "--schedule": ("pipeline", "schedule", str, "pipeline schedule: gpipe, 1f1b, "
+                   "interleaved or zb (with --mesh stage=N)"),
+    "--microbatches": ("pipeline", "microbatches", _optional_int,
+                       "pipeline microbatches per data replica (default: stages)"),
+    "--virtual-stages": ("pipeline", "virtual_stages", int,
+                         "chunks per device (interleaved schedule)"),
     "--steps": ("train", "steps", _optional_int, "optimizer steps (default: from --epochs)"),
     "--epochs": ("train", "epochs", int, "epochs when --steps is not given"),
     "--seed": ("train", "seed", int, "random seed"),
@@ -74,7 +80,7 @@ TRAIN_FLAGS: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
     "--eval-batch-size": ("train", "eval_batch_size", int, "evaluation batch size"),
 }
 _SECTIONS = {"mesh": MeshConfig, "model": ModelConfig, "data": DataConfig,
-             "optim": OptimConfig, "train": TrainConfig}
+             "optim": OptimConfig, "pipeline": PipelineConfig, "train": TrainConfig}
 
 
 def _dest(flag: str) -> str:

@@ -116,6 +116,23 @@ class OptimConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+  """Pipeline parallelism, used when the mesh's ``stage`` axis is > 1.
+
+  Attributes:
+    schedule: ``gpipe``, ``1f1b``, ``interleaved`` or ``zb``.
+    microbatches: microbatches per data replica per step (default: the
+      number of stages). With gradient accumulation the pipeline runs
+      ``microbatches * grad_accum`` microbatches: the same mean gradient.
+    virtual_stages: chunks per device for ``interleaved``.
+  """
+
+  schedule: str = "1f1b"
+  microbatches: int | None = None
+  virtual_stages: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """The loop.
 
@@ -149,6 +166,7 @@ class Config:
   model: ModelConfig = ModelConfig()
   data: DataConfig = DataConfig()
   optim: OptimConfig = OptimConfig()
+  pipeline: PipelineConfig = PipelineConfig()
   train: TrainConfig = TrainConfig()
 
   def to_dict(self) -> dict[str, Any]:

@@ -13,7 +13,7 @@ update and the state are shared by all of them.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +25,9 @@ from meshnet.errors import MeshnetError
 from meshnet.mesh import DATA, FSDP, STAGE, TENSOR, axis_size
 from meshnet.model import Model, Params
 from meshnet.sharding import batch_sharding, batch_spec, replicated
+
+if TYPE_CHECKING:
+  from meshnet.pipeline.executor import Pipeline
 
 Batch = tuple[jax.Array, jax.Array]
 
@@ -48,15 +51,20 @@ class TrainState(NamedTuple):
 
 
 def init_train_state(
-    model: Model, optimizer: optax.GradientTransformation, mesh: Mesh, key: jax.Array
+    model: Model, optimizer: optax.GradientTransformation, mesh: Mesh, key: jax.Array,
+    *, pipeline: "Pipeline | None" = None,
 ) -> TrainState:
   """Initial state, built directly in its sharding on ``mesh``.
 
   Args:
     model: the model; ``model.init`` receives a key derived from ``key``.
     optimizer: the optax transformation whose state to create.
-    mesh: the mesh; parameters and optimizer state are replicated on it.
+    mesh: the mesh; parameters and optimizer state are replicated on it,
+      except with a pipeline.
     key: a ``jax.random.key``.
+    pipeline: a :class:`~meshnet.pipeline.Pipeline`: ``params`` are then the
+      stacked ``[S, v, N]`` array sharded over ``stage`` (see
+      ``pipeline.unstack``), and the optimizer state is sharded the same way.
   """
   init_key, rng_key = jax.random.split(key)
 
@@ -69,20 +77,35 @@ def init_train_state(
         rng=jax.random.key_data(rng_key),
     )
 
-  return jax.jit(init, out_shardings=replicated(mesh))(init_key, rng_key)
+  if pipeline is None:
+    return jax.jit(init, out_shardings=replicated(mesh))(init_key, rng_key)
+  params = pipeline.stack(jax.jit(model.init)(init_key))
+  scalars = jax.jit(lambda k: (jnp.zeros((), jnp.int32), jax.random.key_data(k)),
+                    out_shardings=replicated(mesh))(rng_key)
+  with jax.set_mesh(mesh):  # the optimizer's new arrays live on this mesh
+    opt_state = jax.jit(optimizer.init)(params)
+  return TrainState(scalars[0], params, opt_state, scalars[1])
 
 
-def check_batch_size(global_batch: int, mesh: Mesh, grad_accum: int = 1) -> int:
+def check_batch_size(global_batch: int, mesh: Mesh, grad_accum: int = 1, *,
+                     what: str = "grad_accum") -> int:
   """The per-device micro-batch size, or a clear error if it is not whole.
+
+  Args:
+    global_batch: examples per step over all devices.
+    mesh: the mesh (its ``data`` size splits the batch).
+    grad_accum: parts each replica's batch is cut into (accumulation
+      micro-steps, or pipeline microbatches).
+    what: the name of those parts, for the message.
 
   Raises:
     MeshnetError: ``global_batch`` is not divisible by ``data * grad_accum``.
   """
   if grad_accum < 1:
-    raise MeshnetError(f"grad_accum={grad_accum} must be >= 1")
+    raise MeshnetError(f"{what}={grad_accum} must be >= 1")
   data = axis_size(mesh, DATA)
   if global_batch % (data * grad_accum):
-    hint = f"data={data}" + (f" x grad_accum={grad_accum}" if grad_accum > 1 else "")
+    hint = f"data={data}" + (f" x {what}={grad_accum}" if grad_accum > 1 else "")
     raise MeshnetError(
         f"global batch size {global_batch} is not divisible by {hint} = "
         f"{data * grad_accum}; use a batch size that is a multiple of "
@@ -91,13 +114,17 @@ def check_batch_size(global_batch: int, mesh: Mesh, grad_accum: int = 1) -> int:
   return global_batch // (data * grad_accum)
 
 
-def _check_data_parallel_mesh(mesh: Mesh) -> None:
-  for axis in (FSDP, STAGE, TENSOR):
+def _check_mesh(mesh: Mesh, *, pipelined: bool) -> None:
+  for axis in (FSDP, TENSOR):
     if axis_size(mesh, axis) > 1:
       raise MeshnetError(
-          f"mesh axis {axis}={axis_size(mesh, axis)} is not supported by this "
-          f"version's train step (data parallelism only); set {axis}=1"
+          f"mesh axis {axis}={axis_size(mesh, axis)} is not supported yet (data "
+          f"and stage parallelism only); set {axis}=1"
       )
+  if not pipelined and axis_size(mesh, STAGE) > 1:
+    raise MeshnetError(
+        f"mesh has stage={axis_size(mesh, STAGE)}: pass pipeline="
+        "meshnet.pipeline.make_pipeline(model, mesh, ...) to pipeline the model")
 
 
 def _local_value_and_grad(
@@ -147,7 +174,7 @@ def make_grad_fn(
   the gradient into flat buckets; see :mod:`meshnet.collectives` for the
   measurements behind that default.
   """
-  _check_data_parallel_mesh(mesh)
+  _check_mesh(mesh, pipelined=False)
   objective = losses.objective(loss)
   if flatten_buckets is None:
     flatten_buckets = jax.process_count() > 1
@@ -187,6 +214,7 @@ def make_train_step(
     loss: str | losses.Objective | Callable = "cross_entropy", grad_accum: int = 1,
     bucket_bytes: int = collectives.DEFAULT_BUCKET_BYTES,
     flatten_buckets: bool | None = None, donate: bool = True,
+    pipeline: "Pipeline | None" = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
   """A jitted ``step(state, (x, y)) -> (state, metrics)``.
 
@@ -205,14 +233,28 @@ def make_train_step(
       ``None`` packs only in multi-process runs (see :func:`make_grad_fn`).
     donate: donate ``state``'s buffers to the output (the input state must
       not be used after the call).
+    pipeline: pipeline the model over ``stage`` with this
+      :class:`~meshnet.pipeline.Pipeline` (the state must come from
+      ``init_train_state(..., pipeline=pipeline)``). Gradient accumulation
+      is then more microbatches: build the pipeline with
+      ``microbatches * grad_accum`` and leave ``grad_accum=1`` here.
 
   Returns:
     ``step``. ``metrics`` holds ``loss`` (mean over the global batch, before
     the update) and ``grad_norm`` (global norm of the averaged gradient,
     before clipping), both replicated scalars.
   """
-  grad_fn = make_grad_fn(model, mesh, loss=loss, grad_accum=grad_accum,
-                         bucket_bytes=bucket_bytes, flatten_buckets=flatten_buckets)
+  if pipeline is None:
+    grad_fn = make_grad_fn(model, mesh, loss=loss, grad_accum=grad_accum,
+                           bucket_bytes=bucket_bytes, flatten_buckets=flatten_buckets)
+  else:
+    _check_mesh(mesh, pipelined=True)
+    if grad_accum != 1:
+      raise MeshnetError(
+          f"grad_accum={grad_accum} with a pipeline: build the pipeline with "
+          f"microbatches x {grad_accum} instead (the same mean gradient)")
+    grad_fn = pipeline.make_grad_fn(loss=loss, bucket_bytes=bucket_bytes,
+                                    flatten_buckets=flatten_buckets)
 
   def step(state: TrainState, batch: Batch):
     with jax.named_scope("train_step"):
@@ -237,7 +279,7 @@ def make_eval_step(
   real examples: ``loss_sum``, ``count`` and, if the objective has a
   correctness test, ``correct``. Divide by ``count`` for means.
   """
-  _check_data_parallel_mesh(mesh)
+  _check_mesh(mesh, pipelined=True)  # replicated over stage: each stage evaluates
   objective = losses.objective(loss)
 
   def local(params, x, y, mask):

@@ -16,10 +16,12 @@ from meshnet import models
 from meshnet.config import Config
 from meshnet.data import BatchSampler, Dataset, global_batch, load_dataset
 from meshnet.errors import MeshnetError, NonFiniteLossError
-from meshnet.mesh import DATA, axis_size, describe_mesh, make_mesh, select_devices
+from meshnet.mesh import DATA, STAGE, axis_size, describe_mesh, make_mesh, select_devices
 from meshnet.metrics import MetricsWriter, Progress, is_main_process
 from meshnet.model import Model, Params
 from meshnet.optim import make_optimizer, make_schedule
+from meshnet.pipeline import make_pipeline
+from meshnet.pipeline.timeline import text as timeline_text
 from meshnet.sharding import batch_sharding
 from meshnet.step import (
     TrainState, check_batch_size, init_train_state, make_eval_step, make_train_step,
@@ -34,11 +36,15 @@ class RunResult(NamedTuple):
     eval: the last evaluation (``eval_loss``, ``eval_accuracy`` if the task
       has one), or ``{}`` when evaluation is off.
     history: every logged record, as written to the metrics file.
+    params: the final parameters in the model's own (logical, per-layer)
+      layout, replicated; with a pipeline ``state.params`` is the stacked
+      ``[S, v, N]`` array instead.
   """
 
   state: TrainState
   eval: dict[str, float]
   history: list[dict[str, Any]]
+  params: Any = None
 
 
 def evaluate(
@@ -126,7 +132,17 @@ def run(
     )
   batch_size = config.data.batch_size
   sampler = BatchSampler(len(dataset.x_train), batch_size, seed=tc.seed)
-  check_batch_size(batch_size, mesh, oc.grad_accum)
+  pipeline = None
+  grad_accum = oc.grad_accum
+  if axis_size(mesh, STAGE) > 1:
+    pc = config.pipeline
+    microbatches = (pc.microbatches or axis_size(mesh, STAGE)) * oc.grad_accum
+    pipeline = make_pipeline(model, mesh, dataset.x_train.shape[1:], schedule=pc.schedule,
+                             microbatches=microbatches, virtual_stages=pc.virtual_stages)
+    grad_accum = 1  # folded into the microbatches: the same mean gradient
+    check_batch_size(batch_size, mesh, microbatches, what="microbatches")
+  else:
+    check_batch_size(batch_size, mesh, grad_accum)
   total = tc.steps if tc.steps is not None else tc.epochs * sampler.steps_per_epoch
   if total < 1:
     raise MeshnetError(f"the run has {total} steps; set steps >= 1 or epochs >= 1")
@@ -144,11 +160,18 @@ def run(
       f"examples; global batch {batch_size} ({sampler.steps_per_epoch} steps/epoch); "
       f"{total} steps")
 
-  state = init_train_state(model, optimizer, mesh, jax.random.key(tc.seed))
-  n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
+  if pipeline is not None:
+    b = pipeline.bounds
+    say(f"pipeline: {pipeline.num_virtual_stages} stages, layers per stage "
+        f"{[b[k + 1] - b[k] for k in range(len(b) - 1)]}")
+    say(timeline_text(pipeline.schedule))
+  state = init_train_state(model, optimizer, mesh, jax.random.key(tc.seed),
+                           pipeline=pipeline)
+  logical = (lambda params: pipeline.unstack(params)) if pipeline else (lambda p: p)
+  n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(logical(state.params)))
   say(f"model: {n_params:,} parameters; optimizer {oc.optimizer}, lr {oc.lr}")
   train_step = make_train_step(model, optimizer, mesh, loss=dataset.loss,
-                               grad_accum=oc.grad_accum)
+                               grad_accum=grad_accum, pipeline=pipeline)
   eval_step = make_eval_step(model, mesh, loss=dataset.loss) if tc.eval_every else None
   sharding = batch_sharding(mesh)
 
@@ -199,8 +222,8 @@ def run(
         pending = []
         window_start = time.perf_counter()
       if eval_step is not None and (step % tc.eval_every == 0 or step == total):
-        last_eval = evaluate(eval_step, state.params, dataset.x_test, dataset.y_test,
-                             mesh, tc.eval_batch_size)
+        last_eval = evaluate(eval_step, logical(state.params), dataset.x_test,
+                             dataset.y_test, mesh, tc.eval_batch_size)
         record = {"step": step, **last_eval}
         writer.write(record)
         history.append(record)
@@ -209,4 +232,4 @@ def run(
   progress.close()
   if is_main_process() and tc.metrics_file:
     say(f"metrics written to {tc.metrics_file}")
-  return RunResult(state, last_eval, history)
+  return RunResult(state, last_eval, history, logical(state.params))

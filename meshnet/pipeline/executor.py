@@ -37,6 +37,7 @@ from meshnet import collectives, losses
 from meshnet.errors import MeshnetError
 from meshnet.mesh import DATA, STAGE, axis_size
 from meshnet.model import Model
+from meshnet.step import check_batch_size
 from meshnet.pipeline import schedules as sched
 from meshnet.pipeline.stages import balanced_bounds, check_bounds, layer_param_counts
 
@@ -373,12 +374,7 @@ class Pipeline:
 
     def grad_fn(stacked, batch, key):
       x, y = batch
-      per_replica = x.shape[0] // data
-      if x.shape[0] % data or per_replica % M:
-        raise MeshnetError(
-            f"global batch {x.shape[0]} must split into data={data} replicas of "
-            f"{M} microbatches each; use a batch size that is a multiple of "
-            f"{data * M}")
+      check_batch_size(x.shape[0], mesh, M, what="microbatches")
       x, y = (jax.reshard(a, batch_sharding) for a in (x, y))
       return sharded(stacked, x, y, key, table_arrays)
 
