@@ -5,16 +5,17 @@ is mesh axes (:func:`make_mesh`: ``data``, ``fsdp``, ``stage``, ``tensor``);
 a training step is ``state, metrics = step(state, batch)``.
 """
 
-from meshnet import collectives, data, losses, models, nn, sharding
+from meshnet import collectives, data, losses, models, nn, pipeline, sharding, train
 from meshnet.config import (
-    Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig,
+    Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, PipelineConfig, TrainConfig,
 )
 from meshnet.data import BatchSampler, Dataset, global_batch, load_dataset
 from meshnet.errors import MeshnetError, NonFiniteLossError
 from meshnet.mesh import (
     AXES, DATA, FSDP, STAGE, TENSOR, describe_mesh, make_mesh, set_cpu_device_count,
 )
-from meshnet.model import Model
+from meshnet.model import Model, sequential
+from meshnet.pipeline import make_pipeline
 from meshnet.optim import make_optimizer
 from meshnet.step import (
     TrainState, init_train_state, make_eval_step, make_grad_fn, make_train_step,
@@ -25,8 +26,9 @@ __version__ = "0.1.0"
 __all__ = [
     "AXES", "BatchSampler", "Config", "DATA", "DataConfig", "Dataset", "FSDP",
     "MeshConfig", "MeshnetError", "Model", "ModelConfig", "NonFiniteLossError",
-    "OptimConfig", "STAGE", "TENSOR", "TrainConfig", "TrainState", "collectives",
+    "OptimConfig", "PipelineConfig", "STAGE", "TENSOR", "TrainConfig", "TrainState", "collectives",
     "data", "describe_mesh", "global_batch", "init_train_state", "load_dataset",
     "losses", "make_eval_step", "make_grad_fn", "make_mesh", "make_optimizer",
-    "make_train_step", "models", "nn", "set_cpu_device_count", "sharding",
+    "make_pipeline", "make_train_step", "models", "nn", "pipeline", "sequential",
+    "set_cpu_device_count", "sharding", "train",
 ]

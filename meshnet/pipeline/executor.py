@@ -237,7 +237,7 @@ class Pipeline:
       self, *, loss: str | losses.Objective | Callable = "cross_entropy",
       bucket_bytes: int = collectives.DEFAULT_BUCKET_BYTES,
       flatten_buckets: bool | None = None, train: bool = True,
-      _fill: float = 0.0,
+      return_stats: bool = False, _fill: float = 0.0,
   ) -> Callable:
     """``(stacked_params, (x, y), key) -> (loss, stacked_grads)``.
 
@@ -245,6 +245,8 @@ class Pipeline:
     (each data replica's ``B / data`` examples are cut into ``M``
     microbatches); ``stacked_params`` and the gradient ``[S, v, N]`` sharded
     over ``stage``; ``loss`` a replicated scalar, the mean over the batch.
+    With ``return_stats`` a third result counts, per device (``[S]``), the
+    ticks the program ran (``ticks``) and those that ran an op (``busy``).
     ``_fill`` is the value of never-written buffer entries (tests poison it
     with NaN to show idle ticks leak nothing).
     """
@@ -329,10 +331,11 @@ class Pipeline:
           _varying(jnp.zeros((), jnp.float32), axes),  # loss accumulator
           fill((v, slots.num_act, mb, D)),  # received activations (stage inputs)
           fill((v, slots.num_cot, mb, D)),  # received cotangents
+          _varying(jnp.zeros((2,), jnp.int32), axes),  # ticks run, ticks busy
       )
 
       def tick(carry, row):
-        grads, loss_sum, act_buf, cot_buf = carry
+        grads, loss_sum, act_buf, cot_buf, counts = carry
         entry = {name: row[name][d] for name in row}
         c, m = entry["chunk"], entry["micro"]
         k = c * S + d
@@ -354,21 +357,24 @@ class Pipeline:
 
         act_buf = store(act_buf, act_recv, entry["recv_act_chunk"], entry["recv_act_slot"])
         cot_buf = store(cot_buf, cot_recv, entry["recv_cot_chunk"], entry["recv_cot_slot"])
-        return (grads, loss_sum, act_buf, cot_buf), None
+        counts = counts + jnp.stack([1, (entry["branch"] != IDLE).astype(jnp.int32)])
+        return (grads, loss_sum, act_buf, cot_buf, counts), None
 
       with jax.named_scope("pipeline_ticks"):
-        (grads, loss_sum, _, _), _ = jax.lax.scan(tick, carry, tables)
+        (grads, loss_sum, _, _, counts), _ = jax.lax.scan(tick, carry, tables)
       loss_value = jax.lax.pmean(jax.lax.psum(loss_sum, STAGE), DATA)
       with jax.named_scope("gradient_exchange"):
         grads = collectives.pmean_bucketed(grads, DATA, bucket_bytes=bucket_bytes,
                                            flatten=flatten_buckets)
-      return loss_value, grads[None]
+      # counts: the same on every data replica; report data replica 0's.
+      counts = jax.lax.psum(jnp.where(jax.lax.axis_index(DATA) == 0, counts, 0), DATA)
+      return loss_value, grads[None], counts[None]
 
     table_arrays = {name: jnp.asarray(a) for name, a in tabs.items()}
     sharded = jax.shard_map(
         local, mesh=mesh,
         in_specs=(P(STAGE), P(DATA), P(DATA), P(), P()),
-        out_specs=(P(), P(STAGE)),
+        out_specs=(P(), P(STAGE), P(STAGE)),
     )
     batch_sharding = NamedSharding(mesh, P(DATA))
 
@@ -376,7 +382,10 @@ class Pipeline:
       x, y = batch
       check_batch_size(x.shape[0], mesh, M, what="microbatches")
       x, y = (jax.reshard(a, batch_sharding) for a in (x, y))
-      return sharded(stacked, x, y, key, table_arrays)
+      loss_value, grads, counts = sharded(stacked, x, y, key, table_arrays)
+      if return_stats:
+        return loss_value, grads, {"ticks": counts[:, 0], "busy": counts[:, 1]}
+      return loss_value, grads
 
     return grad_fn
 
