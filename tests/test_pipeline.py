@@ -218,3 +218,15 @@ def test_timeline_text_and_png(tmp_path):
                                  for d, line in enumerate(lines[1:]))
   assert lines[1].split()[2:6] == ["F0", "F1", "F2", "F3"]
   assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def test_identical_blocks_share_one_branch_whatever_the_depth(digits):
+  """Middle stages of identical blocks compile to one branch, so the program
+  does not grow with depth or stage count; the result is still exact."""
+  for depth in (8, 16):
+    widths = [64] + [32] * (depth - 1) + [10]
+    for stages in (2, 4):
+      pipe = make_pipeline(meshnet.models.mlp(widths), _mesh(stages), (64,))
+      expected = 2 if stages == 2 else 3  # first (reads x), middle blocks, last (loss)
+      assert len(set(pipe.stage_groups)) == expected, (depth, stages, pipe.stage_groups)
+  _pipeline_vs_reference([64] + [32] * 7 + [10], "1f1b", 4, 4, 1, digits)

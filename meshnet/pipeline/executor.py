@@ -106,10 +106,13 @@ def _slots(schedule: sched.Schedule) -> _Slots:
   return _Slots(act_slots, cot_slots, n_act, n_cot)
 
 
-def _tables(schedule: sched.Schedule, slots: _Slots) -> dict[str, np.ndarray]:
-  """Per (tick, device) int32 arrays the program indexes at run time."""
+def _tables(schedule: sched.Schedule, slots: _Slots,
+            branch_of: Sequence[int]) -> dict[str, np.ndarray]:
+  """Per (tick, device) int32 arrays the program indexes at run time.
+  ``branch_of[k]`` is the code branch virtual stage ``k`` runs."""
   S, v = schedule.num_stages, schedule.virtual_stages
   K = S * v
+  G = max(branch_of) + 1
   T = schedule.num_ticks
   kind_index = {sched.F: 0, sched.B: 1, sched.W: 2}
   names = ("branch", "chunk", "micro", "act_slot", "cot_slot",
@@ -122,7 +125,7 @@ def _tables(schedule: sched.Schedule, slots: _Slots) -> dict[str, np.ndarray]:
       if op is None:
         continue
       k = op.chunk * S + d
-      tabs["branch"][t, d] = 1 + kind_index[op.kind] * K + k
+      tabs["branch"][t, d] = 1 + kind_index[op.kind] * G + branch_of[k]
       tabs["chunk"][t, d] = op.chunk
       tabs["micro"][t, d] = op.microbatch
       tabs["act_slot"][t, d] = slots.act.get((k, op.microbatch), 0)
@@ -164,6 +167,15 @@ class Pipeline:
   _sizes: tuple[int, ...]
   _widths: tuple[int, ...]  # flattened activation size entering stage k; last = output
   _out_shape: tuple[int, ...]
+  _groups: tuple[int, ...] = ()  # stage k computes what stage _groups[k] computes
+
+  @property
+  def stage_groups(self) -> tuple[int, ...]:
+    """For each virtual stage, the first stage whose computation is the same
+    (same layers' code and shapes). Stages that share one share a branch of
+    the compiled program, so L identical blocks compile to the same program
+    for any depth and stage count."""
+    return self._groups or tuple(range(self.num_virtual_stages))
 
   @property
   def num_virtual_stages(self) -> int:
@@ -222,12 +234,10 @@ class Pipeline:
     if shape is not None:
       x = x.reshape(b, *shape)
     stage_params = self._unravel[k](flat[:self._sizes[k]])
-    first = self.bounds[k]
-    layers = self.model.layers[first:self.bounds[k + 1]]
-    n_all = len(self.model.layers)
-    layer_keys = (jax.random.split(key, n_all) if key is not None else [None] * n_all)
-    for i, (layer, p) in enumerate(zip(layers, stage_params)):
-      x = layer.apply(p, x, train=train, key=layer_keys[first + i])
+    layers = self.model.layers[self.bounds[k]:self.bounds[k + 1]]
+    keys = jax.random.split(key, len(layers)) if key is not None else [None] * len(layers)
+    for layer, p, layer_key in zip(layers, stage_params, keys):
+      x = layer.apply(p, x, train=train, key=layer_key)
     if k == self.num_virtual_stages - 1:
       return x
     x = x.reshape(b, -1)
@@ -255,7 +265,9 @@ class Pipeline:
     S, v, M = schedule.num_stages, schedule.virtual_stages, schedule.num_microbatches
     K, N, D = self.num_virtual_stages, self.param_width, self.activation_width
     slots = _slots(schedule)
-    tabs = _tables(schedule, slots)
+    representatives = sorted(set(self.stage_groups))
+    branch_of = [representatives.index(g) for g in self.stage_groups]
+    tabs = _tables(schedule, slots, branch_of)
     split = schedule.split_backward
     data = axis_size(mesh, DATA)
     if flatten_buckets is None:
@@ -309,8 +321,9 @@ class Pipeline:
           return dflat, zero(), zeros_act(), zeros_act()
         return run
 
-      out = [idle] + [forward(k) for k in range(K)] + [backward(k) for k in range(K)]
-      out += [weight(k) for k in range(K)] if split else [idle] * K
+      reps = representatives
+      out = [idle] + [forward(k) for k in reps] + [backward(k) for k in reps]
+      out += [weight(k) for k in reps] if split else [idle] * len(reps)
       return out
 
     def local(stacked, x, y, key, tables):
@@ -460,5 +473,17 @@ def make_pipeline(
       widths.append(int(np.prod(x.shape[1:])))
     else:
       out_shape = tuple(x.shape[1:])
-  return Pipeline(model, mesh, plan, tuple(bounds), example_shape, tuple(unravel),
+  pipe = Pipeline(model, mesh, plan, tuple(bounds), example_shape, tuple(unravel),
                   tuple(sizes), tuple(widths), out_shape)
+  return dataclasses.replace(pipe, _groups=_stage_groups(pipe))
+
+
+def _stage_groups(pipe: Pipeline) -> tuple[int, ...]:
+  """Groups virtual stages whose traced computation is identical."""
+  flat = jax.ShapeDtypeStruct((pipe.param_width,), jnp.float32)
+  x = jax.ShapeDtypeStruct((2, pipe.activation_width), jnp.float32)
+  signatures = []
+  for k in range(pipe.num_virtual_stages):
+    fn = lambda f, x, key, k=k: pipe._stage_forward(k, f, x, key, True)
+    signatures.append(str(jax.make_jaxpr(fn)(flat, x, jax.random.key(0))))
+  return tuple(signatures.index(sig) for sig in signatures)
