@@ -5,7 +5,7 @@ is mesh axes (:func:`make_mesh`: ``data``, ``fsdp``, ``stage``, ``tensor``);
 a training step is ``state, metrics = step(state, batch)``.
 """
 
-from meshnet import collectives, data, losses, models, nn, pipeline, sharding, train
+from meshnet import checkpoint, cli, collectives, data, losses, models, nn, pipeline, sharding, train
 from meshnet.config import (
     Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, PipelineConfig, TrainConfig,
 )
@@ -24,7 +24,7 @@ from meshnet.step import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "AXES", "BatchSampler", "Config", "DATA", "DataConfig", "Dataset", "FSDP",
+    "AXES", "BatchSampler", "checkpoint", "Config", "DATA", "DataConfig", "Dataset", "FSDP",
     "MeshConfig", "MeshnetError", "Model", "ModelConfig", "NonFiniteLossError",
     "OptimConfig", "PipelineConfig", "STAGE", "TENSOR", "TrainConfig", "TrainState", "collectives",
     "data", "describe_mesh", "global_batch", "init_train_state", "load_dataset",

@@ -13,7 +13,8 @@ import sys
 from typing import Any, Callable, Sequence
 
 from meshnet.config import (
-    Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, PipelineConfig, TrainConfig,
+    CheckpointConfig, Config, DataConfig, MeshConfig, ModelConfig, OptimConfig,
+    PipelineConfig, TrainConfig,
 )
 from meshnet.errors import MeshnetError
 
@@ -71,6 +72,10 @@ TRAIN_FLAGS: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
                        "pipeline microbatches per data replica (default: stages)"),
     "--virtual-stages": ("pipeline", "virtual_stages", int,
                          "chunks per device (interleaved schedule)"),
+    "--checkpoint-dir": ("checkpoint", "dir", _optional_str, "checkpoint directory"),
+    "--checkpoint-every": ("checkpoint", "every", int,
+                           "save every N steps (0: at the end and on SIGTERM/SIGINT)"),
+    "--keep": ("checkpoint", "keep", int, "newest checkpoints to keep"),
     "--steps": ("train", "steps", _optional_int, "optimizer steps (default: from --epochs)"),
     "--epochs": ("train", "epochs", int, "epochs when --steps is not given"),
     "--seed": ("train", "seed", int, "random seed"),
@@ -80,7 +85,8 @@ TRAIN_FLAGS: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
     "--eval-batch-size": ("train", "eval_batch_size", int, "evaluation batch size"),
 }
 _SECTIONS = {"mesh": MeshConfig, "model": ModelConfig, "data": DataConfig,
-             "optim": OptimConfig, "pipeline": PipelineConfig, "train": TrainConfig}
+             "optim": OptimConfig, "pipeline": PipelineConfig,
+             "checkpoint": CheckpointConfig, "train": TrainConfig}
 
 
 def _dest(flag: str) -> str:
@@ -106,6 +112,9 @@ def _add_train_parser(subparsers) -> None:
                         help=help_text)
   parser.add_argument("--no-progress", action="store_true",
                       help="do not draw the progress bar (TrainConfig.progress=False)")
+  parser.add_argument("--resume", action="store_true",
+                      help="continue from the newest complete checkpoint in "
+                      "--checkpoint-dir (CheckpointConfig.resume)")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -114,6 +123,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
   for flag, (section, field, parse, _) in TRAIN_FLAGS.items():
     fields[section][field] = getattr(args, _dest(flag))
   fields["train"]["progress"] = not args.no_progress
+  fields["checkpoint"]["resume"] = args.resume
   mesh = MeshConfig.parse(args.mesh, devices=fields["mesh"].pop("devices"))
   return Config(
       mesh=mesh,
@@ -128,6 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
   subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
   subparsers.required = True
   _add_train_parser(subparsers)
+  inspect = subparsers.add_parser(
+      "inspect", help="list checkpoints, the parameter tree and a digest",
+      description="List the checkpoints in DIR (step, time, size), the parameter tree "
+      "of the newest (or --step) and, with --digest, a SHA-256 of its values.")
+  inspect.add_argument("dir", help="checkpoint directory")
+  inspect.add_argument("--digest", action="store_true", help="print a digest of the values")
+  inspect.add_argument("--step", type=int, default=None, help="which checkpoint")
   return parser
 
 
@@ -138,6 +155,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "train":
       from meshnet.train import run
       run(config_from_args(args))  # applies --devices before JAX starts
+    elif args.command == "inspect":
+      from meshnet.checkpoint import describe
+      print(describe(args.dir, with_digest=args.digest, step=args.step))
     return 0
   except MeshnetError as e:
     print(f"meshnet: error: {e}", file=sys.stderr)

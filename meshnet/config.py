@@ -133,6 +133,24 @@ class PipelineConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  """Checkpoints (Orbax, asynchronous, logical layout).
+
+  Attributes:
+    dir: checkpoint directory; ``None`` saves nothing.
+    every: save every this many steps (0: only at the end and on SIGTERM or
+      SIGINT).
+    keep: newest checkpoints kept.
+    resume: continue from the newest complete checkpoint in ``dir``.
+  """
+
+  dir: str | None = None
+  every: int = 0
+  keep: int = 3
+  resume: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """The loop.
 
@@ -167,6 +185,7 @@ class Config:
   data: DataConfig = DataConfig()
   optim: OptimConfig = OptimConfig()
   pipeline: PipelineConfig = PipelineConfig()
+  checkpoint: CheckpointConfig = CheckpointConfig()
   train: TrainConfig = TrainConfig()
 
   def to_dict(self) -> dict[str, Any]:

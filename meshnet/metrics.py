@@ -40,7 +40,8 @@ class Progress:
                width: int = 24):
     self.total = total
     self.stream = stream or sys.stderr
-    self.enabled = enabled and is_main_process()
+    self.main = is_main_process()
+    self.enabled = enabled and self.main
     self.width = width
     self._inline = self.stream.isatty()
     self._drawn = False
@@ -62,8 +63,9 @@ class Progress:
     self._drawn = True
 
   def message(self, text: str) -> None:
-    """Prints ``text`` on its own line without breaking the bar."""
-    if not self.enabled:
+    """Prints ``text`` on its own line without breaking the bar (process 0
+    only; printed even when the bar is turned off)."""
+    if not self.main:
       return
     if self._inline and self._drawn:
       self.stream.write("\n")

@@ -6,6 +6,8 @@ and step from a :class:`~meshnet.config.Config`, trains, evaluates and logs.
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -13,6 +15,7 @@ import jax
 import numpy as np
 
 from meshnet import models
+from meshnet.checkpoint import Checkpointer, from_logical, to_logical
 from meshnet.config import Config
 from meshnet.data import BatchSampler, Dataset, global_batch, load_dataset
 from meshnet.errors import MeshnetError, NonFiniteLossError
@@ -39,12 +42,14 @@ class RunResult(NamedTuple):
     params: the final parameters in the model's own (logical, per-layer)
       layout, replicated; with a pipeline ``state.params`` is the stacked
       ``[S, v, N]`` array instead.
+    interrupted: SIGTERM/SIGINT stopped the run (after saving a checkpoint).
   """
 
   state: TrainState
   eval: dict[str, float]
   history: list[dict[str, Any]]
   params: Any = None
+  interrupted: bool = False
 
 
 def evaluate(
@@ -175,33 +180,60 @@ def run(
   eval_step = make_eval_step(model, mesh, loss=dataset.loss) if tc.eval_every else None
   sharding = batch_sharding(mesh)
 
+  cc = config.checkpoint
+  checkpointer = Checkpointer(cc.dir, keep=cc.keep, log=say) if cc.dir else None
+  first_step = 1
+  if checkpointer is not None and cc.resume:
+    restored = checkpointer.restore_latest(to_logical(state, pipeline))
+    if restored is None:
+      say(f"no checkpoint in {cc.dir}; starting from step 0")
+    else:
+      state = from_logical(restored.tree, state, pipeline)
+      sampler.position = int(restored.meta["sampler"]["position"])
+      first_step = restored.step + 1
+      say(f"resumed from step {restored.step} of {cc.dir}")
+
+  def save(step: int, force: bool = False) -> None:
+    # The loop prefetches the next batch before saving: the position to save
+    # is that of the batch after `step`'s, which is `step` (one batch a step).
+    sampler_state = {**sampler.state(), "position": step}
+    meta = {"sampler": sampler_state, "mesh": dict(mesh.shape),
+            "config": config.to_dict()}
+    checkpointer.save(step, to_logical(state, pipeline), meta, force=force)
+
   def next_batch():
     return global_batch((dataset.x_train, dataset.y_train), next(sampler), sharding)
 
   history: list[dict[str, Any]] = []
   last_eval: dict[str, float] = {}
-  with MetricsWriter(tc.metrics_file) as writer:
+  interrupted = False
+  with MetricsWriter(tc.metrics_file, append=first_step > 1) as writer, \
+      _StopSignals(enabled=checkpointer is not None) as stop:
     started = time.perf_counter()
-    batch = next_batch()
-    train_step = train_step.lower(state, batch).compile()
-    say(f"compiled the train step in {time.perf_counter() - started:.1f}s")
+    batch = next_batch() if first_step <= total else None
+    if batch is not None:
+      train_step = train_step.lower(state, batch).compile()
+      say(f"compiled the train step in {time.perf_counter() - started:.1f}s")
 
     pending: list[jax.Array] = []
     in_flight: list[jax.Array] = []
     max_in_flight = max_steps_in_flight(mesh)
     window_start = time.perf_counter()
-    for step in range(1, total + 1):
+    for step in range(first_step, total + 1):
       state, metrics = train_step(state, batch)
       pending.append(metrics["loss"])
       in_flight.append(metrics["loss"])
-      if step < total:
+      stopping = stop.requested()
+      save_now = checkpointer is not None and (
+          step == total or stopping or (cc.every and step % cc.every == 0))
+      if step < total and not stopping:
         batch = next_batch()  # overlaps with the step running asynchronously
       if len(in_flight) >= max_in_flight:
         jax.block_until_ready(in_flight.pop(0))
-      if step % tc.log_every == 0 or step == total:
+      if step % tc.log_every == 0 or step == total or save_now:
         window_losses = np.asarray(jax.device_get(pending))
         bad = np.flatnonzero(~np.isfinite(window_losses))
-        if bad.size:
+        if bad.size:  # checked before any save: a NaN state is never written
           progress.close()
           first = step - len(pending) + 1 + int(bad[0])
           raise NonFiniteLossError(first, float(window_losses[bad[0]]),
@@ -221,6 +253,15 @@ def run(
                         seconds_per_step=elapsed / len(pending))
         pending = []
         window_start = time.perf_counter()
+      if save_now:
+        save(step, force=stopping)
+      if stopping:
+        checkpointer.wait()
+        progress.close()
+        say(f"stopped by {stop.signal_name} after step {step}; saved checkpoint "
+            f"{step} in {cc.dir} (continue with --resume)")
+        interrupted = True
+        break
       if eval_step is not None and (step % tc.eval_every == 0 or step == total):
         last_eval = evaluate(eval_step, logical(state.params), dataset.x_test,
                              dataset.y_test, mesh, tc.eval_batch_size)
@@ -229,7 +270,46 @@ def run(
         history.append(record)
         say(_format_eval(step, last_eval))
         window_start = time.perf_counter()  # evaluation time is not training time
+  if checkpointer is not None:
+    checkpointer.close()
   progress.close()
   if is_main_process() and tc.metrics_file:
     say(f"metrics written to {tc.metrics_file}")
-  return RunResult(state, last_eval, history, logical(state.params))
+  return RunResult(state, last_eval, history, logical(state.params), interrupted)
+
+
+class _StopSignals:
+  """While active, SIGTERM and SIGINT ask the loop to stop after the current
+  step (and save) instead of killing it. With several processes, a stop is
+  agreed on at JAX's preemption sync point, so all save the same step."""
+
+  def __init__(self, enabled: bool):
+    self.enabled = enabled
+    self.signal_name: str | None = None
+    self._previous: dict[int, Any] = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signal_name = signal.Signals(signum).name
+
+  def __enter__(self) -> "_StopSignals":
+    if self.enabled and threading.current_thread() is threading.main_thread():
+      for signum in (signal.SIGTERM, signal.SIGINT):
+        self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def requested(self) -> bool:
+    if not self.enabled:
+      return False
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      local = self.signal_name is not None
+      agreed = bool(multihost_utils.process_allgather(np.int32(local)).max())
+      if agreed and self.signal_name is None:
+        self.signal_name = "a peer's signal"
+      return agreed
+    return self.signal_name is not None
+
+  def __exit__(self, *exc) -> None:
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
