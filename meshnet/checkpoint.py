@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import os
 from typing import Any, Callable
 
@@ -239,6 +240,9 @@ def load_params(directory: str, step: int) -> Any:
   """The parameters (logical layout) of checkpoint ``step``, on one device."""
   path = os.path.join(os.path.abspath(directory), str(step), "state")
   checkpointer = ocp.StandardCheckpointer()
+  absl_logger = logging.getLogger("absl")
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)  # item-level reads warn of step-level metadata
   try:
     metadata = checkpointer.metadata(path)
     tree = getattr(metadata, "item_metadata", metadata)
@@ -253,6 +257,7 @@ def load_params(directory: str, step: int) -> Any:
                        f"{type(e).__name__}: {str(e).splitlines()[0][:160]}") from None
   finally:
     checkpointer.close()
+    absl_logger.setLevel(level)
 
 
 def describe(directory: str, *, with_digest: bool = False, step: int | None = None) -> str:
