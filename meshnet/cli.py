@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from typing import Any, Callable, Sequence
 
@@ -16,6 +17,7 @@ from meshnet.config import (
     CheckpointConfig, Config, DataConfig, MeshConfig, ModelConfig, OptimConfig,
     PipelineConfig, TrainConfig,
 )
+from meshnet.distributed import ENV_DEVICES_PER_PROCESS
 from meshnet.errors import MeshnetError
 
 # The command simulates 8 CPU devices unless told otherwise (a no-op for the
@@ -104,14 +106,17 @@ def _add_train_parser(subparsers) -> None:
                       help="mesh axis sizes over data,fsdp,stage,tensor; -1 = the rest")
   for flag, (section, field, parse, help_text) in TRAIN_FLAGS.items():
     default = getattr(_SECTIONS[section](), field)
-    if flag == "--devices":
-      default = CLI_DEFAULT_DEVICES
+    if flag == "--devices":  # meshnet launch says how many devices each process has
+      default = int(os.environ.get(ENV_DEVICES_PER_PROCESS) or CLI_DEFAULT_DEVICES)
     if isinstance(default, tuple):
       default = ",".join(map(str, default))
     parser.add_argument(flag, type=parse, default=default, dest=_dest(flag),
                         help=help_text)
   parser.add_argument("--no-progress", action="store_true",
                       help="do not draw the progress bar (TrainConfig.progress=False)")
+  parser.add_argument("--deterministic", action="store_true",
+                      help="average gradients in a fixed order: bit-identical results on "
+                      "any process layout (OptimConfig.deterministic)")
   parser.add_argument("--resume", action="store_true",
                       help="continue from the newest complete checkpoint in "
                       "--checkpoint-dir (CheckpointConfig.resume)")
@@ -124,6 +129,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     fields[section][field] = getattr(args, _dest(flag))
   fields["train"]["progress"] = not args.no_progress
   fields["checkpoint"]["resume"] = args.resume
+  fields["optim"]["deterministic"] = args.deterministic
   mesh = MeshConfig.parse(args.mesh, devices=fields["mesh"].pop("devices"))
   return Config(
       mesh=mesh,
@@ -138,6 +144,17 @@ def build_parser() -> argparse.ArgumentParser:
   subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
   subparsers.required = True
   _add_train_parser(subparsers)
+  launch = subparsers.add_parser(
+      "launch", help="run a command in N local processes joined by jax.distributed",
+      description="Start N processes on this host (like torchrun), each with the "
+      "environment meshnet.initialize() reads; prefix their output with [i]; stop all "
+      "when one fails. Example: meshnet launch -n 2 --devices-per-process 2 -- "
+      "meshnet train --mesh data=4")
+  launch.add_argument("-n", "--num-processes", type=int, required=True)
+  launch.add_argument("--devices-per-process", type=int, default=None,
+                      help="simulated CPU devices per process")
+  launch.add_argument("command_args", nargs=argparse.REMAINDER, metavar="-- CMD",
+                      help="the command each process runs")
   inspect = subparsers.add_parser(
       "inspect", help="list checkpoints, the parameter tree and a digest",
       description="List the checkpoints in DIR (step, time, size), the parameter tree "
@@ -155,6 +172,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "train":
       from meshnet.train import run
       run(config_from_args(args))  # applies --devices before JAX starts
+    elif args.command == "launch":
+      from meshnet.launch import launch
+      command = args.command_args
+      command = command[1:] if command and command[0] == "--" else command
+      return launch(args.num_processes, command, devices_per_process=args.devices_per_process)
     elif args.command == "inspect":
       from meshnet.checkpoint import describe
       print(describe(args.dir, with_digest=args.digest, step=args.step))

@@ -103,6 +103,8 @@ class OptimConfig:
     warmup_steps: warmup length for ``warmup_cosine``.
     clip_norm: clip the gradient's global norm to this (``None``: no clipping).
     grad_accum: accumulate gradients over this many micro-steps per step.
+    deterministic: average gradients over ``data`` in a fixed order, so runs
+      are bit-identical however devices are spread over processes.
   """
 
   optimizer: str = "adam"
@@ -113,6 +115,7 @@ class OptimConfig:
   warmup_steps: int = 0
   clip_norm: float | None = None
   grad_accum: int = 1
+  deterministic: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

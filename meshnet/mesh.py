@@ -76,8 +76,8 @@ def select_devices(n: int | None) -> list[jax.Device]:
   except MeshnetError:
     pass  # already started with another count: use a subset below, if it can be
   devices = list(jax.devices())
-  if devices[0].platform != "cpu":
-    return devices
+  if devices[0].platform != "cpu" or jax.process_count() > 1:
+    return devices  # several processes: n was each process's own count
   if len(devices) < n:
     raise MeshnetError(
         f"devices={n} but JAX already started with {len(devices)} CPU devices; set "

@@ -161,7 +161,7 @@ def _local_value_and_grad(
 def make_grad_fn(
     model: Model, mesh: Mesh, *, loss: str | losses.Objective | Callable = "cross_entropy",
     grad_accum: int = 1, bucket_bytes: int = collectives.DEFAULT_BUCKET_BYTES,
-    flatten_buckets: bool | None = None,
+    flatten_buckets: bool | None = None, deterministic: bool = False,
 ) -> Callable[[Params, Batch, jax.Array], tuple[jax.Array, Params]]:
   """``(params, (x, y), key) -> (loss, grads)`` averaged over the global batch.
 
@@ -172,7 +172,9 @@ def make_grad_fn(
   the gradient pytree is averaged over ``data`` with one bucketed ``pmean``.
   ``flatten_buckets`` (default: only when several processes take part) packs
   the gradient into flat buckets; see :mod:`meshnet.collectives` for the
-  measurements behind that default.
+  measurements behind that default. ``deterministic`` averages in a fixed
+  order (:func:`meshnet.collectives.ordered_pmean`), so the result is
+  bit-identical however the devices are spread over processes.
   """
   _check_mesh(mesh, pipelined=False)
   objective = losses.objective(loss)
@@ -190,8 +192,9 @@ def make_grad_fn(
     params = jax.lax.pcast(params, (DATA,), to="varying")
     loss, grads = _local_value_and_grad(loss_of, params, x, y, key, grad_accum)
     with jax.named_scope("gradient_exchange"):
-      grads = collectives.pmean_bucketed(grads, DATA, bucket_bytes=bucket_bytes,
-                                         flatten=flatten_buckets)
+      grads = collectives.pmean_bucketed(
+          grads, DATA, bucket_bytes=bucket_bytes, flatten=flatten_buckets,
+          ordered_size=axis_size(mesh, DATA) if deterministic else None)
       loss = jax.lax.pmean(loss, DATA)
     return loss, grads
 
@@ -213,8 +216,8 @@ def make_train_step(
     model: Model, optimizer: optax.GradientTransformation, mesh: Mesh, *,
     loss: str | losses.Objective | Callable = "cross_entropy", grad_accum: int = 1,
     bucket_bytes: int = collectives.DEFAULT_BUCKET_BYTES,
-    flatten_buckets: bool | None = None, donate: bool = True,
-    pipeline: "Pipeline | None" = None,
+    flatten_buckets: bool | None = None, deterministic: bool = False,
+    donate: bool = True, pipeline: "Pipeline | None" = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
   """A jitted ``step(state, (x, y)) -> (state, metrics)``.
 
@@ -231,6 +234,8 @@ def make_train_step(
     bucket_bytes: the most bytes per packed gradient reduction.
     flatten_buckets: pack the gradient into flat buckets before reducing;
       ``None`` packs only in multi-process runs (see :func:`make_grad_fn`).
+    deterministic: average gradients over ``data`` in a fixed order, so the
+      run is bit-identical on any process layout (more traffic).
     donate: donate ``state``'s buffers to the output (the input state must
       not be used after the call).
     pipeline: pipeline the model over ``stage`` with this
@@ -246,7 +251,8 @@ def make_train_step(
   """
   if pipeline is None:
     grad_fn = make_grad_fn(model, mesh, loss=loss, grad_accum=grad_accum,
-                           bucket_bytes=bucket_bytes, flatten_buckets=flatten_buckets)
+                           bucket_bytes=bucket_bytes, flatten_buckets=flatten_buckets,
+                           deterministic=deterministic)
   else:
     _check_mesh(mesh, pipelined=True)
     if grad_accum != 1:
@@ -254,7 +260,8 @@ def make_train_step(
           f"grad_accum={grad_accum} with a pipeline: build the pipeline with "
           f"microbatches x {grad_accum} instead (the same mean gradient)")
     grad_fn = pipeline.make_grad_fn(loss=loss, bucket_bytes=bucket_bytes,
-                                    flatten_buckets=flatten_buckets)
+                                    flatten_buckets=flatten_buckets,
+                                    deterministic=deterministic)
 
   def step(state: TrainState, batch: Batch):
     with jax.named_scope("train_step"):

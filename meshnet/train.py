@@ -18,8 +18,11 @@ from meshnet import models
 from meshnet.checkpoint import Checkpointer, from_logical, to_logical
 from meshnet.config import Config
 from meshnet.data import BatchSampler, Dataset, global_batch, load_dataset
+from meshnet.distributed import initialize
 from meshnet.errors import MeshnetError, NonFiniteLossError
-from meshnet.mesh import DATA, STAGE, axis_size, describe_mesh, make_mesh, select_devices
+from meshnet.mesh import (
+    DATA, STAGE, axis_size, describe_mesh, make_mesh, select_devices, set_cpu_device_count,
+)
 from meshnet.metrics import MetricsWriter, Progress, is_main_process
 from meshnet.model import Model, Params
 from meshnet.optim import make_optimizer, make_schedule
@@ -125,6 +128,12 @@ def run(
     MeshnetError: bad configuration (with the value and the fix).
     NonFiniteLossError: the loss became NaN or infinite (names the step).
   """
+  if config.mesh.devices is not None:
+    try:  # before initialize(): the count of CPU devices this process brings
+      set_cpu_device_count(config.mesh.devices)
+    except MeshnetError:
+      pass  # JAX already started; select_devices says what can be used
+  initialize()  # joins the other processes when launched as several; else no-op
   mesh = make_mesh(devices=select_devices(config.mesh.devices), **config.mesh.axes())
   tc, oc = config.train, config.optim
   if dataset is None:
@@ -176,7 +185,8 @@ def run(
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(logical(state.params)))
   say(f"model: {n_params:,} parameters; optimizer {oc.optimizer}, lr {oc.lr}")
   train_step = make_train_step(model, optimizer, mesh, loss=dataset.loss,
-                               grad_accum=grad_accum, pipeline=pipeline)
+                               grad_accum=grad_accum, pipeline=pipeline,
+                               deterministic=oc.deterministic)
   eval_step = make_eval_step(model, mesh, loss=dataset.loss) if tc.eval_every else None
   sharding = batch_sharding(mesh)
 

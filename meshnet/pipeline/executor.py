@@ -246,8 +246,8 @@ class Pipeline:
   def make_grad_fn(
       self, *, loss: str | losses.Objective | Callable = "cross_entropy",
       bucket_bytes: int = collectives.DEFAULT_BUCKET_BYTES,
-      flatten_buckets: bool | None = None, train: bool = True,
-      return_stats: bool = False, _fill: float = 0.0,
+      flatten_buckets: bool | None = None, deterministic: bool = False,
+      train: bool = True, return_stats: bool = False, _fill: float = 0.0,
   ) -> Callable:
     """``(stacked_params, (x, y), key) -> (loss, stacked_grads)``.
 
@@ -377,8 +377,9 @@ class Pipeline:
         (grads, loss_sum, _, _, counts), _ = jax.lax.scan(tick, carry, tables)
       loss_value = jax.lax.pmean(jax.lax.psum(loss_sum, STAGE), DATA)
       with jax.named_scope("gradient_exchange"):
-        grads = collectives.pmean_bucketed(grads, DATA, bucket_bytes=bucket_bytes,
-                                           flatten=flatten_buckets)
+        grads = collectives.pmean_bucketed(
+            grads, DATA, bucket_bytes=bucket_bytes, flatten=flatten_buckets,
+            ordered_size=data if deterministic else None)
       # counts: the same on every data replica; report data replica 0's.
       counts = jax.lax.psum(jnp.where(jax.lax.axis_index(DATA) == 0, counts, 0), DATA)
       return loss_value, grads[None], counts[None]

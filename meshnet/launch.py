@@ -1,0 +1,139 @@
+"""``meshnet launch -n N -- CMD``: N processes on this host, joined like torchrun.
+
+Each process gets ``MESHNET_COORDINATOR`` (a free local port),
+``MESHNET_NUM_PROCESSES``, ``MESHNET_PROCESS_ID`` and, with
+``--devices-per-process K``, ``MESHNET_DEVICES_PER_PROCESS`` (K simulated CPU
+devices each). Output lines are prefixed with ``[i]``. SIGINT and SIGTERM are
+forwarded to every process. When a process fails, the others are stopped
+(SIGTERM, then SIGKILL after a grace period) and the launcher exits with the
+failing process's code and a one-line summary: jax's own handling of a dead
+peer is to let the survivors wait for its heartbeat timeout and then abort.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import Sequence
+
+from meshnet.distributed import (
+    ENV_COORDINATOR, ENV_DEVICES_PER_PROCESS, ENV_NUM_PROCESSES, ENV_PROCESS_ID,
+)
+from meshnet.errors import MeshnetError
+
+GRACE_SECONDS = 10.0
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _describe(code: int) -> str:
+  if code < 0:
+    try:
+      return f"signal {signal.Signals(-code).name}"
+    except ValueError:
+      return f"signal {-code}"
+  return f"exit code {code}"
+
+
+def _pump(stream, index: int, out) -> None:
+  for line in iter(stream.readline, ""):
+    out.write(f"[{index}] {line}")
+    out.flush()
+  stream.close()
+
+
+def launch(num_processes: int, command: Sequence[str], *,
+           devices_per_process: int | None = None, out=None) -> int:
+  """Runs ``command`` in ``num_processes`` processes; returns the exit status.
+
+  Raises:
+    MeshnetError: bad counts or an empty command.
+  """
+  out = out or sys.stdout
+  if num_processes < 1:
+    raise MeshnetError(f"-n {num_processes}: need at least one process")
+  if devices_per_process is not None and devices_per_process < 1:
+    raise MeshnetError(f"--devices-per-process {devices_per_process} must be >= 1")
+  if not command:
+    raise MeshnetError("nothing to launch: give the command after --, e.g. "
+                       "meshnet launch -n 2 -- meshnet train")
+  port = free_port()
+  procs: list[subprocess.Popen] = []
+  pumps = []
+  for i in range(num_processes):
+    env = dict(os.environ)
+    env.update({ENV_COORDINATOR: f"127.0.0.1:{port}", ENV_NUM_PROCESSES: str(num_processes),
+                ENV_PROCESS_ID: str(i), "PYTHONUNBUFFERED": "1"})
+    if devices_per_process is not None:
+      env[ENV_DEVICES_PER_PROCESS] = str(devices_per_process)
+    try:
+      proc = subprocess.Popen(list(command), env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    except FileNotFoundError:
+      for p in procs:
+        p.kill()
+      raise MeshnetError(f"command not found: {command[0]}") from None
+    procs.append(proc)
+    out.write(f"meshnet launch: process {i} started (pid {proc.pid})\n")
+    thread = threading.Thread(target=_pump, args=(proc.stdout, i, out), daemon=True)
+    thread.start()
+    pumps.append(thread)
+  out.flush()
+
+  forwarded: list[int] = []
+
+  def forward(signum, frame):
+    del frame
+    forwarded.append(signum)
+    for p in procs:
+      if p.poll() is None:
+        p.send_signal(signum)
+
+  previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+  failed: tuple[int, int] | None = None
+  try:
+    while True:
+      codes = [p.poll() for p in procs]
+      bad = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
+      if bad and failed is None:
+        failed = bad[0]
+        break
+      if all(c == 0 for c in codes):
+        break
+      time.sleep(0.05)
+    if failed is not None:
+      for p in procs:
+        if p.poll() is None:
+          p.send_signal(signal.SIGTERM)
+      deadline = time.time() + GRACE_SECONDS
+      while any(p.poll() is None for p in procs) and time.time() < deadline:
+        time.sleep(0.05)
+      for p in procs:
+        if p.poll() is None:
+          os.killpg(p.pid, signal.SIGKILL)
+          p.wait()
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+    for thread in pumps:
+      thread.join(timeout=5)
+  if failed is not None:
+    index, code = failed
+    others = ", ".join(f"{i}: {_describe(p.returncode)}" for i, p in enumerate(procs)
+                       if i != index)
+    out.write(f"meshnet launch: process {index} failed ({_describe(code)}); stopped the "
+              f"others ({others})\n")
+    out.flush()
+    return code if code > 0 else 128 - code
+  if forwarded:
+    return 128 + forwarded[0] if any(p.returncode for p in procs) else 0
+  return 0
