@@ -1,0 +1,108 @@
+"""Real multi-process runs: `meshnet launch` on localhost, gloo collectives."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import meshnet
+from meshnet import checkpoint
+from meshnet.distributed import initialize
+
+ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+MESHNET = [sys.executable, "-m", "meshnet"]
+TRAIN = ["train", "--no-progress", "--eval-every", "0", "--log-every", "10"]
+
+
+def _run(args, timeout=300):
+  proc = subprocess.run(MESHNET + args, capture_output=True, text=True, env=ENV,
+                        timeout=timeout)
+  assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+  return proc.stdout + proc.stderr
+
+
+def _launch2(args):
+  return _run(["launch", "-n", "2", "--devices-per-process", "2", "--", *MESHNET, *args])
+
+
+def _digest(directory, step):
+  return checkpoint.digest(checkpoint.load_params(str(directory), step))
+
+
+def test_two_processes_equal_one_and_checkpoints_cross_over(tmp_path):
+  """data=4 over 2 processes x 2 devices == 1 process x 4 devices, bit for
+  bit; each run's checkpoint resumes in the other layout."""
+  common = TRAIN + ["--mesh", "data=4", "--deterministic"]
+  two, one, whole = tmp_path / "two", tmp_path / "one", tmp_path / "whole"
+  out = _launch2(common + ["--steps", "20", "--checkpoint-dir", str(two)])
+  assert "[0] mesh data=4 fsdp=1 stage=1 tensor=1: 4 cpu devices, 2 processes" in out
+  assert "[1] mesh" not in out  # only process 0 logs the run
+  _run(common + ["--devices", "4", "--steps", "20", "--checkpoint-dir", str(one)])
+  assert _digest(two, 20) == _digest(one, 20)
+
+  _run(common + ["--devices", "4", "--steps", "30", "--checkpoint-dir", str(whole)])
+  out = _run(common + ["--devices", "4", "--steps", "30", "--resume", "--checkpoint-dir",
+                       str(two)])  # written by 2 processes, read by 1
+  assert "resumed from step 20" in out
+  out = _launch2(common + ["--steps", "30", "--resume", "--checkpoint-dir", str(one)])
+  assert "resumed from step 20" in out  # written by 1 process, read by 2
+  assert _digest(two, 30) == _digest(whole, 30) == _digest(one, 30)
+
+
+def test_pipeline_stages_spanning_two_processes_match_one(tmp_path):
+  common = TRAIN + ["--mesh", "stage=4", "--hidden", "128,96,64", "--microbatches", "4",
+                    "--steps", "15"]
+  _launch2(common + ["--checkpoint-dir", str(tmp_path / "two")])
+  _run(common + ["--devices", "4", "--checkpoint-dir", str(tmp_path / "one")])
+  assert _digest(tmp_path / "two", 15) == _digest(tmp_path / "one", 15)
+
+
+def test_killing_a_worker_ends_the_launch_quickly():
+  launcher = subprocess.Popen(
+      MESHNET + ["launch", "-n", "2", "--devices-per-process", "2", "--", *MESHNET,
+                 *TRAIN, "--mesh", "data=4", "--steps", "1000000"],
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+  lines, pid = [], None
+  for line in launcher.stdout:
+    lines.append(line)
+    if "process 1 started (pid" in line:
+      pid = int(line.split("pid ")[1].rstrip(")\n"))
+    if line.startswith("[0] compiled the train step"):
+      break
+  assert pid is not None, "".join(lines)
+  killed = time.time()
+  os.kill(pid, signal.SIGKILL)
+  rest, _ = launcher.communicate(timeout=120)
+  elapsed = time.time() - killed
+  assert launcher.returncode != 0
+  assert "meshnet launch: process 1 failed (signal SIGKILL); stopped the others" in rest
+  assert elapsed < 60
+
+
+def test_launch_prefixes_output_and_returns_the_failing_code():
+  code = ("import os, sys; i = os.environ['MESHNET_PROCESS_ID']; "
+          "print('hello from', i, os.environ['MESHNET_NUM_PROCESSES']); "
+          "sys.exit(3 if i == '1' else 0)")
+  proc = subprocess.run(MESHNET + ["launch", "-n", "2", "--", sys.executable, "-c", code],
+                        capture_output=True, text=True, env=ENV, timeout=120)
+  assert proc.returncode == 3
+  assert "[0] hello from 0 2" in proc.stdout and "[1] hello from 1 2" in proc.stdout
+  assert "meshnet launch: process 1 failed (exit code 3)" in proc.stdout
+
+
+def test_initialize_is_a_no_op_for_one_process(monkeypatch):
+  for name in ("MESHNET_COORDINATOR", "MESHNET_NUM_PROCESSES", "MESHNET_PROCESS_ID",
+               "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES"):
+    monkeypatch.delenv(name, raising=False)
+  assert initialize() is False
+  monkeypatch.setenv("MESHNET_NUM_PROCESSES", "1")
+  monkeypatch.setenv("MESHNET_PROCESS_ID", "0")
+  monkeypatch.setenv("MESHNET_COORDINATOR", "127.0.0.1:1")
+  assert initialize() is False
+  monkeypatch.delenv("MESHNET_COORDINATOR")
+  monkeypatch.setenv("MESHNET_NUM_PROCESSES", "2")
+  with pytest.raises(meshnet.MeshnetError, match="multi-process settings are incomplete"):
+    initialize()
