@@ -9,16 +9,20 @@ result is exactly what per-leaf reductions give.
 ``flatten=False`` instead emits one reduction per leaf and leaves the
 grouping to XLA's all-reduce combiner, which merges them into one collective
 op with many operands (checked: one all-reduce in the compiled program).
-Measured here (jax 0.10.2, CPU, the 784-512-256-128-10 MLP's gradient):
+Measured here (jax 0.10.2, CPU, the 784-512-256-128-10 MLP with Adam;
+``benchmarks/RESULTS.md``):
 
-* across 2 processes over gloo, the flat buffer reduces in 11 ms against
-  16-19 ms for the combined many-operand op: pack when the axis spans hosts;
-* across 8 simulated devices in one process, packing costs a copy that
-  XLA:CPU runs as a slow elementwise concatenate per device (2 cores for 8
-  devices): a whole train step took 150-600 ms packed against 24 ms
-  unpacked: let XLA combine within a process.
+* the exchange alone across 2 processes over gloo: the flat buffer reduces
+  in 12.9 ms against 15.4 ms for the combined many-operand op;
+* but whole train steps across 2 processes: combined 10-14k samples/s at
+  global batch 256 against about 6k packed (the packing copy waits for the
+  whole backward and, on XLA:CPU, is a slow elementwise concatenate);
+* whole train steps on 8 simulated devices in one process: combined 13.3k
+  against 0.4k packed at batch 256.
 
-:func:`meshnet.step.make_grad_fn` chooses by ``jax.process_count()``.
+So :func:`meshnet.step.make_grad_fn` leaves the grouping to XLA by default
+(``flatten_buckets=False``); packing stays available for backends where a
+flat buffer pays.
 """
 
 from __future__ import annotations

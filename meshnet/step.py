@@ -161,7 +161,7 @@ def _local_value_and_grad(
 def make_grad_fn(
     model: Model, mesh: Mesh, *, loss: str | losses.Objective | Callable = "cross_entropy",
     grad_accum: int = 1, bucket_bytes: int = collectives.DEFAULT_BUCKET_BYTES,
-    flatten_buckets: bool | None = None, deterministic: bool = False,
+    flatten_buckets: bool = False, deterministic: bool = False,
 ) -> Callable[[Params, Batch, jax.Array], tuple[jax.Array, Params]]:
   """``(params, (x, y), key) -> (loss, grads)`` averaged over the global batch.
 
@@ -170,16 +170,14 @@ def make_grad_fn(
   takes its ``B / data`` examples, folds its ``data`` index into ``key`` (so
   dropout differs per device), accumulates ``grad_accum`` micro-steps, and
   the gradient pytree is averaged over ``data`` with one bucketed ``pmean``.
-  ``flatten_buckets`` (default: only when several processes take part) packs
-  the gradient into flat buckets; see :mod:`meshnet.collectives` for the
-  measurements behind that default. ``deterministic`` averages in a fixed
+  ``flatten_buckets`` packs the gradient into flat buckets instead of
+  leaving the grouping to XLA's all-reduce combiner (the default, faster in
+  every full train step measured here; see :mod:`meshnet.collectives`). ``deterministic`` averages in a fixed
   order (:func:`meshnet.collectives.ordered_pmean`), so the result is
   bit-identical however the devices are spread over processes.
   """
   _check_mesh(mesh, pipelined=False)
   objective = losses.objective(loss)
-  if flatten_buckets is None:
-    flatten_buckets = jax.process_count() > 1
 
   def loss_of(params, x, y, key):
     outputs = model.apply(params, x, train=True, key=key)
@@ -216,7 +214,7 @@ def make_train_step(
     model: Model, optimizer: optax.GradientTransformation, mesh: Mesh, *,
     loss: str | losses.Objective | Callable = "cross_entropy", grad_accum: int = 1,
     bucket_bytes: int = collectives.DEFAULT_BUCKET_BYTES,
-    flatten_buckets: bool | None = None, deterministic: bool = False,
+    flatten_buckets: bool = False, deterministic: bool = False,
     donate: bool = True, pipeline: "Pipeline | None" = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
   """A jitted ``step(state, (x, y)) -> (state, metrics)``.
@@ -232,8 +230,8 @@ def make_train_step(
     grad_accum: micro-steps per step; the global batch must divide by
       ``data * grad_accum``. The result equals one step on the whole batch.
     bucket_bytes: the most bytes per packed gradient reduction.
-    flatten_buckets: pack the gradient into flat buckets before reducing;
-      ``None`` packs only in multi-process runs (see :func:`make_grad_fn`).
+    flatten_buckets: pack the gradient into flat buckets before reducing
+      (see :func:`make_grad_fn`).
     deterministic: average gradients over ``data`` in a fixed order, so the
       run is bit-identical on any process layout (more traffic).
     donate: donate ``state``'s buffers to the output (the input state must

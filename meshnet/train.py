@@ -90,8 +90,8 @@ def evaluate(
 def max_steps_in_flight(mesh: jax.sharding.Mesh) -> int:
   """How many train steps the host may dispatch before waiting for the oldest.
 
-  On accelerators two, so the host queues the next step while one runs. On
-  CPU one: XLA:CPU runs each device's program on a shared thread pool and
+  On accelerators, and on CPU with one device per process, two: the host
+  queues the next step while one runs. On CPU with several local devices one: XLA:CPU runs each device's program on a shared thread pool and
   its in-process collectives block their thread at a rendezvous; with many
   steps of an 8-device program queued on 2 cores, threads parked in step
   k+1's all-reduce starved step k's devices until XLA aborted the process
@@ -99,7 +99,7 @@ def max_steps_in_flight(mesh: jax.sharding.Mesh) -> int:
   784-512-256-128-10 MLP; 100 steps with at most 1 or 2 in flight ran clean).
   """
   platform = mesh.devices.flat[0].platform
-  return 1 if platform == "cpu" and mesh.devices.size > 1 else 2
+  return 1 if platform == "cpu" and len(mesh.local_devices) > 1 else 2
 
 
 def _format_eval(step: int, result: dict[str, float]) -> str:

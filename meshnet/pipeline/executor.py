@@ -246,7 +246,7 @@ class Pipeline:
   def make_grad_fn(
       self, *, loss: str | losses.Objective | Callable = "cross_entropy",
       bucket_bytes: int = collectives.DEFAULT_BUCKET_BYTES,
-      flatten_buckets: bool | None = None, deterministic: bool = False,
+      flatten_buckets: bool = False, deterministic: bool = False,
       train: bool = True, return_stats: bool = False, _fill: float = 0.0,
   ) -> Callable:
     """``(stacked_params, (x, y), key) -> (loss, stacked_grads)``.
@@ -270,8 +270,6 @@ class Pipeline:
     tabs = _tables(schedule, slots, branch_of)
     split = schedule.split_backward
     data = axis_size(mesh, DATA)
-    if flatten_buckets is None:
-      flatten_buckets = jax.process_count() > 1
 
     def mean_loss(out, y):
       return jnp.mean(objective.loss(out, y)) / M
