@@ -106,3 +106,24 @@ def test_initialize_is_a_no_op_for_one_process(monkeypatch):
   monkeypatch.setenv("MESHNET_NUM_PROCESSES", "2")
   with pytest.raises(meshnet.MeshnetError, match="multi-process settings are incomplete"):
     initialize()
+
+
+def test_sigterm_to_one_process_saves_the_same_step_everywhere(tmp_path):
+  launcher = subprocess.Popen(
+      MESHNET + ["launch", "-n", "2", "--devices-per-process", "2", "--", *MESHNET,
+                 *TRAIN, "--mesh", "data=4", "--steps", "1000000", "--checkpoint-dir",
+                 str(tmp_path), "--checkpoint-every", "1000000"],
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+  pid = None
+  for line in launcher.stdout:
+    if "process 1 started (pid" in line:
+      pid = int(line.split("pid ")[1].rstrip(")\n"))
+    if line.startswith("[0] compiled the train step"):
+      break
+  time.sleep(1.0)
+  os.kill(pid, signal.SIGTERM)  # only process 1 is told
+  rest, _ = launcher.communicate(timeout=120)
+  assert launcher.returncode == 0, rest[-2000:]
+  line = [l for l in rest.splitlines() if "stopped by a peer's signal after step" in l][0]
+  step = int(line.split("after step ")[1].split(";")[0])
+  assert [r["step"] for r in checkpoint.list_checkpoints(str(tmp_path))] == [step]
