@@ -25,6 +25,7 @@ averages the result with a bucketed ``pmean``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Sequence
 
 import jax
@@ -195,8 +196,8 @@ class Pipeline:
   def stacked_sharding(self) -> NamedSharding:
     return NamedSharding(self.mesh, P(STAGE))
 
-  def stack(self, params: Sequence[Any]) -> jax.Array:
-    """Logical per-layer params -> ``[S, v, N]`` sharded over ``stage``."""
+  @functools.cached_property
+  def _stack_fn(self) -> Callable:
     S, v = self.schedule.num_stages, self.schedule.virtual_stages
     N = self.param_width
 
@@ -208,10 +209,10 @@ class Pipeline:
       stacked = jnp.stack(rows)  # [K, N], k = c * S + d
       return stacked.reshape(v, S, N).transpose(1, 0, 2)
 
-    return jax.jit(build, out_shardings=self.stacked_sharding())(list(params))
+    return jax.jit(build, out_shardings=self.stacked_sharding())
 
-  def unstack(self, stacked: jax.Array) -> list[Any]:
-    """``[S, v, N]`` -> logical per-layer params (the inverse of ``stack``)."""
+  @functools.cached_property
+  def _unstack_fn(self) -> Callable:
     S = self.schedule.num_stages
     replicated = NamedSharding(self.mesh, P())
 
@@ -223,7 +224,15 @@ class Pipeline:
         params.extend(self._unravel[k](stacked[d, c, :self._sizes[k]]))
       return params
 
-    return jax.jit(split, out_shardings=replicated)(stacked)
+    return jax.jit(split, out_shardings=replicated)
+
+  def stack(self, params: Sequence[Any]) -> jax.Array:
+    """Logical per-layer params -> ``[S, v, N]`` sharded over ``stage``."""
+    return self._stack_fn(list(params))
+
+  def unstack(self, stacked: jax.Array) -> list[Any]:
+    """``[S, v, N]`` -> logical per-layer params (the inverse of ``stack``)."""
+    return self._unstack_fn(stacked)
 
   def _stage_forward(self, k: int, flat: jax.Array, x_pad: jax.Array, key, train: bool):
     """Stage ``k`` on padded activations: ``[b, D] -> [b, D]`` (the last
