@@ -221,12 +221,23 @@ def test_timeline_text_and_png(tmp_path):
 
 
 def test_identical_blocks_share_one_branch_whatever_the_depth(digits):
-  """Middle stages of identical blocks compile to one branch, so the program
-  does not grow with depth or stage count; the result is still exact."""
-  for depth in (8, 16):
+  """Middle stages of identical blocks compile to one branch, and a stage's
+  identical blocks to one scan, so the program does not grow with depth or
+  stage count; the result is still exact."""
+  sizes = {}
+  for depth in (16, 32):
     widths = [64] + [32] * (depth - 1) + [10]
     for stages in (2, 4):
-      pipe = make_pipeline(meshnet.models.mlp(widths), _mesh(stages), (64,))
+      mesh = _mesh(stages, data=1)
+      model = meshnet.models.mlp(widths)
+      pipe = make_pipeline(model, mesh, (64,))
       expected = 2 if stages == 2 else 3  # first (reads x), middle blocks, last (loss)
       assert len(set(pipe.stage_groups)) == expected, (depth, stages, pipe.stage_groups)
+      x, y = np.zeros((stages, 64), np.float32), np.zeros(stages, np.int32)
+      program = jax.jit(pipe.make_grad_fn()).lower(
+          pipe.stack(model.init(jax.random.key(0))), (x, y), jax.random.key(0)).as_text()
+      sizes[(depth, stages)] = len(program)
+  for stages in (2, 4):
+    assert sizes[(32, stages)] < 1.01 * sizes[(16, stages)], sizes
   _pipeline_vs_reference([64] + [32] * 7 + [10], "1f1b", 4, 4, 1, digits)
+  _pipeline_vs_reference([64] + [32] * 7 + [10], "zb", 2, 2, 1, digits)

@@ -8,6 +8,11 @@ one vector, padded to the longest (``N``), and stacked as a global array
 parameters (and, through the optimizer, their state). Activations between
 stages are raveled per example and padded to the widest boundary ``D``.
 
+Inside a stage, a run of identical layers (same code and shapes) is one
+``lax.scan`` over their parameters, which are contiguous in the flat vector;
+stages whose whole computation is identical share one branch. The compiled
+program therefore does not grow with the number of blocks or stages.
+
 Execution. A ``lax.scan`` over the schedule's ticks; at each tick every
 device looks up its entry in the table (static arrays indexed by tick and
 ``axis_index(stage)``) and runs one branch of a ``lax.switch``: idle, the
@@ -169,6 +174,9 @@ class Pipeline:
   _widths: tuple[int, ...]  # flattened activation size entering stage k; last = output
   _out_shape: tuple[int, ...]
   _groups: tuple[int, ...] = ()  # stage k computes what stage _groups[k] computes
+  _shapes: tuple[tuple[int, ...], ...] = ()  # per-example activation entering stage k
+  _runs: tuple[tuple[tuple[int, int], ...], ...] = ()  # per stage: runs of identical layers
+  _layer_slices: tuple[tuple[tuple[int, int, Callable], ...], ...] = ()  # (offset, size, unravel)
 
   @property
   def stage_groups(self) -> tuple[int, ...]:
@@ -236,17 +244,32 @@ class Pipeline:
 
   def _stage_forward(self, k: int, flat: jax.Array, x_pad: jax.Array, key, train: bool):
     """Stage ``k`` on padded activations: ``[b, D] -> [b, D]`` (the last
-    stage returns its real output shape ``[b, ...]``)."""
+    stage returns its real output shape ``[b, ...]``). A run of identical
+    layers is one ``lax.scan`` over their stacked parameters, so the program
+    does not grow with the number of blocks."""
     b = x_pad.shape[0]
-    shape = self.example_shape if k == 0 else None
-    x = x_pad[:, :self._widths[k]]
-    if shape is not None:
-      x = x.reshape(b, *shape)
-    stage_params = self._unravel[k](flat[:self._sizes[k]])
+    x = x_pad[:, :self._widths[k]].reshape(b, *self._shapes[k])
     layers = self.model.layers[self.bounds[k]:self.bounds[k + 1]]
-    keys = jax.random.split(key, len(layers)) if key is not None else [None] * len(layers)
-    for layer, p, layer_key in zip(layers, stage_params, keys):
-      x = layer.apply(p, x, train=train, key=layer_key)
+    slices = self._layer_slices[k]
+    keys = (jax.random.split(key, len(layers)) if key is not None else None)
+    for start, end in self._runs[k]:
+      layer = layers[start]
+      offset, size, unravel_layer = slices[start]
+      if end - start == 1:
+        x = layer.apply(unravel_layer(flat[offset:offset + size]), x, train=train,
+                        key=None if keys is None else keys[start])
+        continue
+      # The run's parameters are contiguous in the flat vector: one reshape
+      # gives them stacked, whatever the number of layers.
+      region = flat[offset:offset + (end - start) * size].reshape(end - start, size)
+      stacked = jax.vmap(unravel_layer)(region)
+
+      def body(h, inputs, layer=layer):
+        p, layer_key = inputs
+        return layer.apply(p, h, train=train, key=layer_key), None
+
+      run_keys = keys[start:end] if keys is not None else None
+      x, _ = jax.lax.scan(body, x, (stacked, run_keys))
     if k == self.num_virtual_stages - 1:
       return x
     x = x.reshape(b, -1)
@@ -458,32 +481,47 @@ def make_pipeline(
     bounds = check_bounds(bounds, n_layers, K)
   example_shape = tuple(int(s) for s in example_shape)
 
-  # Shapes of every stage's parameters and boundary activations (abstractly).
+  # Shapes of every stage's parameters and boundary activations (abstractly),
+  # and, inside each stage, runs of identical layers to scan over.
   params = jax.eval_shape(model.init, jax.random.key(0))
-  unravel, sizes, widths = [], [], [int(np.prod(example_shape))]
-  x = jax.ShapeDtypeStruct((1, *example_shape), jnp.float32)
-  out_shape: tuple[int, ...] = ()
+  unravel, sizes, shapes, runs, slices = [], [], [example_shape], [], []
+  x = jax.ShapeDtypeStruct((2, *example_shape), jnp.float32)
   for k in range(K):
     stage = list(params[bounds[k]:bounds[k + 1]])
     zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), stage)
     flat, fn = ravel_pytree(zeros)
     unravel.append(fn)
     sizes.append(int(flat.shape[0]))
-    layers = model.layers[bounds[k]:bounds[k + 1]]
-
-    def run(p, x, layers=layers):
-      for layer, q in zip(layers, p):
-        x = layer.apply(q, x)
-      return x
-
-    x = jax.eval_shape(run, stage, x)
-    if k < K - 1:
-      widths.append(int(np.prod(x.shape[1:])))
-    else:
-      out_shape = tuple(x.shape[1:])
+    signatures, layer_slices, offset = [], [], 0
+    for p in zeros:
+      layer_flat, layer_unravel = ravel_pytree(p)
+      layer_slices.append((offset, int(layer_flat.shape[0]), layer_unravel))
+      offset += int(layer_flat.shape[0])
+    for layer, p in zip(model.layers[bounds[k]:bounds[k + 1]], stage):
+      apply = lambda p, x, key, layer=layer: layer.apply(p, x, train=True, key=key)
+      jaxpr = jax.make_jaxpr(apply)(p, x, jax.random.key(0))
+      y = jax.eval_shape(apply, p, x, jax.random.key(0))
+      same_shape = (y.shape, y.dtype) == (x.shape, x.dtype)
+      signatures.append(str(jaxpr) if same_shape else None)
+      x = y
+    runs.append(_identical_runs(signatures))
+    slices.append(tuple(layer_slices))
+    shapes.append(tuple(x.shape[1:]))
   pipe = Pipeline(model, mesh, plan, tuple(bounds), example_shape, tuple(unravel),
-                  tuple(sizes), tuple(widths), out_shape)
+                  tuple(sizes), tuple(int(np.prod(s)) for s in shapes[:-1]), shapes[-1],
+                  _shapes=tuple(shapes), _runs=tuple(runs), _layer_slices=tuple(slices))
   return dataclasses.replace(pipe, _groups=_stage_groups(pipe))
+
+
+def _identical_runs(signatures: Sequence[str | None]) -> tuple[tuple[int, int], ...]:
+  """``(start, end)`` of each maximal run of layers with one signature
+  (``None``: not scannable, a run of its own)."""
+  runs, start = [], 0
+  for i in range(1, len(signatures) + 1):
+    if (i == len(signatures) or signatures[i] is None or signatures[i] != signatures[start]):
+      runs.append((start, i))
+      start = i
+  return tuple(runs)
 
 
 def _stage_groups(pipe: Pipeline) -> tuple[int, ...]:
