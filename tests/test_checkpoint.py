@@ -43,21 +43,22 @@ def _finish(args):
 
 
 def test_sigkill_then_resume_is_bit_identical(tmp_path):
-  steps = ["--steps", "200", "--checkpoint-every", "20"]
+  steps = ["--steps", "600", "--checkpoint-every", "50"]
   _finish(steps + ["--checkpoint-dir", str(tmp_path / "a")])
-  expected = checkpoint.digest(checkpoint.load_params(str(tmp_path / "a"), 200))
+  expected = checkpoint.digest(checkpoint.load_params(str(tmp_path / "a"), 600))
 
   seed = random.randrange(10**6)
-  delay = random.Random(seed).uniform(0.0, 1.5)
+  delay = random.Random(seed).uniform(0.0, 1.0)  # the run has ~3 s left after step 50
   proc = _start(steps + ["--checkpoint-dir", str(tmp_path / "b")])
-  _wait_for(tmp_path / "b" / "20" / "meta", proc)
+  _wait_for(tmp_path / "b" / "50" / "meta", proc)
   time.sleep(delay)
+  assert proc.poll() is None, "the run finished before it could be killed"
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert proc.returncode == -signal.SIGKILL
   out = _finish(steps + ["--checkpoint-dir", str(tmp_path / "b"), "--resume"])
   assert "resumed from step" in out, out
-  got = checkpoint.digest(checkpoint.load_params(str(tmp_path / "b"), 200))
+  got = checkpoint.digest(checkpoint.load_params(str(tmp_path / "b"), 600))
   assert got == expected, f"kill after {delay:.2f}s (seed {seed}): digests differ"
 
 
