@@ -1,28 +1,22 @@
 """Collectives over named mesh axes, for use inside ``shard_map``.
 
 A gradient pytree has many small leaves; reducing each on its own costs one
-collective launch (and, across hosts, one network round trip) per leaf. The
+collective launch (and, across hosts, one network round trip: about 2 ms per
+gloo all-reduce here, whatever its size up to ~100k floats) per leaf. The
 bucketed reductions here pack the leaves into a few flat buffers of at most
 ``bucket_bytes`` each (per dtype), reduce each buffer once, and unpack; the
 result is exactly what per-leaf reductions give.
 
-``flatten=False`` instead emits one reduction per leaf and leaves the
-grouping to XLA's all-reduce combiner, which merges them into one collective
-op with many operands (checked: one all-reduce in the compiled program).
-Measured here (jax 0.10.2, CPU, the 784-512-256-128-10 MLP with Adam;
-``benchmarks/RESULTS.md``):
-
-* the exchange alone across 2 processes over gloo: the flat buffer reduces
-  in 12.9 ms against 15.4 ms for the combined many-operand op;
-* but whole train steps across 2 processes: combined 10-14k samples/s at
-  global batch 256 against about 6k packed (the packing copy waits for the
-  whole backward and, on XLA:CPU, is a slow elementwise concatenate);
-* whole train steps on 8 simulated devices in one process: combined 13.3k
-  against 0.4k packed at batch 256.
-
-So :func:`meshnet.step.make_grad_fn` leaves the grouping to XLA by default
-(``flatten_buckets=False``); packing stays available for backends where a
-flat buffer pays.
+Packing writes each leaf into a zero buffer with ``dynamic_update_slice``
+(plain copies). Packing with ``concatenate`` instead is an elementwise
+fusion on XLA:CPU that made whole train steps 2-30x slower.
+``flatten=False`` emits one reduction per leaf and leaves the grouping to
+XLA's all-reduce combiner: one all-reduce op with many operands, which gloo
+still runs as one call per operand. Measured here (jax 0.10.2, CPU, the
+784-512-256-128-10 MLP with Adam; ``benchmarks/RESULTS.md``): across 2
+processes over gloo, packed 11.8 ms/step against 22 ms combined; on 8
+simulated devices in one process, combined is about 10% faster. Packing is
+the default (``meshnet.step.make_grad_fn(flatten_buckets=True)``).
 """
 
 from __future__ import annotations
@@ -71,28 +65,42 @@ def plan_buckets(
   return buckets
 
 
+def _pack(leaves: Sequence[jax.Array]) -> jax.Array:
+  """The leaves raveled into one flat buffer, written slice by slice.
+
+  ``dynamic_update_slice`` into a zero buffer lowers to plain copies; a
+  ``concatenate`` of the same leaves is an elementwise fusion on XLA:CPU
+  that made whole train steps 2-30x slower (benchmarks/RESULTS.md).
+  """
+  total = sum(leaf.size for leaf in leaves)
+  buffer = jnp.zeros((total,), leaves[0].dtype)
+  varying = tuple(sorted(set().union(
+      *(jax.typeof(leaf).manual_axis_type.varying for leaf in leaves))))
+  if varying:  # the buffer varies over the axes its contents vary over
+    buffer = jax.lax.pcast(buffer, varying, to="varying")
+  offset = 0
+  for leaf in leaves:
+    buffer = jax.lax.dynamic_update_slice(buffer, leaf.reshape(-1), (offset,))
+    offset += leaf.size
+  return buffer
+
+
 def _bucketed(
     reduce: Callable[[jax.Array], jax.Array], tree: Any, bucket_bytes: int
 ) -> Any:
   leaves, treedef = jax.tree.flatten(tree)
   plan = plan_buckets([(leaf.shape, leaf.dtype) for leaf in leaves], bucket_bytes)
-  # The barrier materialises the leaves before they are packed: without it
-  # XLA fuses the computation of each leaf (e.g. a gradient's reduction over
-  # the batch) into the packing concatenate, which on XLA:CPU made a whole
-  # train step 10x slower.
-  leaves = jax.lax.optimization_barrier(leaves)
   out: list[jax.Array | None] = [None] * len(leaves)
   for bucket in plan:
     if len(bucket) == 1:
       (i,) = bucket
       out[i] = reduce(leaves[i])
       continue
-    flat = jnp.concatenate([leaves[i].reshape(-1) for i in bucket])
-    reduced = reduce(flat)
+    reduced = reduce(_pack([leaves[i] for i in bucket]))
     offset = 0
     for i in bucket:
       size = leaves[i].size
-      out[i] = reduced[offset:offset + size].reshape(leaves[i].shape)
+      out[i] = jax.lax.dynamic_slice(reduced, (offset,), (size,)).reshape(leaves[i].shape)
       offset += size
   return jax.tree.unflatten(treedef, out)
 

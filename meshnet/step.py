@@ -161,7 +161,7 @@ def _local_value_and_grad(
 def make_grad_fn(
     model: Model, mesh: Mesh, *, loss: str | losses.Objective | Callable = "cross_entropy",
     grad_accum: int = 1, bucket_bytes: int = collectives.DEFAULT_BUCKET_BYTES,
-    flatten_buckets: bool = False, deterministic: bool = False,
+    flatten_buckets: bool = True, deterministic: bool = False,
 ) -> Callable[[Params, Batch, jax.Array], tuple[jax.Array, Params]]:
   """``(params, (x, y), key) -> (loss, grads)`` averaged over the global batch.
 
@@ -170,9 +170,10 @@ def make_grad_fn(
   takes its ``B / data`` examples, folds its ``data`` index into ``key`` (so
   dropout differs per device), accumulates ``grad_accum`` micro-steps, and
   the gradient pytree is averaged over ``data`` with one bucketed ``pmean``.
-  ``flatten_buckets`` packs the gradient into flat buckets instead of
-  leaving the grouping to XLA's all-reduce combiner (the default, faster in
-  every full train step measured here; see :mod:`meshnet.collectives`). ``deterministic`` averages in a fixed
+  ``flatten_buckets`` (default) packs the gradient, and the loss with it,
+  into flat buckets, one all-reduce each; false leaves the grouping to
+  XLA's all-reduce combiner (see :mod:`meshnet.collectives` for both,
+  measured). ``deterministic`` averages in a fixed
   order (:func:`meshnet.collectives.ordered_pmean`), so the result is
   bit-identical however the devices are spread over processes.
   """
@@ -190,10 +191,11 @@ def make_grad_fn(
     params = jax.lax.pcast(params, (DATA,), to="varying")
     loss, grads = _local_value_and_grad(loss_of, params, x, y, key, grad_accum)
     with jax.named_scope("gradient_exchange"):
-      grads = collectives.pmean_bucketed(
-          grads, DATA, bucket_bytes=bucket_bytes, flatten=flatten_buckets,
+      # The loss rides in the gradient's bucket: one all-reduce per step, not
+      # two (each gloo all-reduce costs ~2 ms of latency here).
+      loss, grads = collectives.pmean_bucketed(
+          (loss, grads), DATA, bucket_bytes=bucket_bytes, flatten=flatten_buckets,
           ordered_size=axis_size(mesh, DATA) if deterministic else None)
-      loss = jax.lax.pmean(loss, DATA)
     return loss, grads
 
   sharded = jax.shard_map(
@@ -214,7 +216,7 @@ def make_train_step(
     model: Model, optimizer: optax.GradientTransformation, mesh: Mesh, *,
     loss: str | losses.Objective | Callable = "cross_entropy", grad_accum: int = 1,
     bucket_bytes: int = collectives.DEFAULT_BUCKET_BYTES,
-    flatten_buckets: bool = False, deterministic: bool = False,
+    flatten_buckets: bool = True, deterministic: bool = False,
     donate: bool = True, pipeline: "Pipeline | None" = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
   """A jitted ``step(state, (x, y)) -> (state, metrics)``.

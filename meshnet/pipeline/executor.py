@@ -278,7 +278,7 @@ class Pipeline:
   def make_grad_fn(
       self, *, loss: str | losses.Objective | Callable = "cross_entropy",
       bucket_bytes: int = collectives.DEFAULT_BUCKET_BYTES,
-      flatten_buckets: bool = False, deterministic: bool = False,
+      flatten_buckets: bool = True, deterministic: bool = False,
       train: bool = True, return_stats: bool = False, _fill: float = 0.0,
   ) -> Callable:
     """``(stacked_params, (x, y), key) -> (loss, stacked_grads)``.
