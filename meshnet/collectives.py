@@ -126,6 +126,15 @@ def ordered_pmean(x: jax.Array, axis_name: str, axis_size: int) -> jax.Array:
   return total / axis_size
 
 
+def _reduce_bucketed(name: str, op: Callable[[jax.Array, AxisName], jax.Array], tree: Any,
+                     axis_name: AxisName, bucket_bytes: int, flatten: bool) -> Any:
+  with jax.named_scope(f"{name}[{axis_name}]"):
+    reduce = lambda x: op(x, axis_name)
+    if not flatten:
+      return jax.tree.map(reduce, tree)
+    return _bucketed(reduce, tree, bucket_bytes)
+
+
 def pmean_bucketed(
     tree: Any, axis_name: AxisName, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     flatten: bool = True, ordered_size: int | None = None,
@@ -145,14 +154,11 @@ def pmean_bucketed(
     ordered_size: if given (the size of ``axis_name``), reduce with
       :func:`ordered_pmean`: bit-identical on any process layout.
   """
-  with jax.named_scope(f"pmean_bucketed[{axis_name}]"):
-    if ordered_size is not None:
-      reduce = lambda x: ordered_pmean(x, axis_name, ordered_size)
-    else:
-      reduce = lambda x: jax.lax.pmean(x, axis_name)
-    if not flatten:
-      return jax.tree.map(reduce, tree)
-    return _bucketed(reduce, tree, bucket_bytes)
+  if ordered_size is not None:
+    op = lambda x, axis: ordered_pmean(x, axis, ordered_size)
+  else:
+    op = jax.lax.pmean
+  return _reduce_bucketed("pmean_bucketed", op, tree, axis_name, bucket_bytes, flatten)
 
 
 def psum_bucketed(
@@ -163,8 +169,5 @@ def psum_bucketed(
 
   Same contract as :func:`pmean_bucketed`, summing instead of averaging.
   """
-  with jax.named_scope(f"psum_bucketed[{axis_name}]"):
-    reduce = lambda x: jax.lax.psum(x, axis_name)
-    if not flatten:
-      return jax.tree.map(reduce, tree)
-    return _bucketed(reduce, tree, bucket_bytes)
+  return _reduce_bucketed("psum_bucketed", jax.lax.psum, tree, axis_name, bucket_bytes,
+                          flatten)

@@ -172,7 +172,6 @@ class Pipeline:
   _unravel: tuple[Callable, ...]
   _sizes: tuple[int, ...]
   _widths: tuple[int, ...]  # flattened activation size entering stage k; last = output
-  _out_shape: tuple[int, ...]
   _groups: tuple[int, ...] = ()  # stage k computes what stage _groups[k] computes
   _shapes: tuple[tuple[int, ...], ...] = ()  # per-example activation entering stage k
   _runs: tuple[tuple[tuple[int, int], ...], ...] = ()  # per stage: runs of identical layers
@@ -508,7 +507,7 @@ def make_pipeline(
     slices.append(tuple(layer_slices))
     shapes.append(tuple(x.shape[1:]))
   pipe = Pipeline(model, mesh, plan, tuple(bounds), example_shape, tuple(unravel),
-                  tuple(sizes), tuple(int(np.prod(s)) for s in shapes[:-1]), shapes[-1],
+                  tuple(sizes), tuple(int(np.prod(s)) for s in shapes[:-1]),
                   _shapes=tuple(shapes), _runs=tuple(runs), _layer_slices=tuple(slices))
   return dataclasses.replace(pipe, _groups=_stage_groups(pipe))
 
