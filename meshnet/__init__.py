@@ -10,7 +10,7 @@ from meshnet.config import (
     Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, PipelineConfig, TrainConfig,
 )
 from meshnet.data import BatchSampler, Dataset, global_batch, load_dataset
-from meshnet.errors import MeshnetError, NonFiniteLossError
+from meshnet.errors import MeshnetError, NonFiniteLossError, NonFiniteStateError
 from meshnet.mesh import (
     AXES, DATA, FSDP, STAGE, TENSOR, describe_mesh, make_mesh, set_cpu_device_count,
 )
@@ -25,7 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AXES", "BatchSampler", "checkpoint", "Config", "DATA", "DataConfig", "Dataset", "FSDP",
-    "MeshConfig", "MeshnetError", "Model", "ModelConfig", "NonFiniteLossError",
+    "MeshConfig", "MeshnetError", "Model", "ModelConfig", "NonFiniteLossError", "NonFiniteStateError",
     "OptimConfig", "PipelineConfig", "STAGE", "TENSOR", "TrainConfig", "TrainState", "collectives",
     "data", "describe_mesh", "global_batch", "init_train_state", "load_dataset",
     "losses", "make_eval_step", "make_grad_fn", "make_mesh", "make_optimizer",

@@ -3,10 +3,8 @@
 A checkpoint step directory holds two items:
 
   ``state``  the training state as ``{"step", "rng", "params", "opt_state"}``
-             with parameters (and the optimizer's parameter-shaped moments)
-             one entry per layer, whatever the mesh: a pipeline's stacked
-             ``[S, v, N]`` arrays are unstacked before saving and re-stacked
-             for the new mesh after restoring.
+             with parameters (and the optimizer's state) in the model's own
+             tree, one entry per layer, whatever the mesh or pipeline.
   ``meta``   JSON: format tag, step, data-sampler position, the parameter
              tree (paths, shapes, dtypes), the mesh and the config.
 
@@ -34,33 +32,17 @@ from meshnet.errors import MeshnetError
 FORMAT = "meshnet-checkpoint-1"
 
 
-def _is_params_like(treedef) -> Callable[[Any], bool]:
-  return lambda node: (not isinstance(node, (jax.Array, np.ndarray))
-                       and jax.tree.structure(node) == treedef)
+def to_logical(state) -> dict[str, Any]:
+  """The state as the dict a checkpoint stores (its parameters are already in
+  the model's own per-layer layout, pipelined or not)."""
+  return {"step": state.step, "rng": state.rng, "params": state.params,
+          "opt_state": state.opt_state}
 
 
-def to_logical(state, pipeline=None) -> dict[str, Any]:
-  """The state as a dict in the logical layout (per-layer parameters)."""
-  params, opt_state = state.params, state.opt_state
-  if pipeline is not None:
-    stacked_shape = params.shape
-    params = pipeline.unstack(params)
-    opt_state = jax.tree.map(
-        lambda leaf: pipeline.unstack(leaf) if getattr(leaf, "shape", None) == stacked_shape
-        else leaf, opt_state)
-  return {"step": state.step, "rng": state.rng, "params": params, "opt_state": opt_state}
-
-
-def from_logical(tree: dict[str, Any], state_like, pipeline=None):
+def from_logical(tree: dict[str, Any], state_like):
   """Inverse of :func:`to_logical`, into the type of ``state_like``."""
-  params, opt_state = tree["params"], tree["opt_state"]
-  if pipeline is not None:
-    treedef = jax.tree.structure(params)
-    opt_state = jax.tree.map(lambda node: pipeline.stack(node) if _is_params_like(treedef)(node)
-                             else node, opt_state, is_leaf=_is_params_like(treedef))
-    params = pipeline.stack(params)
-  return type(state_like)(step=tree["step"], params=params, opt_state=opt_state,
-                          rng=tree["rng"])
+  return type(state_like)(step=tree["step"], params=tree["params"],
+                          opt_state=tree["opt_state"], rng=tree["rng"])
 
 
 def tree_summary(tree: Any) -> list[dict[str, Any]]:

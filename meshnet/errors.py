@@ -21,3 +21,18 @@ class NonFiniteLossError(MeshnetError, FloatingPointError):
     if hint:
       message += f" ({hint})"
     super().__init__(message)
+
+
+class NonFiniteStateError(MeshnetError, FloatingPointError):
+  """An update made the parameters or optimizer state NaN or infinite while
+  the loss (computed before the update) was still finite; ``step`` is the
+  first such step. Nothing from that step on is saved."""
+
+  def __init__(self, step: int, hint: str = ""):
+    self.step = step
+    message = (f"parameters or optimizer state became NaN or infinite at step {step} "
+               "(the loss before the update was finite); training stopped, nothing from "
+               "that step saved")
+    if hint:
+      message += f" ({hint})"
+    super().__init__(message)

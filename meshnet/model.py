@@ -11,9 +11,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 
 Params = Any  # a pytree of jax.Array
 InitFn = Callable[[jax.Array], Params]
@@ -45,8 +46,16 @@ class Model:
       is accepted too and is called without them.
     layers: for models that are a sequence of layers (each itself a
       ``Model``), the layers; ``params`` is then a list with one entry per
-      layer. Pipeline parallelism cuts a model along its layers, so only
-      models with ``layers`` can be pipelined. See :func:`sequential`.
+      layer, and ``apply`` must run them in order, layer ``i`` with key
+      ``jax.random.split(key, len(layers))[i]``. Pipeline parallelism cuts a
+      model along its layers, so only models with ``layers`` can be
+      pipelined. See :func:`sequential`.
+
+  Randomness (dropout) in training is drawn per example: meshnet calls
+  ``apply`` on one example at a time (``jax.vmap``) with the key
+  ``fold_in(step_key, i)`` of global example ``i`` whenever ``apply`` uses
+  its key (see :func:`apply_train`), so every mesh layout, accumulation
+  split and pipeline draws the same masks.
   """
 
   init: InitFn
@@ -86,3 +95,42 @@ def sequential(layers: Sequence[Model]) -> Model:
     return x
 
   return Model(init, apply, layers=layers)
+
+
+def uses_key(apply: ApplyFn, params: Params, x: jax.Array) -> bool:
+  """Whether ``apply(params, x, train=True, key=k)`` reads ``k`` (traced
+  abstractly from shapes; nothing runs)."""
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (params, x))
+  closed = jax.make_jaxpr(lambda p, x, k: apply(p, x, train=True, key=k))(
+      *abstract, jax.random.key(0))
+  key_var = closed.jaxpr.invars[-1]
+  used = {id(v) for eqn in closed.jaxpr.eqns for v in eqn.invars}
+  used |= {id(v) for v in closed.jaxpr.outvars}
+  return id(key_var) in used
+
+
+def example_keys(key: jax.Array, first_index: jax.Array | int, count: int) -> jax.Array:
+  """Keys ``[count]`` of global examples ``first_index .. first_index + count - 1``:
+  ``fold_in(key, i)``, so an example's key does not depend on which device
+  or micro-step carries it."""
+  return jax.vmap(lambda i: jax.random.fold_in(key, i))(first_index + jnp.arange(count))
+
+
+def apply_train(apply: ApplyFn, params: Params, x: jax.Array, key: jax.Array,
+                first_index: jax.Array | int = 0) -> jax.Array:
+  """The training forward pass of ``x: [b, ...]``, rows ``first_index ..``
+  of the global batch, with randomness drawn per example.
+
+  If ``apply`` reads its key, it runs once per example (``jax.vmap`` over a
+  batch of one) with that example's key from :func:`example_keys`: dropout
+  masks are then a function of (seed, step, global example index, layer),
+  the same on every layout. Otherwise it runs on the whole batch.
+
+  Returns:
+    ``[b, ...]`` outputs.
+  """
+  if not uses_key(apply, params, x):
+    return apply(params, x, train=True, key=key)
+  keys = example_keys(key, first_index, x.shape[0])
+  one = lambda x_i, k_i: apply(params, x_i[None], train=True, key=k_i)[0]
+  return jax.vmap(one)(x, keys)

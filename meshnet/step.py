@@ -23,7 +23,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from meshnet import collectives, losses
 from meshnet.errors import MeshnetError
 from meshnet.mesh import DATA, FSDP, STAGE, TENSOR, axis_size
-from meshnet.model import Model, Params
+from meshnet.model import Model, Params, apply_train
 from meshnet.sharding import batch_sharding, batch_spec, replicated
 
 if TYPE_CHECKING:
@@ -59,14 +59,20 @@ def init_train_state(
   Args:
     model: the model; ``model.init`` receives a key derived from ``key``.
     optimizer: the optax transformation whose state to create.
-    mesh: the mesh; parameters and optimizer state are replicated on it,
-      except with a pipeline.
+    mesh: the mesh; parameters and optimizer state are replicated on it.
     key: a ``jax.random.key``.
-    pipeline: a :class:`~meshnet.pipeline.Pipeline`: ``params`` are then the
-      stacked ``[S, v, N]`` array sharded over ``stage`` (see
-      ``pipeline.unstack``), and the optimizer state is sharded the same way.
+    pipeline: accepted for code written for either layout; the state is the
+      same with or without a pipeline: ``params`` in the model's own tree
+      (one entry per layer) and ``optimizer.init(params)``, so any optax
+      transformation (masks by path or rank, LAMB, Adafactor) sees the real
+      parameter tree. The pipelined step stacks them per stage itself.
+
+  Raises:
+    MeshnetError: a parameter that is not a floating-point array.
   """
+  del pipeline  # the state's layout is the model's own, pipelined or not
   init_key, rng_key = jax.random.split(key)
+  check_params(model, init_key)
 
   def init(init_key, rng_key):
     params = model.init(init_key)
@@ -77,14 +83,68 @@ def init_train_state(
         rng=jax.random.key_data(rng_key),
     )
 
-  if pipeline is None:
-    return jax.jit(init, out_shardings=replicated(mesh))(init_key, rng_key)
-  params = pipeline.stack(jax.jit(model.init)(init_key))
-  scalars = jax.jit(lambda k: (jnp.zeros((), jnp.int32), jax.random.key_data(k)),
-                    out_shardings=replicated(mesh))(rng_key)
-  with jax.set_mesh(mesh):  # the optimizer's new arrays live on this mesh
-    opt_state = jax.jit(optimizer.init)(params)
-  return TrainState(scalars[0], params, opt_state, scalars[1])
+  return jax.jit(init, out_shardings=replicated(mesh))(init_key, rng_key)
+
+
+def check_params(model: Model, key: jax.Array) -> None:
+  """Refuses parameters that are not floating-point arrays (from shapes only).
+
+  Raises:
+    MeshnetError: ``model.init`` returns a leaf that is not an array (a
+      string, ``None`` inside a layer...) or one of integer/bool dtype,
+      naming the leaf.
+  """
+  try:
+    shapes = jax.eval_shape(model.init, key)
+  except TypeError as e:
+    raise MeshnetError(
+        f"model.init returned something that is not a pytree of arrays "
+        f"({str(e).splitlines()[0][:120]}); parameters must be floating-point arrays"
+    ) from None
+  for path, leaf in jax.tree_util.tree_leaves_with_path(shapes):
+    if not jnp.issubdtype(leaf.dtype, jnp.inexact):
+      raise MeshnetError(
+          f"parameter {jax.tree_util.keystr(path) or 'params'} has dtype {leaf.dtype}; "
+          "parameters must be floating-point arrays (keep integer constants out of "
+          "params, e.g. close over them in apply, or cast them to float32)")
+
+
+def check_outputs(model: Model, objective: losses.Objective, params: Params,
+                  x: jax.Array, y: jax.Array) -> None:
+  """Checks ``model.apply``'s output against the batch and the loss (shapes
+  only; nothing runs).
+
+  Raises:
+    MeshnetError: the output's batch axis differs from the input's, or the
+      targets do not fit the built-in loss (integer labels with ``mse``,
+      float targets or a wrong shape with ``cross_entropy``).
+  """
+  out = jax.eval_shape(lambda p, x: model.apply(p, x, train=False), params, x)
+  if not isinstance(out, jax.ShapeDtypeStruct):
+    raise MeshnetError(f"model.apply must return one array [B, ...], got {out}")
+  if out.ndim == 0 or out.shape[0] != x.shape[0]:
+    raise MeshnetError(
+        f"model.apply maps inputs {tuple(x.shape)} to outputs {tuple(out.shape)}: the "
+        f"batch axis changed from {x.shape[0]}; apply must map [B, ...] to [B, ...] "
+        "with each example computed on its own")
+  integer_targets = jnp.issubdtype(y.dtype, jnp.integer)
+  if objective is losses.OBJECTIVES["mse"] and (integer_targets or y.shape != out.shape):
+    raise MeshnetError(
+        f"loss 'mse' needs float targets shaped like the outputs {tuple(out.shape)}, got "
+        f"{y.dtype} {tuple(y.shape)}; for class labels use loss='cross_entropy'")
+  if objective is losses.OBJECTIVES["cross_entropy"] and (
+      not integer_targets or out.ndim < 2 or y.shape != out.shape[:-1]):
+    raise MeshnetError(
+        f"loss 'cross_entropy' needs integer labels {tuple(out.shape[:-1])} for outputs "
+        f"{tuple(out.shape)}, got {y.dtype} {tuple(y.shape)}; for float targets use "
+        "loss='mse'")
+
+
+def all_finite(tree: Any) -> jax.Array:
+  """True when every floating-point value in ``tree`` is finite (a bool scalar)."""
+  leaves = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
 def check_batch_size(global_batch: int, mesh: Mesh, grad_accum: int = 1, *,
@@ -128,33 +188,35 @@ def _check_mesh(mesh: Mesh, *, pipelined: bool) -> None:
 
 
 def _local_value_and_grad(
-    loss_of: Callable[[Params, jax.Array, jax.Array, jax.Array], jax.Array],
-    params: Params, x: jax.Array, y: jax.Array, key: jax.Array, grad_accum: int,
+    loss_of: Callable[..., jax.Array], params: Params, x: jax.Array, y: jax.Array,
+    key: jax.Array, first_index: jax.Array, grad_accum: int,
 ) -> tuple[jax.Array, Params]:
   """Mean loss and gradient over this device's batch, in ``grad_accum`` parts.
 
   Shapes are local: ``x: [b, ...]``, ``y: [b, ...]`` with ``b`` the per-device
-  batch. ``params`` must already be varying over ``data`` so the gradient is
-  this device's own (no implicit reduction).
+  batch, rows ``first_index ..`` of the global batch. ``params`` must already
+  be varying over ``data`` so the gradient is this device's own (no
+  implicit reduction). ``loss_of(params, x, y, key, first_index)``.
   """
   value_and_grad = jax.value_and_grad(loss_of)
   if grad_accum == 1:
-    return value_and_grad(params, x, y, key)
+    return value_and_grad(params, x, y, key, first_index)
+  part = x.shape[0] // grad_accum
 
   def split(a):
-    return a.reshape(grad_accum, a.shape[0] // grad_accum, *a.shape[1:])
+    return a.reshape(grad_accum, part, *a.shape[1:])
 
   def micro_step(carry, inputs):
     loss_sum, grad_sum = carry
-    loss, grads = value_and_grad(params, *inputs)
+    x, y, first = inputs
+    loss, grads = value_and_grad(params, x, y, key, first)
     return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
   zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
                        (jax.ShapeDtypeStruct((), jnp.float32), params))
   zeros = jax.lax.pcast(zeros, (DATA,), to="varying")  # the scan carry varies per device
-  (loss_sum, grad_sum), _ = jax.lax.scan(
-      micro_step, zeros, (split(x), split(y), jax.random.split(key, grad_accum))
-  )
+  firsts = first_index + part * jnp.arange(grad_accum)
+  (loss_sum, grad_sum), _ = jax.lax.scan(micro_step, zeros, (split(x), split(y), firsts))
   return loss_sum / grad_accum, jax.tree.map(lambda g: g / grad_accum, grad_sum)
 
 
@@ -167,8 +229,9 @@ def make_grad_fn(
 
   Global shapes: ``x: [B, ...]`` and ``y: [B, ...]`` sharded over ``data``;
   ``params`` and the results are replicated. Inside ``shard_map`` each device
-  takes its ``B / data`` examples, folds its ``data`` index into ``key`` (so
-  dropout differs per device), accumulates ``grad_accum`` micro-steps, and
+  takes its ``B / data`` examples, accumulates ``grad_accum`` micro-steps
+  (dropout keys come from each example's global index, see
+  :func:`meshnet.model.apply_train`, so masks do not depend on the layout), and
   the gradient pytree is averaged over ``data`` with one bucketed ``pmean``.
   ``flatten_buckets`` (default) packs the gradient, and the loss with it,
   into flat buckets, one all-reduce each; false leaves the grouping to
@@ -180,16 +243,17 @@ def make_grad_fn(
   _check_mesh(mesh, pipelined=False)
   objective = losses.objective(loss)
 
-  def loss_of(params, x, y, key):
-    outputs = model.apply(params, x, train=True, key=key)
+  def loss_of(params, x, y, key, first_index):
+    outputs = apply_train(model.apply, params, x, key, first_index)
     return jnp.mean(objective.loss(outputs, y))
 
   def local(params, x, y, key):
-    key = jax.random.fold_in(key, jax.lax.axis_index(DATA))
+    first_index = jax.lax.axis_index(DATA) * x.shape[0]  # of this device's rows
     # Make params per-device values: their gradient is then this device's own,
     # and we do the one (bucketed) reduction ourselves.
     params = jax.lax.pcast(params, (DATA,), to="varying")
-    loss, grads = _local_value_and_grad(loss_of, params, x, y, key, grad_accum)
+    loss, grads = _local_value_and_grad(loss_of, params, x, y, key, first_index,
+                                        grad_accum)
     with jax.named_scope("gradient_exchange"):
       # The loss rides in the gradient's bucket: one all-reduce per step, not
       # two (each gloo all-reduce costs ~2 ms of latency here).
@@ -206,6 +270,7 @@ def make_grad_fn(
   def grad_fn(params, batch, key):
     x, y = batch
     check_batch_size(x.shape[0], mesh, grad_accum)
+    check_outputs(model, objective, params, x, y)
     x, y = (jax.reshard(a, batch_sharding(mesh)) for a in (x, y))  # no-op when already so
     return sharded(params, x, y, key)
 
@@ -239,15 +304,20 @@ def make_train_step(
     donate: donate ``state``'s buffers to the output (the input state must
       not be used after the call).
     pipeline: pipeline the model over ``stage`` with this
-      :class:`~meshnet.pipeline.Pipeline` (the state must come from
-      ``init_train_state(..., pipeline=pipeline)``). Gradient accumulation
-      is then more microbatches: build the pipeline with
-      ``microbatches * grad_accum`` and leave ``grad_accum=1`` here.
+      :class:`~meshnet.pipeline.Pipeline`. The state is the same as without
+      one; each step stacks the parameters per stage (``[S, v, N]`` sharded
+      over ``stage``: a local slice), runs the schedule, gathers the
+      gradient back into the parameter tree (one all-gather over ``stage``)
+      and updates with ``optimizer`` exactly as the unpipelined step does.
+      Gradient accumulation is then more microbatches: build the pipeline
+      with ``microbatches * grad_accum`` and leave ``grad_accum=1`` here.
 
   Returns:
     ``step``. ``metrics`` holds ``loss`` (mean over the global batch, before
-    the update) and ``grad_norm`` (global norm of the averaged gradient,
-    before clipping), both replicated scalars.
+    the update), ``grad_norm`` (global norm of the averaged gradient,
+    before clipping), both replicated scalars, and ``state_finite`` (a bool:
+    every value of the new parameters and optimizer state is finite; the
+    run checks it before saving a checkpoint).
   """
   if pipeline is None:
     grad_fn = make_grad_fn(model, mesh, loss=loss, grad_accum=grad_accum,
@@ -259,9 +329,17 @@ def make_train_step(
       raise MeshnetError(
           f"grad_accum={grad_accum} with a pipeline: build the pipeline with "
           f"microbatches x {grad_accum} instead (the same mean gradient)")
-    grad_fn = pipeline.make_grad_fn(loss=loss, bucket_bytes=bucket_bytes,
-                                    flatten_buckets=flatten_buckets,
-                                    deterministic=deterministic)
+    stacked_grad_fn = pipeline.make_grad_fn(loss=loss, bucket_bytes=bucket_bytes,
+                                            flatten_buckets=flatten_buckets,
+                                            deterministic=deterministic)
+    objective = losses.objective(loss)
+
+    def grad_fn(params, batch, key):
+      check_outputs(model, objective, params, *batch)
+      loss_value, stacked = stacked_grad_fn(pipeline.stack(params), batch, key)
+      grads = pipeline.unstack(stacked)  # all-gather over stage
+      return loss_value, jax.tree.unflatten(jax.tree.structure(params),
+                                            jax.tree.leaves(grads))
 
   def step(state: TrainState, batch: Batch):
     with jax.named_scope("train_step"):
@@ -271,7 +349,8 @@ def make_train_step(
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
       new_state = TrainState(state.step + 1, params, opt_state, state.rng)
-      return new_state, {"loss": loss_value, "grad_norm": optax.tree.norm(grads)}
+      return new_state, {"loss": loss_value, "grad_norm": optax.tree.norm(grads),
+                         "state_finite": all_finite((params, opt_state))}
 
   return jax.jit(step, donate_argnums=(0,) if donate else ())
 

@@ -19,7 +19,7 @@ from meshnet.checkpoint import Checkpointer, from_logical, to_logical
 from meshnet.config import Config
 from meshnet.data import BatchSampler, Dataset, global_batch, load_dataset
 from meshnet.distributed import initialize
-from meshnet.errors import MeshnetError, NonFiniteLossError
+from meshnet.errors import MeshnetError, NonFiniteLossError, NonFiniteStateError
 from meshnet.mesh import (
     DATA, STAGE, axis_size, describe_mesh, make_mesh, select_devices, set_cpu_device_count,
 )
@@ -42,9 +42,8 @@ class RunResult(NamedTuple):
     eval: the last evaluation (``eval_loss``, ``eval_accuracy`` if the task
       has one), or ``{}`` when evaluation is off.
     history: every logged record, as written to the metrics file.
-    params: the final parameters in the model's own (logical, per-layer)
-      layout, replicated; with a pipeline ``state.params`` is the stacked
-      ``[S, v, N]`` array instead.
+    params: the final parameters (``state.params``: the model's own tree,
+      replicated, pipelined or not).
     interrupted: SIGTERM/SIGINT stopped the run (after saving a checkpoint).
   """
 
@@ -127,6 +126,8 @@ def run(
   Raises:
     MeshnetError: bad configuration (with the value and the fix).
     NonFiniteLossError: the loss became NaN or infinite (names the step).
+    NonFiniteStateError: an update made the parameters or optimizer state
+      NaN or infinite (names the step); nothing from that step is saved.
   """
   if config.mesh.devices is not None:
     try:  # before initialize(): the count of CPU devices this process brings
@@ -179,10 +180,8 @@ def run(
     say(f"pipeline: {pipeline.num_virtual_stages} stages, layers per stage "
         f"{[b[k + 1] - b[k] for k in range(len(b) - 1)]}")
     say(timeline_text(pipeline.schedule))
-  state = init_train_state(model, optimizer, mesh, jax.random.key(tc.seed),
-                           pipeline=pipeline)
-  logical = (lambda params: pipeline.unstack(params)) if pipeline else (lambda p: p)
-  n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(logical(state.params)))
+  state = init_train_state(model, optimizer, mesh, jax.random.key(tc.seed))
+  n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
   say(f"model: {n_params:,} parameters; optimizer {oc.optimizer}, lr {oc.lr}")
   train_step = make_train_step(model, optimizer, mesh, loss=dataset.loss,
                                grad_accum=grad_accum, pipeline=pipeline,
@@ -194,11 +193,11 @@ def run(
   checkpointer = Checkpointer(cc.dir, keep=cc.keep, log=say) if cc.dir else None
   first_step = 1
   if checkpointer is not None and cc.resume:
-    restored = checkpointer.restore_latest(to_logical(state, pipeline))
+    restored = checkpointer.restore_latest(to_logical(state))
     if restored is None:
       say(f"no checkpoint in {cc.dir}; starting from step 0")
     else:
-      state = from_logical(restored.tree, state, pipeline)
+      state = from_logical(restored.tree, state)
       sampler.position = int(restored.meta["sampler"]["position"])
       first_step = restored.step + 1
       say(f"resumed from step {restored.step} of {cc.dir}")
@@ -209,7 +208,7 @@ def run(
     sampler_state = {**sampler.state(), "position": step}
     meta = {"sampler": sampler_state, "mesh": dict(mesh.shape),
             "config": config.to_dict()}
-    checkpointer.save(step, to_logical(state, pipeline), meta, force=force)
+    checkpointer.save(step, to_logical(state), meta, force=force)
 
   def next_batch():
     return global_batch((dataset.x_train, dataset.y_train), next(sampler), sharding)
@@ -225,13 +224,13 @@ def run(
       train_step = train_step.lower(state, batch).compile()
       say(f"compiled the train step in {time.perf_counter() - started:.1f}s")
 
-    pending: list[jax.Array] = []
+    pending: list[tuple[jax.Array, jax.Array]] = []  # (loss, state_finite) per step
     in_flight: list[jax.Array] = []
     max_in_flight = max_steps_in_flight(mesh)
     window_start = time.perf_counter()
     for step in range(first_step, total + 1):
       state, metrics = train_step(state, batch)
-      pending.append(metrics["loss"])
+      pending.append((metrics["loss"], metrics["state_finite"]))
       in_flight.append(metrics["loss"])
       stopping = stop.requested()
       save_now = checkpointer is not None and (
@@ -241,13 +240,8 @@ def run(
       if len(in_flight) >= max_in_flight:
         jax.block_until_ready(in_flight.pop(0))
       if step % tc.log_every == 0 or step == total or save_now:
-        window_losses = np.asarray(jax.device_get(pending))
-        bad = np.flatnonzero(~np.isfinite(window_losses))
-        if bad.size:  # checked before any save: a NaN state is never written
-          progress.close()
-          first = step - len(pending) + 1 + int(bad[0])
-          raise NonFiniteLossError(first, float(window_losses[bad[0]]),
-                                   "lower --lr or set --clip-norm")
+        # Checked before any save: a NaN state is never written.
+        window_losses = _check_finite(jax.device_get(pending), step, progress)
         elapsed = time.perf_counter() - window_start
         record = {
             "step": step, "epoch": (step - 1) // sampler.steps_per_epoch,
@@ -273,7 +267,7 @@ def run(
         interrupted = True
         break
       if eval_step is not None and (step % tc.eval_every == 0 or step == total):
-        last_eval = evaluate(eval_step, logical(state.params), dataset.x_test,
+        last_eval = evaluate(eval_step, state.params, dataset.x_test,
                              dataset.y_test, mesh, tc.eval_batch_size)
         record = {"step": step, **last_eval}
         writer.write(record)
@@ -285,7 +279,34 @@ def run(
   progress.close()
   if is_main_process() and tc.metrics_file:
     say(f"metrics written to {tc.metrics_file}")
-  return RunResult(state, last_eval, history, logical(state.params), interrupted)
+  return RunResult(state, last_eval, history, state.params, interrupted)
+
+
+def _check_finite(window: list[tuple[Any, Any]], step: int, progress: Progress) -> np.ndarray:
+  """The window's losses, after checking that every loss and every updated
+  state in it is finite.
+
+  Args:
+    window: ``(loss, state_finite)`` of the steps ending at ``step``.
+
+  Raises:
+    NonFiniteLossError: a loss is NaN or infinite (the first one named).
+    NonFiniteStateError: an update made the state non-finite first.
+  """
+  losses = np.asarray([loss for loss, _ in window], np.float64)
+  finite = np.asarray([ok for _, ok in window], bool)
+  first_step = step - len(window) + 1
+  bad_loss = np.flatnonzero(~np.isfinite(losses))
+  bad_state = np.flatnonzero(~finite)
+  hint = "lower --lr or set --clip-norm"
+  if bad_loss.size or bad_state.size:
+    progress.close()
+  # Step s's loss is computed from the state step s - 1 left.
+  if bad_state.size and (not bad_loss.size or bad_state[0] < bad_loss[0]):
+    raise NonFiniteStateError(first_step + int(bad_state[0]), hint)
+  if bad_loss.size:
+    raise NonFiniteLossError(first_step + int(bad_loss[0]), float(losses[bad_loss[0]]), hint)
+  return losses
 
 
 class _StopSignals:

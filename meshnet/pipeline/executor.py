@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 from typing import Any, Callable, Sequence
 
 import jax
@@ -42,7 +43,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from meshnet import collectives, losses
 from meshnet.errors import MeshnetError
 from meshnet.mesh import DATA, STAGE, axis_size
-from meshnet.model import Model
+from meshnet.model import Model, example_keys, uses_key
 from meshnet.step import check_batch_size
 from meshnet.pipeline import schedules as sched
 from meshnet.pipeline.stages import balanced_bounds, check_bounds, layer_param_counts
@@ -176,6 +177,7 @@ class Pipeline:
   _shapes: tuple[tuple[int, ...], ...] = ()  # per-example activation entering stage k
   _runs: tuple[tuple[tuple[int, int], ...], ...] = ()  # per stage: runs of identical layers
   _layer_slices: tuple[tuple[tuple[int, int, Callable], ...], ...] = ()  # (offset, size, unravel)
+  _key_layers: tuple[bool, ...] = ()  # per layer: reads its key when training (dropout)
 
   @property
   def stage_groups(self) -> tuple[int, ...]:
@@ -241,34 +243,65 @@ class Pipeline:
     """``[S, v, N]`` -> logical per-layer params (the inverse of ``stack``)."""
     return self._unstack_fn(stacked)
 
-  def _stage_forward(self, k: int, flat: jax.Array, x_pad: jax.Array, key, train: bool):
+  @property
+  def _max_layers(self) -> int:
+    """The most layers any virtual stage has."""
+    return max(e - b for b, e in zip(self.bounds[:-1], self.bounds[1:]))
+
+  def _layer_keys(self, key: jax.Array, first_index: jax.Array, mb: int) -> jax.Array:
+    """``[mb, L + n]`` raw key data: row ``r`` holds, for global example
+    ``first_index + r``, the keys ``split(fold_in(key, i), L)`` its ``L``
+    layers get in :func:`~meshnet.model.sequential` (then ``n`` unused
+    columns, so a stage's window never runs past the end)."""
+    L = len(self.model.layers)
+    keys = example_keys(key, first_index, mb)
+    per_layer = jax.vmap(lambda k: jax.random.split(k, L))(keys)
+    data = jax.random.key_data(per_layer)
+    return jnp.pad(data, ((0, 0), (0, self._max_layers), (0, 0)))
+
+  def _stage_forward(self, k: int, flat: jax.Array, x_pad: jax.Array,
+                     layer_keys: jax.Array | None, train: bool):
     """Stage ``k`` on padded activations: ``[b, D] -> [b, D]`` (the last
-    stage returns its real output shape ``[b, ...]``). A run of identical
-    layers is one ``lax.scan`` over their stacked parameters, so the program
-    does not grow with the number of blocks."""
+    stage returns its real output shape ``[b, ...]``). ``layer_keys``:
+    ``[b, n]`` raw key data, column ``i`` for the stage's ``i``-th layer (a
+    layer that reads its key runs per example with it, as
+    :func:`~meshnet.model.apply_train` runs the whole model). A run of
+    identical layers is one ``lax.scan`` over their stacked parameters, so
+    the program does not grow with the number of blocks."""
     b = x_pad.shape[0]
     x = x_pad[:, :self._widths[k]].reshape(b, *self._shapes[k])
-    layers = self.model.layers[self.bounds[k]:self.bounds[k + 1]]
+    first = self.bounds[k]
+    layers = self.model.layers[first:self.bounds[k + 1]]
     slices = self._layer_slices[k]
-    keys = (jax.random.split(key, len(layers)) if key is not None else None)
+    keys = None if layer_keys is None else jax.random.wrap_key_data(layer_keys)
+
+    def run_layer(layer, p, x, layer_keys_b, per_example):
+      if keys is None:
+        return layer.apply(p, x, train=train, key=None)
+      if not per_example:
+        return layer.apply(p, x, train=train, key=layer_keys_b[0])
+      one = lambda x_i, k_i: layer.apply(p, x_i[None], train=train, key=k_i)[0]
+      return jax.vmap(one)(x, layer_keys_b)
+
     for start, end in self._runs[k]:
       layer = layers[start]
+      per_example = self._key_layers[first + start]
       offset, size, unravel_layer = slices[start]
       if end - start == 1:
-        x = layer.apply(unravel_layer(flat[offset:offset + size]), x, train=train,
-                        key=None if keys is None else keys[start])
+        x = run_layer(layer, unravel_layer(flat[offset:offset + size]), x,
+                      None if keys is None else keys[:, start], per_example)
         continue
       # The run's parameters are contiguous in the flat vector: one reshape
       # gives them stacked, whatever the number of layers.
       region = flat[offset:offset + (end - start) * size].reshape(end - start, size)
       stacked = jax.vmap(unravel_layer)(region)
 
-      def body(h, inputs, layer=layer):
-        p, layer_key = inputs
-        return layer.apply(p, h, train=train, key=layer_key), None
+      def body(h, inputs, layer=layer, per_example=per_example):
+        p, column = inputs
+        return run_layer(layer, p, h, column, per_example), None
 
-      run_keys = keys[start:end] if keys is not None else None
-      x, _ = jax.lax.scan(body, x, (stacked, run_keys))
+      columns = None if keys is None else jnp.swapaxes(keys[:, start:end], 0, 1)
+      x, _ = jax.lax.scan(body, x, (stacked, columns))
     if k == self.num_virtual_stages - 1:
       return x
     x = x.reshape(b, -1)
@@ -316,13 +349,14 @@ class Pipeline:
 
       def forward(k):
         def run(flat, x, cot, y, key):
-          out = self._stage_forward(k, flat, x, key, train)
+          out = self._stage_forward(k, flat, x, key if use_keys else None, train)
           if k == K - 1:
             return zeros_p(), mean_loss(out, y), zeros_act(), zeros_act()
           return zeros_p(), zero(), out.astype(jnp.float32), zeros_act()
         return run
 
       def objective_of(k, y, key):
+        key = key if use_keys else None
         if k == K - 1:
           return lambda f, x: mean_loss(self._stage_forward(k, f, x, key, train), y)
         return lambda f, x: self._stage_forward(k, f, x, key, train)
@@ -355,10 +389,14 @@ class Pipeline:
       out += [weight(k) for k in reps] if split else [idle] * len(reps)
       return out
 
+    use_keys = train and any(self._key_layers)
+    n_max = self._max_layers
+    first_layer = jnp.asarray(self.bounds[:-1], jnp.int32)  # of each virtual stage
+
     def local(stacked, x, y, key, tables):
       # stacked: [1, v, N] (this device's stages); x: [b, ...]; y: [b, ...].
       d = jax.lax.axis_index(STAGE)
-      key = jax.random.fold_in(key, jax.lax.axis_index(DATA))
+      first_row = jax.lax.axis_index(DATA) * x.shape[0]  # global index of x[0]
       flat_params = _varying(stacked[0], (DATA, STAGE))  # own gradient, no implicit psum
       b = x.shape[0]
       mb = b // M
@@ -383,9 +421,13 @@ class Pipeline:
         k = c * S + d
         x_in = jnp.where(k == 0, xs[m], act_buf[c, entry["act_slot"]])
         cot_in = cot_buf[c, entry["cot_slot"]]
-        stage_key = jax.random.fold_in(jax.random.fold_in(key, m), k)
+        if use_keys:  # this microbatch's examples' keys for this stage's layers
+          keys = jax.lax.dynamic_slice_in_dim(
+              self._layer_keys(key, first_row + m * mb, mb), first_layer[k], n_max, axis=1)
+        else:
+          keys = _varying(jnp.zeros((), jnp.uint32), axes)
         dflat, dloss, act_out, cot_out = jax.lax.switch(
-            entry["branch"], all_branches, flat_params[c], x_in, cot_in, ys[m], stage_key)
+            entry["branch"], all_branches, flat_params[c], x_in, cot_in, ys[m], keys)
         grads = grads.at[c].add(dflat)
         loss_sum = loss_sum + dloss
         with jax.named_scope("pipeline_send"):
@@ -425,6 +467,7 @@ class Pipeline:
       x, y = batch
       check_batch_size(x.shape[0], mesh, M, what="microbatches")
       x, y = (jax.reshard(a, batch_sharding) for a in (x, y))
+      stacked = jax.reshard(stacked, self.stacked_sharding())  # no-op when already so
       loss_value, grads, counts = sharded(stacked, x, y, key, table_arrays)
       if return_stats:
         return loss_value, grads, {"ticks": counts[:, 0], "busy": counts[:, 1]}
@@ -483,7 +526,7 @@ def make_pipeline(
   # Shapes of every stage's parameters and boundary activations (abstractly),
   # and, inside each stage, runs of identical layers to scan over.
   params = jax.eval_shape(model.init, jax.random.key(0))
-  unravel, sizes, shapes, runs, slices = [], [], [example_shape], [], []
+  unravel, sizes, shapes, runs, slices, key_layers = [], [], [example_shape], [], [], []
   x = jax.ShapeDtypeStruct((2, *example_shape), jnp.float32)
   for k in range(K):
     stage = list(params[bounds[k]:bounds[k + 1]])
@@ -497,22 +540,47 @@ def make_pipeline(
       layer_slices.append((offset, int(layer_flat.shape[0]), layer_unravel))
       offset += int(layer_flat.shape[0])
     for layer, p in zip(model.layers[bounds[k]:bounds[k + 1]], stage):
-      apply = lambda p, x, key, layer=layer: layer.apply(p, x, train=True, key=key)
-      jaxpr = jax.make_jaxpr(apply)(p, x, jax.random.key(0))
-      y = jax.eval_shape(apply, p, x, jax.random.key(0))
+      y = jax.eval_shape(functools.partial(layer.apply, train=True), p, x,
+                         key=jax.random.key(0))
       same_shape = (y.shape, y.dtype) == (x.shape, x.dtype)
-      signatures.append(str(jaxpr) if same_shape else None)
+      signatures.append(_signature(layer.apply, p, x) if same_shape else None)
+      key_layers.append(uses_key(layer.apply, p, x))
       x = y
     runs.append(_identical_runs(signatures))
     slices.append(tuple(layer_slices))
     shapes.append(tuple(x.shape[1:]))
   pipe = Pipeline(model, mesh, plan, tuple(bounds), example_shape, tuple(unravel),
                   tuple(sizes), tuple(int(np.prod(s)) for s in shapes[:-1]),
-                  _shapes=tuple(shapes), _runs=tuple(runs), _layer_slices=tuple(slices))
+                  _shapes=tuple(shapes), _runs=tuple(runs), _layer_slices=tuple(slices),
+                  _key_layers=tuple(key_layers))
   return dataclasses.replace(pipe, _groups=_stage_groups(pipe))
 
 
-def _identical_runs(signatures: Sequence[str | None]) -> tuple[tuple[int, int], ...]:
+def _fingerprint(closed: jax.extend.core.ClosedJaxpr) -> tuple:
+  """The program and the values it closes over (``str`` of a jaxpr names its
+  constants but not their values: two layers that differ only in a captured
+  array print the same)."""
+  consts = []
+  for c in closed.consts:
+    a = np.asarray(jax.device_get(c)) if hasattr(c, "shape") else c
+    if isinstance(a, np.ndarray):
+      consts.append((a.shape, str(a.dtype), hashlib.sha256(
+          np.ascontiguousarray(a).tobytes()).hexdigest()))
+    else:
+      consts.append(repr(a))
+  return str(closed), tuple(consts)
+
+
+def _signature(fn: Callable, *args) -> tuple:
+  """What ``fn(*args, train=..., key=...)`` computes, in training and in
+  evaluation: equal signatures mean the same function of the arguments."""
+  return tuple(
+      _fingerprint(jax.make_jaxpr(
+          lambda *a, train=train: fn(*a[:-1], train=train, key=a[-1]))(*args, jax.random.key(0)))
+      for train in (True, False))
+
+
+def _identical_runs(signatures: Sequence[Any]) -> tuple[tuple[int, int], ...]:
   """``(start, end)`` of each maximal run of layers with one signature
   (``None``: not scannable, a run of its own)."""
   runs, start = [], 0
@@ -529,6 +597,9 @@ def _stage_groups(pipe: Pipeline) -> tuple[int, ...]:
   x = jax.ShapeDtypeStruct((2, pipe.activation_width), jnp.float32)
   signatures = []
   for k in range(pipe.num_virtual_stages):
-    fn = lambda f, x, key, k=k: pipe._stage_forward(k, f, x, key, True)
-    signatures.append(str(jax.make_jaxpr(fn)(flat, x, jax.random.key(0))))
+    def fn(f, x, *, train, key, k=k):
+      keys = jax.random.key_data(jax.random.split(key, (x.shape[0], pipe._max_layers)))
+      return pipe._stage_forward(k, f, x, keys, train)
+
+    signatures.append(_signature(fn, flat, x))
   return tuple(signatures.index(sig) for sig in signatures)
