@@ -138,3 +138,24 @@ def test_bad_configs_are_one_line_errors(config, message):
   with pytest.raises(meshnet.MeshnetError, match=message) as info:
     run(config, log=lambda _: None)
   assert "\n" not in str(info.value)
+
+
+def test_a_finite_loss_with_a_nan_update_is_never_checkpointed(tmp_path):
+  """sqrt'(0) is infinite: the loss is finite but the gradient (so the
+  update) is NaN. The run must stop at step 1 and save nothing (it used to
+  save NaN parameters as step 1 and end cleanly when step 1 was the last)."""
+  def apply(params, x):
+    h = x @ params["w"]
+    return h + 0.0 * jnp.sqrt(jnp.abs(h - h))
+
+  model = meshnet.Model(lambda key: {"w": 0.1 * jax.random.normal(key, (64, 10))}, apply)
+  for steps in (1, 5):
+    directory = tmp_path / str(steps)
+    config = Config(train=_quiet(steps=steps, eval_every=0),
+                    checkpoint=meshnet.config.CheckpointConfig(dir=str(directory), every=1))
+    with pytest.raises(meshnet.NonFiniteStateError) as info:
+      run(config, model=model, log=lambda _: None)
+    assert info.value.step == 1, str(info.value)
+    assert "became NaN or infinite at step 1" in str(info.value)
+    saved = [p for p in directory.iterdir() if p.name.isdigit()] if directory.exists() else []
+    assert saved == [], saved
