@@ -3,6 +3,11 @@
 Every flag of ``meshnet train`` is a field here (``--grad-accum`` is
 ``Config.optim.grad_accum``), so a run is reproducible from Python with
 ``meshnet.train.run(Config(...))``.
+
+Each dataclass checks its own values when it is built (``__post_init__``),
+so a bad value stops a run before any work, from the command line or from
+Python, with a one-line :class:`~meshnet.errors.MeshnetError` that names the
+field (``optim.lr=nan must be a finite number > 0``).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from meshnet.errors import MeshnetError
 from meshnet.mesh import AXES, check_axis_sizes
 from meshnet.pipeline.schedules import SCHEDULES
 
-MAX_SEED = 2**63 - 1
+_MAX_SEED = 2**63 - 1
 
 
 def _is_int(value: Any) -> bool:
@@ -262,7 +267,7 @@ class TrainConfig:
   def __post_init__(self):
     _check_optional_int("train.steps", self.steps, 1, "to run train.epochs epochs")
     _check_int("train.epochs", self.epochs, 1)
-    if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
+    if not _is_int(self.seed) or not 0 <= self.seed <= _MAX_SEED:
       raise MeshnetError(f"train.seed={self.seed!r} must be an integer in [0, 2**63)")
     _check_int("train.eval_every", self.eval_every, 0, " (0 turns evaluation off)")
     _check_int("train.log_every", self.log_every, 1)
