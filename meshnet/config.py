@@ -3,15 +3,51 @@
 Every flag of ``meshnet train`` is a field here (``--grad-accum`` is
 ``Config.optim.grad_accum``), so a run is reproducible from Python with
 ``meshnet.train.run(Config(...))``.
+
+Each dataclass checks its own values when it is built (``__post_init__``),
+so a bad value stops a run before any work, from the command line or from
+Python, with a one-line :class:`~meshnet.errors.MeshnetError` that names the
+field (``optim.lr=nan must be a finite number > 0``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import math
+import numbers
+from typing import Any, Callable
 
 from meshnet.errors import MeshnetError
-from meshnet.mesh import AXES
+from meshnet.mesh import AXES, check_axis_sizes
+from meshnet.pipeline.schedules import SCHEDULES
+
+_MAX_SEED = 2**63 - 1
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value: Any, minimum: int, note: str = "") -> None:
+  """Raises unless ``value`` is an int (not a bool) ``>= minimum``."""
+  if not _is_int(value) or value < minimum:
+    raise MeshnetError(f"{name}={value!r} must be an integer >= {minimum}{note}")
+
+
+def _check_optional_int(name: str, value: Any, minimum: int, none_means: str) -> None:
+  if value is not None:
+    _check_int(name, value, minimum, f" (or None {none_means})")
+
+
+def _check_float(name: str, value: Any, rule: str, ok: Callable[[float], bool],
+                 note: str = "") -> None:
+  """Raises unless ``value`` is a finite real number for which ``ok`` holds."""
+  if not (_is_number(value) and math.isfinite(value) and ok(value)):
+    raise MeshnetError(f"{name}={value!r} must be a finite number {rule}{note}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +65,10 @@ class MeshConfig:
   stage: int = 1
   tensor: int = 1
   devices: int | None = None
+
+  def __post_init__(self):
+    check_axis_sizes(**self.axes())
+    _check_optional_int("mesh.devices", self.devices, 1, "for every device JAX has")
 
   def axes(self) -> dict[str, int]:
     return {axis: getattr(self, axis) for axis in AXES}
@@ -48,6 +88,10 @@ class MeshConfig:
         raise MeshnetError(
             f"bad mesh entry {part!r} in {text!r}; write AXIS=SIZE with AXIS in "
             f"{', '.join(AXES)}, e.g. data=4,stage=2"
+        )
+      if name in sizes:
+        raise MeshnetError(
+            f"mesh axis {name} is given twice in {text!r}; give each axis once"
         )
       try:
         sizes[name] = int(value)
@@ -74,6 +118,16 @@ class ModelConfig:
   activation: str = "relu"
   dropout: float = 0.0
 
+  def __post_init__(self):
+    hidden = self.hidden
+    if not isinstance(hidden, (tuple, list)) or not all(
+        _is_int(w) and w >= 1 for w in hidden):
+      raise MeshnetError(
+          f"model.hidden={hidden!r} must be widths >= 1, e.g. (256, 128) "
+          "(--hidden 256,128)"
+      )
+    _check_float("model.dropout", self.dropout, "in [0, 1)", lambda v: 0 <= v < 1)
+
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
@@ -86,6 +140,9 @@ class DataConfig:
   dataset: str = "digits"
   data_dir: str | None = None
   batch_size: int = 128
+
+  def __post_init__(self):
+    _check_int("data.batch_size", self.batch_size, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +174,16 @@ class OptimConfig:
   grad_accum: int = 1
   deterministic: bool = False
 
+  def __post_init__(self):
+    _check_float("optim.lr", self.lr, "> 0", lambda v: v > 0)
+    _check_float("optim.weight_decay", self.weight_decay, ">= 0", lambda v: v >= 0)
+    _check_float("optim.momentum", self.momentum, "in [0, 1)", lambda v: 0 <= v < 1)
+    _check_int("optim.warmup_steps", self.warmup_steps, 0)
+    if self.clip_norm is not None:
+      _check_float("optim.clip_norm", self.clip_norm, "> 0", lambda v: v > 0,
+                   " (or None, --clip-norm off, to not clip)")
+    _check_int("optim.grad_accum", self.grad_accum, 1)
+
 
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
@@ -133,6 +200,15 @@ class PipelineConfig:
   schedule: str = "1f1b"
   microbatches: int | None = None
   virtual_stages: int = 1
+
+  def __post_init__(self):
+    if self.schedule not in SCHEDULES:
+      raise MeshnetError(
+          f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}"
+      )
+    _check_optional_int("pipeline.microbatches", self.microbatches, 1,
+                        "for one per stage")
+    _check_int("pipeline.virtual_stages", self.virtual_stages, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +227,16 @@ class CheckpointConfig:
   every: int = 0
   keep: int = 3
   resume: bool = False
+
+  def __post_init__(self):
+    _check_int("checkpoint.every", self.every, 0,
+               " (0: save only at the end and on SIGTERM/SIGINT)")
+    _check_int("checkpoint.keep", self.keep, 1)
+    if self.resume and not self.dir:
+      raise MeshnetError(
+          "checkpoint.resume needs checkpoint.dir to resume from; pass "
+          "--checkpoint-dir DIR with --resume"
+      )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,6 +263,15 @@ class TrainConfig:
   metrics_file: str | None = None
   eval_batch_size: int = 1024
   progress: bool = True
+
+  def __post_init__(self):
+    _check_optional_int("train.steps", self.steps, 1, "to run train.epochs epochs")
+    _check_int("train.epochs", self.epochs, 1)
+    if not _is_int(self.seed) or not 0 <= self.seed <= _MAX_SEED:
+      raise MeshnetError(f"train.seed={self.seed!r} must be an integer in [0, 2**63)")
+    _check_int("train.eval_every", self.eval_every, 0, " (0 turns evaluation off)")
+    _check_int("train.log_every", self.log_every, 1)
+    _check_int("train.eval_batch_size", self.eval_batch_size, 1)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -100,7 +100,8 @@ def read_idx(path: str) -> np.ndarray:
   """Reads an IDX file (raw or gzip) as a numpy array of its stored dtype.
 
   Raises:
-    MeshnetError: the file is not a valid IDX file (bad magic or size).
+    MeshnetError: the file is not a valid IDX file (bad magic, a header
+      longer than the file, or a data size that is not the header's).
   """
   opener = gzip.open if path.endswith(".gz") else open
   try:
@@ -114,6 +115,11 @@ def read_idx(path: str) -> np.ndarray:
     raise MeshnetError(f"{path} is not an IDX file (bad magic number)")
   ndim = data[3]
   header = 4 + 4 * ndim
+  if len(data) < header:
+    raise MeshnetError(
+        f"{path} is {len(data)} bytes but its IDX header for {ndim} dimensions needs "
+        f"{header}; the file is truncated or not an IDX file"
+    )
   shape = struct.unpack(f">{ndim}I", data[4:header])
   dtype = np.dtype(dtypes[data[2]])
   expected = int(np.prod(shape)) * dtype.itemsize
@@ -125,14 +131,54 @@ def read_idx(path: str) -> np.ndarray:
   return np.frombuffer(data, dtype, offset=header).reshape(shape)
 
 
+def _mnist_images(path: str, array: np.ndarray) -> np.ndarray:
+  """``[N, H, W]`` (any dtype) from ``path`` -> ``[N, H*W]`` float32.
+
+  uint8 images (the standard files) are scaled by 1/255 to [0, 1]; images
+  stored in another type (e.g. float32) are used as they are.
+  """
+  if array.ndim < 2:
+    raise MeshnetError(
+        f"{path} holds an array of shape {array.shape}, not images [N, rows, cols]; "
+        "is it a labels file?"
+    )
+  images = array.reshape(len(array), -1)
+  if array.dtype == np.uint8:
+    return (images / 255.0).astype(np.float32)
+  return images.astype(np.float32)
+
+
+def _mnist_labels(path: str, array: np.ndarray, num_classes: int) -> np.ndarray:
+  """Labels ``[N]`` from ``path`` as int32, each in ``[0, num_classes)``."""
+  if array.ndim != 1:
+    raise MeshnetError(
+        f"{path} holds an array of shape {array.shape}, not labels [N]; is it an "
+        "images file?"
+    )
+  labels = array.astype(np.int32)
+  bad = np.flatnonzero((labels != array) | (labels < 0) | (labels >= num_classes))
+  if bad.size:
+    raise MeshnetError(
+        f"{path} has label {array[bad[0]]} (example {bad[0]}); MNIST labels must be "
+        f"integers in [0, {num_classes})"
+    )
+  return labels
+
+
 def mnist(data_dir: str | None) -> Dataset:
   """MNIST from the four standard IDX files (raw or ``.gz``) in ``data_dir``.
 
-  Images become ``[N, 784]`` float32 in [0, 1]; labels int32.
+  Images become ``[N, rows * cols]`` float32: uint8 images (as in the
+  standard files) are scaled by 1/255 to [0, 1]; images stored as floats (or
+  another type) are used as they are, unscaled. Labels become int32 in
+  [0, 10).
 
   Raises:
     MeshnetError: no ``data_dir``, or a file is missing (the message lists
-      the file names to put there) or malformed.
+      the file names to put there) or malformed: not IDX, no examples, images
+      where labels belong or the other way round, labels outside [0, 10),
+      image and label counts that differ, or test images of another size
+      than the training images. The message names the file.
   """
   names = ", ".join(f"{stem}.gz" for stem in MNIST_FILES.values())
   if not data_dir:
@@ -148,15 +194,78 @@ def mnist(data_dir: str | None) -> Dataset:
         "there (meshnet never downloads)"
     )
   arrays = {key: read_idx(path) for key, path in paths.items()}
+  for key, array in arrays.items():
+    if array.ndim == 0 or len(array) == 0:
+      raise MeshnetError(f"{paths[key]} holds no examples (shape {array.shape})")
+  x = {key: _mnist_images(paths[key], arrays[key]) for key in ("x_train", "x_test")}
+  y = {key: _mnist_labels(paths[key], arrays[key], 10) for key in ("y_train", "y_test")}
   for split in ("train", "test"):
-    n_x, n_y = len(arrays[f"x_{split}"]), len(arrays[f"y_{split}"])
+    n_x, n_y = len(x[f"x_{split}"]), len(y[f"y_{split}"])
     if n_x != n_y:
       raise MeshnetError(f"MNIST {split} files disagree: {n_x} images, {n_y} labels")
-  prep = lambda images: (images.reshape(len(images), -1) / 255.0).astype(np.float32)
-  return Dataset(
-      "mnist", prep(arrays["x_train"]), arrays["y_train"].astype(np.int32),
-      prep(arrays["x_test"]), arrays["y_test"].astype(np.int32), "cross_entropy", 10,
-  )
+  train_size, test_size = arrays["x_train"].shape[1:], arrays["x_test"].shape[1:]
+  if test_size != train_size:
+    raise MeshnetError(
+        f"{paths['x_test']} holds images of size {test_size} but {paths['x_train']} "
+        f"of size {train_size}; both splits need images of one size"
+    )
+  return Dataset("mnist", x["x_train"], y["y_train"], x["x_test"], y["y_test"],
+                 "cross_entropy", 10)
+
+
+def check_dataset(dataset: Dataset, *, evaluates: bool = True) -> None:
+  """Refuses a data set that cannot be trained on (or evaluated), before any work.
+
+  Checks that each split has as many targets as inputs, that the test split
+  has the training split's feature and target shapes, and, for
+  ``loss="cross_entropy"``, that every label is a class index in
+  ``[0, num_outputs)``.
+
+  Args:
+    dataset: the data set.
+    evaluates: the run evaluates on the test split, so it needs examples.
+
+  Raises:
+    MeshnetError: naming the data set, the split and the bad shape or label.
+  """
+  name = dataset.name
+  splits = {"train": (dataset.x_train, dataset.y_train),
+            "test": (dataset.x_test, dataset.y_test)}
+  for split, (x, y) in splits.items():
+    if np.ndim(x) == 0 or np.ndim(y) == 0 or len(x) != len(y):
+      raise MeshnetError(
+          f"dataset {name}: x_{split} has shape {np.shape(x)} but y_{split} "
+          f"{np.shape(y)}; a split needs one target per input"
+      )
+  if len(dataset.x_train) == 0:
+    raise MeshnetError(f"dataset {name} has no training examples")
+  if evaluates and len(dataset.x_test) == 0:
+    raise MeshnetError(
+        f"dataset {name} has no test examples to evaluate on; set eval_every=0 "
+        "(--eval-every 0) to train without evaluation"
+    )
+  for kind in ("x", "y"):
+    train, test = getattr(dataset, f"{kind}_train"), getattr(dataset, f"{kind}_test")
+    if len(test) and test.shape[1:] != train.shape[1:]:
+      raise MeshnetError(
+          f"dataset {name}: {kind}_test has examples of shape {test.shape[1:]} but "
+          f"{kind}_train {train.shape[1:]}; both splits need the same shape"
+      )
+  if dataset.loss == "cross_entropy":
+    n = dataset.num_outputs
+    for split, (_, y) in splits.items():
+      if y.ndim != 1:
+        raise MeshnetError(
+            f"dataset {name}: y_{split} has shape {y.shape}; cross_entropy needs "
+            "integer class labels [N]"
+        )
+      bad = np.flatnonzero((y < 0) | (y >= n) | (y != np.floor(y)))
+      if bad.size:
+        raise MeshnetError(
+            f"dataset {name}: label {y.flat[bad[0]]} in y_{split} (example "
+            f"{bad[0]}) is not a class in [0, {n}); labels must be class indices "
+            f"below num_outputs={n}"
+        )
 
 
 DATASETS: tuple[str, ...] = ("xor", "digits", "mnist")

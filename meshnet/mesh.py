@@ -15,6 +15,7 @@ puts ``tensor`` innermost, where devices are closest (fastest links), and
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Sequence
 
 import jax
@@ -67,10 +68,13 @@ def select_devices(n: int | None) -> list[jax.Device]:
   the accelerators are the devices.
 
   Raises:
-    MeshnetError: JAX already started with fewer than ``n`` CPU devices.
+    MeshnetError: ``n`` is not None or an integer >= 1, or JAX already
+      started with fewer than ``n`` CPU devices.
   """
   if n is None:
     return list(jax.devices())
+  if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 1:
+    raise MeshnetError(f"devices={n!r} must be an integer >= 1 (or None for every device)")
   try:
     set_cpu_device_count(n)
   except MeshnetError:
@@ -87,6 +91,37 @@ def select_devices(n: int | None) -> list[jax.Device]:
   return devices[:n]
 
 
+def check_axis_sizes(**axes: int) -> None:
+  """Checks axis names and sizes without a device count.
+
+  Args:
+    **axes: sizes by axis name (as for :func:`make_mesh`).
+
+  Raises:
+    MeshnetError: an unknown axis, a size that is not an integer (bools,
+      floats and ``None`` included), a size < 1 other than -1, or more than
+      one -1.
+  """
+  unknown = [name for name in axes if name not in AXES]
+  if unknown:
+    raise MeshnetError(
+        f"unknown mesh axis {unknown[0]!r}; meshnet's axes are {', '.join(AXES)}"
+    )
+  for name, size in axes.items():
+    if not isinstance(size, numbers.Integral) or isinstance(size, bool):
+      raise MeshnetError(
+          f"mesh axis size {name}={size!r} must be an integer >= 1, or -1 for the rest"
+      )
+  bad = [f"{n}={s}" for n, s in axes.items() if s < 1 and s != -1]
+  if bad:
+    raise MeshnetError(f"mesh axis size {bad[0]} must be >= 1, or -1 for the rest")
+  rest = [name for name, size in axes.items() if size == -1]
+  if len(rest) > 1:
+    raise MeshnetError(
+        f"only one mesh axis may be -1, got {', '.join(f'{n}=-1' for n in rest)}"
+    )
+
+
 def resolve_axis_sizes(n_devices: int, **axes: int) -> dict[str, int]:
   """Turns user axis sizes into the full ``{axis: size}`` for ``n_devices``.
 
@@ -100,23 +135,13 @@ def resolve_axis_sizes(n_devices: int, **axes: int) -> dict[str, int]:
     ``n_devices``.
 
   Raises:
-    MeshnetError: an unknown axis, a size < 1 (other than -1), more than one
-      -1, or sizes whose product is not ``n_devices``.
+    MeshnetError: an unknown axis, a size that is not an integer or < 1
+      (other than -1), more than one -1, or sizes whose product is not
+      ``n_devices``.
   """
-  unknown = [name for name in axes if name not in AXES]
-  if unknown:
-    raise MeshnetError(
-        f"unknown mesh axis {unknown[0]!r}; meshnet's axes are {', '.join(AXES)}"
-    )
+  check_axis_sizes(**axes)
   sizes = {name: int(axes.get(name, 1)) for name in AXES}
   rest = [name for name, size in sizes.items() if size == -1]
-  bad = [f"{n}={s}" for n, s in sizes.items() if s < 1 and s != -1]
-  if bad:
-    raise MeshnetError(f"mesh axis size {bad[0]} must be >= 1, or -1 for the rest")
-  if len(rest) > 1:
-    raise MeshnetError(
-        f"only one mesh axis may be -1, got {', '.join(f'{n}=-1' for n in rest)}"
-    )
   fixed = math.prod(size for size in sizes.values() if size != -1)
   described = ",".join(f"{n}={s}" for n, s in sizes.items() if s != 1)
   if rest:
@@ -154,9 +179,21 @@ def make_mesh(
 
   Raises:
     MeshnetError: the sizes don't multiply to the number of devices (the
-      message gives both numbers), or an axis name or size is invalid.
+      message gives both numbers), an axis name or size is invalid, or
+      ``devices`` is empty or names a device twice.
   """
   devices = list(jax.devices() if devices is None else devices)
+  if not devices:
+    raise MeshnetError(
+        "make_mesh got devices=[]; pass at least one device, or devices=None for all"
+    )
+  seen: set[jax.Device] = set()
+  for device in devices:
+    if device in seen:
+      raise MeshnetError(
+          f"make_mesh got device {device} twice in devices=; pass each device once"
+      )
+    seen.add(device)
   sizes = resolve_axis_sizes(len(devices), **axes)
   shape = tuple(sizes.values())
   if devices == list(jax.devices()):

@@ -39,15 +39,12 @@ def make_optimizer(config: OptimConfig, total_steps: int) -> optax.GradientTrans
   Gradient accumulation is not here: the train step accumulates micro-steps
   before the exchange between devices, so there is one exchange per step.
 
+  The numbers (lr, weight decay, momentum, clip norm) were checked when
+  ``config`` was built (:class:`~meshnet.config.OptimConfig`).
+
   Raises:
-    MeshnetError: unknown optimizer, bad numbers, or weight decay with adam.
+    MeshnetError: unknown optimizer or schedule, or weight decay with adam.
   """
-  if config.lr <= 0:
-    raise MeshnetError(f"lr={config.lr} must be > 0")
-  if config.weight_decay < 0:
-    raise MeshnetError(f"weight_decay={config.weight_decay} must be >= 0")
-  if config.clip_norm is not None and config.clip_norm <= 0:
-    raise MeshnetError(f"clip_norm={config.clip_norm} must be > 0 (or unset to not clip)")
   schedule = make_schedule(config, total_steps)
   name = config.optimizer
   if name == "adam" and config.weight_decay > 0:

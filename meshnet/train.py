@@ -17,7 +17,7 @@ import numpy as np
 from meshnet import models
 from meshnet.checkpoint import Checkpointer, from_logical, to_logical
 from meshnet.config import Config
-from meshnet.data import BatchSampler, Dataset, global_batch, load_dataset
+from meshnet.data import BatchSampler, Dataset, check_dataset, global_batch, load_dataset
 from meshnet.distributed import initialize
 from meshnet.errors import MeshnetError, NonFiniteLossError, NonFiniteStateError
 from meshnet.mesh import (
@@ -101,6 +101,44 @@ def max_steps_in_flight(mesh: jax.sharding.Mesh) -> int:
   return 1 if platform == "cpu" and len(mesh.local_devices) > 1 else 2
 
 
+def _check_model_and_data(model: Model, dataset: Dataset, *, evaluates: bool) -> None:
+  """Refuses, before anything compiles, a data set or model that cannot train.
+
+  The data set must hold together (:func:`~meshnet.data.check_dataset`:
+  shapes of both splits, labels in ``[0, num_outputs)``), and the model must
+  map one example batch ``[1, ...]`` of it to what the loss compares with the
+  targets: ``[1, num_outputs]`` logits for ``cross_entropy``, ``[1, O]`` like
+  the targets for ``mse``. Only shapes are computed (``jax.eval_shape``).
+
+  Raises:
+    MeshnetError: naming the data set and both shapes.
+  """
+  check_dataset(dataset, evaluates=evaluates)
+  x_1xF = dataset.x_train[:1]
+  try:
+    out = jax.eval_shape(lambda key, x: model.apply(model.init(key), x),
+                         jax.random.key(0), x_1xF)
+  except MeshnetError:
+    raise
+  except (TypeError, ValueError) as e:
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise MeshnetError(
+        f"the model cannot take a batch of shape {x_1xF.shape} from dataset "
+        f"{dataset.name}: {reason}"
+    ) from None
+  targets = {"cross_entropy": (1, dataset.num_outputs),
+             "mse": (1, *dataset.y_train.shape[1:])}
+  expected = targets.get(dataset.loss) if isinstance(dataset.loss, str) else None
+  shape = tuple(getattr(out, "shape", ()))
+  if expected is not None and shape != expected:
+    outputs = "x".join(map(str, expected[1:]))
+    raise MeshnetError(
+        f"the model maps a batch of shape {x_1xF.shape} to {shape} but dataset "
+        f"{dataset.name} ({dataset.loss}) needs {expected}; build the model with "
+        f"{outputs} outputs per example"
+    )
+
+
 def _format_eval(step: int, result: dict[str, float]) -> str:
   text = f"eval @ step {step}: loss {result['eval_loss']:.4f}"
   if "eval_accuracy" in result:
@@ -145,6 +183,7 @@ def run(
         hidden=config.model.hidden, activation=config.model.activation,
         dropout=config.model.dropout,
     )
+  _check_model_and_data(model, dataset, evaluates=tc.eval_every > 0)
   batch_size = config.data.batch_size
   sampler = BatchSampler(len(dataset.x_train), batch_size, seed=tc.seed)
   pipeline = None
