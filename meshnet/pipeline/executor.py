@@ -4,13 +4,19 @@ Layout. The model's layers are cut into ``K = S * v`` virtual stages (``S``
 devices on ``stage``, ``v`` chunks each); virtual stage ``k = c * S + d`` is
 chunk ``c`` of device ``d``. Each virtual stage's parameters are raveled into
 one vector, padded to the longest (``N``), and stacked as a global array
-``[S, v, N]`` sharded over ``stage``: a device holds only its own stages'
-parameters (and, through the optimizer, their state). Activations between
-stages are raveled per example and padded to the widest boundary ``D``.
+``[S, v, N]`` sharded over ``stage`` (``Pipeline.stack``; the train step
+does it from the replicated parameter tree each step, and gathers the
+gradient back with ``Pipeline.unstack``, so the optimizer always sees the
+model's own tree). Activations between stages are raveled per example and
+padded to the widest boundary ``D``.
 
-Inside a stage, a run of identical layers (same code and shapes) is one
-``lax.scan`` over their parameters, which are contiguous in the flat vector;
-stages whose whole computation is identical share one branch. The compiled
+Inside a stage, a run of identical layers (same program, shapes and closed-over
+values, in training and in evaluation) is one ``lax.scan`` over their
+parameters, which are contiguous in the flat vector; stages whose whole
+computation is identical share one branch. Layers that read their key run per
+example with the key of the example's global index (as
+:func:`meshnet.model.apply_train` runs an unpipelined model), so dropout
+masks do not depend on the schedule, microbatch or stage. The compiled
 program therefore does not grow with the number of blocks or stages.
 
 Execution. A ``lax.scan`` over the schedule's ticks; at each tick every
