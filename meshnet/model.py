@@ -98,15 +98,19 @@ def sequential(layers: Sequence[Model]) -> Model:
 
 
 def uses_key(apply: ApplyFn, params: Params, x: jax.Array) -> bool:
-  """Whether ``apply(params, x, train=True, key=k)`` reads ``k`` (traced
-  abstractly from shapes; nothing runs)."""
+  """Whether the output of ``apply(params, x, train=True, key=k)`` depends
+  on ``k`` (traced abstractly from shapes; nothing runs). Work whose result
+  is dropped (``sequential`` splits the key even when no layer uses it) does
+  not count; a nested program that receives the key counts as using it."""
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (params, x))
   closed = jax.make_jaxpr(lambda p, x, k: apply(p, x, train=True, key=k))(
       *abstract, jax.random.key(0))
-  key_var = closed.jaxpr.invars[-1]
-  used = {id(v) for eqn in closed.jaxpr.eqns for v in eqn.invars}
-  used |= {id(v) for v in closed.jaxpr.outvars}
-  return id(key_var) in used
+  jaxpr = closed.jaxpr
+  live = {id(v) for v in jaxpr.outvars}
+  for eqn in reversed(jaxpr.eqns):  # backward: an equation is live if an output is
+    if any(id(v) in live for v in eqn.outvars) or eqn.effects:
+      live.update(id(v) for v in eqn.invars)
+  return id(jaxpr.invars[-1]) in live
 
 
 def example_keys(key: jax.Array, first_index: jax.Array | int, count: int) -> jax.Array:

@@ -166,3 +166,24 @@ def test_sigkill_resume_with_dropout_is_bit_identical_and_other_meshes_agree(tmp
              str(2)])
     chex.assert_trees_all_close(reference.to_numpy(_params(other)),
                                 reference.to_numpy(expected), rtol=2e-3, atol=2e-5)
+
+
+def test_a_model_without_randomness_runs_on_the_whole_batch():
+  """Only a model whose output depends on its key runs per example: a
+  sequential model without dropout (it splits the key but drops the result)
+  keeps whole-batch matmuls and batch-level semantics."""
+  plain = meshnet.models.mlp(WIDTHS)
+  params = plain.init(jax.random.key(0))
+  x = np.ones((4, 64), np.float32)
+  assert not meshnet.model.uses_key(plain.apply, params, x)
+  assert meshnet.model.uses_key(meshnet.models.mlp(WIDTHS, dropout=0.1).apply, params, x)
+
+  def centre(p, x):  # not per-example: uses the batch mean
+    return x - jnp.mean(x, axis=0)
+  model = meshnet.sequential([meshnet.Model(lambda k: {}, centre), plain])
+  batch = (np.random.default_rng(0).normal(size=(8, 64)).astype(np.float32),
+           np.arange(8, dtype=np.int32) % 10)
+  loss, _ = jax.jit(meshnet.make_grad_fn(model, meshnet.make_mesh(
+      data=1, devices=jax.devices()[:1])))([{}, params], batch, jax.random.key(0))
+  expected = jnp.mean(losses.cross_entropy(model.apply([{}, params], batch[0]), batch[1]))
+  np.testing.assert_allclose(loss, expected, rtol=1e-6)

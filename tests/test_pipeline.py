@@ -250,7 +250,7 @@ def _closing_layers(consts):
       return {"w": 0.3 * jax.random.normal(key, (16, 16))}
 
     def apply(p, x):
-      return jnp.tanh(x @ p["w"]) * c
+      return jnp.tanh(x @ p["w"]) * c[None, :]
     return meshnet.Model(init, apply)
   return meshnet.sequential([make(jnp.asarray(c, jnp.float32)) for c in consts])
 
@@ -273,6 +273,57 @@ def test_layers_that_close_over_different_arrays_are_not_merged():
     np.testing.assert_allclose(loss, ref_loss, **TIGHT)
     chex.assert_trees_all_close(reference.to_numpy(pipe.unstack(grads)),
                                 reference.to_numpy(ref_grads), **TIGHT)
+
+
+def _inner_jit_layer(c):
+  table = jnp.full((16,), c, jnp.float32)
+  scale = jax.jit(lambda h: h * table[None, :])  # the constant lives in a nested program
+  return meshnet.Model(lambda k: {"w": 0.3 * jax.random.normal(k, (16, 16))},
+                       lambda p, x: scale(jnp.tanh(x @ p["w"])))
+
+
+def _custom_vjp_layer(c):
+  @jax.custom_vjp
+  def reverse(h):
+    return h
+
+  reverse.defvjp(lambda h: (h, None), lambda _, g: (-c * g,))  # only the backward differs
+  return meshnet.Model(lambda k: {"w": 0.3 * jax.random.normal(k, (16, 16))},
+                       lambda p, x: reverse(jnp.tanh(x @ p["w"])))
+
+
+def _key_closure_layer(c):
+  projection = jax.random.key(int(c))  # a typed key closed over
+  return meshnet.Model(
+      lambda k: {"w": 0.3 * jax.random.normal(k, (16, 16))},
+      lambda p, x: jnp.tanh(x @ p["w"]) @ jax.random.normal(projection, (16, 16)))
+
+
+@pytest.mark.parametrize("make", [_inner_jit_layer, _custom_vjp_layer, _key_closure_layer])
+@pytest.mark.parametrize("stages", [2, 4])
+def test_layers_that_differ_where_a_jaxpr_does_not_print_are_not_merged(make, stages):
+  """Constants of nested programs, custom derivative rules, closed-over keys."""
+  model = meshnet.sequential([make(c) for c in (1.0, 5.0, 1.0, 1.0)])
+  pipe = make_pipeline(model, _mesh(stages, data=1), (16,), schedule="gpipe",
+                       microbatches=stages)
+  x = jax.random.normal(jax.random.key(1), (8, 16))
+  y = jax.random.normal(jax.random.key(2), (8, 16))
+  params = model.init(jax.random.key(0))
+  loss, grads = jax.jit(pipe.make_grad_fn(loss="mse"))(pipe.stack(params), (x, y),
+                                                       jax.random.key(2))
+  ref_loss, ref_grads = reference.loss_and_grad(model, losses.squared_error, params, x, y)
+  np.testing.assert_allclose(loss, ref_loss, **TIGHT)
+  chex.assert_trees_all_close(reference.to_numpy(pipe.unstack(grads)),
+                              reference.to_numpy(ref_grads), **TIGHT)
+
+
+def test_a_pipelined_model_needs_one_params_entry_per_layer():
+  layer = meshnet.Model(lambda k: {"w": jnp.ones((4, 4))}, lambda p, x: x @ p["w"])
+  model = meshnet.Model(lambda k: {"a": layer.init(k), "b": layer.init(k)},
+                        lambda p, x: layer.apply(p["b"], layer.apply(p["a"], x)),
+                        layers=(layer, layer))
+  with pytest.raises(meshnet.MeshnetError, match="one entry per layer"):
+    make_pipeline(model, _mesh(2, data=1), (4,))
 
 
 def test_layers_that_differ_only_in_evaluation_are_not_merged():

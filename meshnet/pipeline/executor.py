@@ -512,6 +512,12 @@ def make_pipeline(
         "pipelining needs a model made of layers (Model(..., layers=...), e.g. "
         "meshnet.models.mlp or meshnet.model.sequential); this model has none")
   S = axis_size(mesh, STAGE)
+  params = jax.eval_shape(model.init, jax.random.key(0))
+  if not isinstance(params, (list, tuple)) or len(params) != len(model.layers):
+    raise MeshnetError(
+        f"a pipelined model's init must return a list or tuple with one entry per layer "
+        f"({len(model.layers)}), got {type(params).__name__}; build it with "
+        "meshnet.sequential(layers)")
   if isinstance(schedule, sched.Schedule):
     plan = schedule
     if plan.num_stages != S:
@@ -531,7 +537,6 @@ def make_pipeline(
 
   # Shapes of every stage's parameters and boundary activations (abstractly),
   # and, inside each stage, runs of identical layers to scan over.
-  params = jax.eval_shape(model.init, jax.random.key(0))
   unravel, sizes, shapes, runs, slices, key_layers = [], [], [example_shape], [], [], []
   x = jax.ShapeDtypeStruct((2, *example_shape), jnp.float32)
   for k in range(K):
@@ -562,28 +567,48 @@ def make_pipeline(
   return dataclasses.replace(pipe, _groups=_stage_groups(pipe))
 
 
-def _fingerprint(closed: jax.extend.core.ClosedJaxpr) -> tuple:
-  """The program and the values it closes over (``str`` of a jaxpr names its
-  constants but not their values: two layers that differ only in a captured
-  array print the same)."""
-  consts = []
-  for c in closed.consts:
-    a = np.asarray(jax.device_get(c)) if hasattr(c, "shape") else c
-    if isinstance(a, np.ndarray):
-      consts.append((a.shape, str(a.dtype), hashlib.sha256(
-          np.ascontiguousarray(a).tobytes()).hexdigest()))
-    else:
-      consts.append(repr(a))
-  return str(closed), tuple(consts)
+def _const_digest(value: Any) -> tuple:
+  """Shape, dtype and SHA-256 of a constant's bytes (a key: of its key data)."""
+  if isinstance(value, jax.Array) and jax.dtypes.issubdtype(value.dtype,
+                                                             jax.dtypes.prng_key):
+    value = jax.random.key_data(value)
+  if hasattr(value, "shape") and hasattr(value, "dtype"):
+    array = np.ascontiguousarray(np.asarray(jax.device_get(value)))
+    return (array.shape, str(array.dtype), hashlib.sha256(array.tobytes()).hexdigest())
+  return (repr(value),)
+
+
+def _nested_consts(closed: Any) -> list[tuple]:
+  """Digests of the constants of ``closed`` and of every program nested in
+  its equations (inner ``jit``, ``scan``, ``cond`` bodies...): printing a
+  jaxpr names constants but not their values."""
+  digests = [_const_digest(c) for c in getattr(closed, "consts", ())]
+  jaxpr = getattr(closed, "jaxpr", closed)
+  for eqn in getattr(jaxpr, "eqns", ()):
+    for param in eqn.params.values():
+      for inner in (param if isinstance(param, (tuple, list)) else (param,)):
+        if hasattr(inner, "eqns") or hasattr(inner, "consts"):
+          digests.extend(_nested_consts(inner))
+  return digests
 
 
 def _signature(fn: Callable, *args) -> tuple:
-  """What ``fn(*args, train=..., key=...)`` computes, in training and in
-  evaluation: equal signatures mean the same function of the arguments."""
-  return tuple(
-      _fingerprint(jax.make_jaxpr(
-          lambda *a, train=train: fn(*a[:-1], train=train, key=a[-1]))(*args, jax.random.key(0)))
-      for train in (True, False))
+  """What ``fn(*args, train=..., key=...)`` computes, forward and backward,
+  in training and in evaluation: equal signatures mean the same function of
+  the arguments. The backward program is part of it because custom
+  derivative rules (``custom_vjp``/``custom_jvp``) appear only there; the
+  values of every constant, nested programs' included, are part of it
+  because a jaxpr's text does not show them."""
+  signature = []
+  for train in (True, False):
+    def forward_and_backward(*a, train=train):
+      *inputs, key = a
+      out, vjp = jax.vjp(lambda *i: fn(*i, train=train, key=key), *inputs)
+      return out, vjp(out)
+
+    closed = jax.make_jaxpr(forward_and_backward)(*args, jax.random.key(0))
+    signature.append((str(closed), tuple(_nested_consts(closed))))
+  return tuple(signature)
 
 
 def _identical_runs(signatures: Sequence[Any]) -> tuple[tuple[int, int], ...]:
