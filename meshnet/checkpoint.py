@@ -350,12 +350,17 @@ class Checkpointer:
     fd = os.open(os.path.join(self.directory, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
       owner = os.read(fd, 200).decode(errors="replace").strip() or "another process"
       os.close(fd)
       raise MeshnetError(f"checkpoint directory {self.directory} is in use by another run "
                          f"({owner}); wait for it to end or choose another "
                          "--checkpoint-dir") from None
+    except OSError as e:  # a file system without locks: run unlocked, say so
+      os.close(fd)
+      self.log(f"cannot lock {self.directory} ({_first_line(e, 80)}); a second run on it "
+               "would not be detected")
+      return
     os.ftruncate(fd, 0)
     os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
     self._lock_fd = fd

@@ -284,6 +284,8 @@ def run(
 
 def _open_checkpointer(cc: CheckpointConfig, say: Callable[[str], None]
                        ) -> Checkpointer | None:
+  """The run's checkpointer (locked; a used directory refused unless resuming
+  or overwriting), or ``None`` without a directory."""
   if not cc.dir:
     return None
   return Checkpointer(cc.dir, keep=cc.keep, log=say, resume=cc.resume,
