@@ -6,30 +6,59 @@ A checkpoint step directory holds two items:
              with parameters (and the optimizer's state) in the model's own
              tree, one entry per layer, whatever the mesh or pipeline.
   ``meta``   JSON: format tag, step, data-sampler position, the parameter
-             tree (paths, shapes, dtypes), the mesh and the config.
+             and optimizer-state trees (paths, shapes, dtypes), the mesh and
+             the config.
 
 Saving is asynchronous (the step loop only waits for the device-to-host
 copy); Orbax writes into ``<step>.orbax-checkpoint-tmp`` and renames when the
 step is complete, so a killed save leaves the previous steps intact and the
-partial directory is ignored. A step that fails to restore (a truncated or
-missing file) is reported and the next older one is tried.
+partial directory is ignored.
+
+Nothing a run saved is deleted except by rotation (``keep``) of the same run
+or by an explicit ``overwrite``: a step that fails to restore (truncated
+file, garbage meta) or a junk step directory (e.g. an empty ``7/``) is
+renamed ``<step>.corrupt`` and reported, so it neither counts toward
+``keep`` nor hides a good older step. One run writes a directory at a time:
+process 0 holds an ``fcntl.flock`` on ``<dir>/.meshnet.lock`` while the
+:class:`Checkpointer` is open (the kernel drops it when the process dies).
+Remote directories (``gs://``, ``s3://``, ... through etils ``epath``, as
+Orbax itself) are passed to Orbax untouched; they cannot be locked.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
+import json
 import logging
 import os
-from typing import Any, Callable
+import socket
+import sys
+from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from meshnet.errors import MeshnetError
 
 FORMAT = "meshnet-checkpoint-1"
+LOCK_FILE = ".meshnet.lock"
+CORRUPT_SUFFIX = ".corrupt"
+
+# Config fields that define what a saved state is (its structure or its
+# meaning); a resume must match them. Everything else may change on resume:
+# the mesh, devices and pipeline (schedule, microbatches, virtual stages), the
+# run length, learning rate and schedule, the values of weight decay, momentum
+# and clipping (not turning them on or off where that changes the optimizer
+# state, which is compared leaf by leaf), grad_accum, deterministic, the
+# evaluation, logging and checkpoint settings, and data_dir.
+STATE_FIELDS = ("model.name", "model.hidden", "model.activation", "model.dropout",
+                "optim.optimizer", "train.seed", "data.dataset", "data.batch_size")
+_META_FIELDS = ("format", "step", "params", "sampler")
 
 
 def to_logical(state) -> dict[str, Any]:
@@ -84,6 +113,137 @@ def _describe_mismatch(saved: list[dict], expected: list[dict]) -> str | None:
   return "; ".join(problems[:3]) + more
 
 
+def checkpoint_path(directory: str | os.PathLike) -> epath.Path:
+  """``directory`` as Orbax gets it: a URL (``gs://bucket/x``) untouched, a
+  local path made absolute.
+
+  Raises:
+    MeshnetError: a URL scheme ``epath`` cannot open.
+  """
+  text = os.fspath(directory)
+  if "://" not in text:
+    return epath.Path(os.path.abspath(text))
+  try:
+    return epath.Path(text)
+  except KeyError:
+    raise MeshnetError(f"checkpoint directory {text}: unsupported URL scheme; use a local "
+                       "path or gs://, s3://, az://") from None
+
+
+def _is_local(path: epath.Path) -> bool:
+  return "://" not in str(path)
+
+
+def _first_line(e: BaseException, width: int = 160) -> str:
+  text = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {text[0][:width]}" if text else type(e).__name__
+
+
+def _meta_problem(meta: Any) -> str | None:
+  """Why ``meta`` cannot describe a step (``None``: it can)."""
+  if not isinstance(meta, dict):
+    return "is not a JSON object"
+  missing = [field for field in _META_FIELDS if field not in meta]
+  if missing:
+    return f"lacks {', '.join(missing)}"
+  leaves = meta["params"]
+  if not (isinstance(leaves, list) and all(
+      isinstance(leaf, dict) and {"path", "shape", "dtype"} <= leaf.keys() for leaf in leaves)):
+    return "has a malformed params tree"
+  if not isinstance(meta["sampler"], dict) or not isinstance(
+      meta["sampler"].get("position"), int):
+    return "lacks sampler.position"
+  return None
+
+
+def read_meta(step_dir: str | os.PathLike) -> dict[str, Any]:
+  """The meta JSON of one step directory, checked.
+
+  Raises:
+    MeshnetError: the file is missing, not JSON, lacks a field meshnet needs
+      (message ``meta of step N ...``), or belongs to another program
+      (``... is not a meshnet checkpoint``).
+  """
+  step_dir = epath.Path(step_dir)
+  try:
+    meta = json.loads((step_dir / "meta" / "metadata").read_text())
+  except (OSError, ValueError) as e:  # missing, unreadable, not UTF-8, not JSON
+    raise MeshnetError(f"meta of step {step_dir.name} is unreadable ({_first_line(e, 60)})"
+                       ) from None
+  if isinstance(meta, dict) and meta.get("format", FORMAT) != FORMAT:
+    raise MeshnetError(f"{step_dir} is not a meshnet checkpoint (format "
+                       f"{meta.get('format')!r}); choose a meshnet checkpoint directory")
+  problem = _meta_problem(meta)
+  if problem:
+    raise MeshnetError(f"meta of step {step_dir.name} {problem}")
+  return meta
+
+
+def config_mismatch(saved: dict[str, Any], current: dict[str, Any],
+                    fields: tuple[str, ...] = STATE_FIELDS) -> list[str]:
+  """``"section.field <saved> in the checkpoint, <current> now"`` for each of
+  ``fields`` that differs between two ``Config.to_dict()`` trees."""
+  def value(tree, field):
+    section, name = field.split(".")
+    return json.loads(json.dumps(tree.get(section, {}).get(name)))  # tuples as lists
+
+  return [f"{field} {json.dumps(value(saved, field))} in the checkpoint, "
+          f"{json.dumps(value(current, field))} now"
+          for field in fields if value(saved, field) != value(current, field)]
+
+
+def _fit_problem(meta: dict[str, Any], target: dict[str, Any],
+                 config: dict[str, Any] | None) -> str | None:
+  """Why a checkpoint with ``meta`` cannot continue this run (``None``: it can)."""
+  saved_config = meta.get("config") if config is not None else None
+  differing = config_mismatch(saved_config, config) if isinstance(saved_config, dict) else []
+  mismatch = _describe_mismatch(meta["params"], tree_summary(target["params"]))
+  if mismatch:
+    return (f"does not fit this model: {mismatch}"
+            + (f" (config: {'; '.join(differing)})" if differing else ""))
+  if differing:
+    return f"was saved by a different run: {'; '.join(differing)}"
+  if "opt_state" in meta and _describe_mismatch(meta["opt_state"],
+                                                tree_summary(target["opt_state"])):
+    optim = sorted({**(saved_config or {}).get("optim", {}), **config["optim"]}
+                   ) if isinstance(saved_config, dict) else []
+    changed = config_mismatch(saved_config, config, tuple(f"optim.{f}" for f in optim))
+    return ("holds an optimizer state of another structure"
+            + (f" ({'; '.join(changed)})" if changed else ""))
+  return None
+
+
+@contextlib.contextmanager
+def _quiet_closed_event_loop() -> Iterator[None]:
+  """Silences ``RuntimeError: Event loop is closed`` while Orbax restores.
+
+  When one read of a restore fails (a truncated file), Orbax closes its event
+  loop while TensorStore still completes the other reads; each completion
+  then calls back into the closed loop and Python prints that error as an
+  "unraisable" traceback (dozens of them). Anything else goes to the previous
+  hook.
+  """
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed"):
+      previous(unraisable)
+
+  sys.unraisablehook = hook
+  try:
+    yield
+  finally:
+    sys.unraisablehook = previous
+
+
+def _sync(name: str) -> None:
+  """Waits for every process (a no-op with one)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
 @dataclasses.dataclass
 class Restored:
   """A restored checkpoint: its step, logical state tree and metadata."""
@@ -96,42 +256,176 @@ class Restored:
 class Checkpointer:
   """Saves and restores meshnet checkpoints under ``directory``.
 
+  Opening takes the directory for this run (process 0 locks it) and sets
+  aside junk step directories. A directory that already holds checkpoints is
+  refused unless ``resume`` (continue them) or ``overwrite`` (replace them:
+  the old steps are deleted when this run saves its first step, so a run
+  that fails before saving anything loses nothing). Use it as a context
+  manager, or call :meth:`close`: closing waits for the save in flight.
+
   Args:
-    directory: where step directories live (created if missing).
+    directory: where step directories live (created if missing); a local
+      path or a URL Orbax can write (``gs://bucket/run``).
     keep: how many newest checkpoints to keep.
     async_save: write in the background (the step loop waits only for the
       copy of the arrays off the devices).
-    log: where to report skipped partial or corrupt checkpoints.
+    log: where to report skipped, set aside or replaced checkpoints.
+    resume: the run continues the checkpoints in ``directory``.
+    overwrite: the run replaces the checkpoints in ``directory``.
+
+  Raises:
+    MeshnetError: bad ``keep``, a file or unreachable directory, one that
+      another run holds, or one with checkpoints and neither ``resume`` nor
+      ``overwrite``.
   """
 
-  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True,
-               log: Callable[[str], None] = print):
+  def __init__(self, directory: str | os.PathLike, *, keep: int = 3,
+               async_save: bool = True, log: Callable[[str], None] = print,
+               resume: bool = False, overwrite: bool = False):
     if keep < 1:
       raise MeshnetError(f"keep={keep} must be >= 1")
-    self.directory = os.path.abspath(directory)
-    if os.path.exists(self.directory) and not os.path.isdir(self.directory):
-      raise MeshnetError(f"checkpoint directory {directory} is a file; choose a directory")
-    if os.path.isdir(self.directory) and not os.access(self.directory, os.R_OK | os.W_OK):
-      raise MeshnetError(f"checkpoint directory {directory} is not readable and writable")
+    if resume and overwrite:
+      raise MeshnetError(f"resume and overwrite of {directory} exclude each other; use "
+                         "--resume to continue the checkpoints or --overwrite to replace them")
+    self.directory = checkpoint_path(directory)
     self.log = log
+    self.manager = None
+    self._lock_fd: int | None = None
+    self._replace: list[int] = []
+    self._main = jax.process_index() == 0
+    try:
+      self._open(keep, async_save)
+      self._refuse_or_replace(resume, overwrite)
+    except BaseException:
+      self.close()
+      raise
+
+  def _open(self, keep: int, async_save: bool) -> None:
+    try:
+      if self.directory.exists() and not self.directory.is_dir():
+        raise MeshnetError(f"checkpoint directory {self.directory} is a file; choose a "
+                           "directory")
+      if self._main:
+        self.directory.mkdir(parents=True, exist_ok=True)
+    except (OSError, ImportError) as e:  # ImportError: gcsfs missing for gs://
+      raise MeshnetError(f"cannot open checkpoint directory {self.directory}: "
+                         f"{_first_line(e)}") from None
+    if _is_local(self.directory) and not os.access(self.directory, os.R_OK | os.W_OK):
+      raise MeshnetError(f"checkpoint directory {self.directory} is not readable and "
+                         "writable")
+    if self._main:
+      self._lock()
+    _sync("meshnet-checkpoint-locked")
+    junk = self._junk_steps()
+    if self._main:
+      for name in junk:
+        self._set_aside(name, "is not a complete checkpoint")
+    _sync("meshnet-checkpoint-open")
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def _lock(self) -> None:
+    """Takes ``<dir>/.meshnet.lock`` (local directories only)."""
+    if not _is_local(self.directory):
+      return
+    fd = os.open(os.path.join(self.directory, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      owner = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+      os.close(fd)
+      raise MeshnetError(f"checkpoint directory {self.directory} is in use by another run "
+                         f"({owner}); wait for it to end or choose another "
+                         "--checkpoint-dir") from None
+    except OSError as e:  # a file system without locks: run unlocked, say so
+      os.close(fd)
+      self.log(f"cannot lock {self.directory} ({_first_line(e, 80)}); a second run on it "
+               "would not be detected")
+      return
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+    self._lock_fd = fd
+
+  def _junk_steps(self) -> list[str]:
+    """Step directories without a ``meta/metadata`` file or ``state`` item.
+
+    Raises:
+      MeshnetError: a step-named directory holds other files (not Orbax's):
+        the directory is not only meshnet's.
+    """
+    junk = []
+    if not self.directory.is_dir():
+      return junk
+    for path in self.directory.iterdir():
+      if not (path.name.isdigit() and path.is_dir()):
+        continue
+      if (path / "meta" / "metadata").exists() and (path / "state").is_dir():
+        continue
+      contents = {child.name for child in path.iterdir()}
+      if contents and not contents & {"meta", "state", "_CHECKPOINT_METADATA"}:
+        raise MeshnetError(f"{path} is not a meshnet checkpoint; use a directory that only "
+                           "meshnet writes to")
+      junk.append(path.name)
+    return junk
+
+  def _set_aside(self, name: str, why: str) -> None:
+    """Renames step directory ``name`` to ``<name>.corrupt`` (process 0)."""
+    target = self.directory / f"{name}{CORRUPT_SUFFIX}"
+    n = 1
+    while target.exists():
+      n += 1
+      target = self.directory / f"{name}{CORRUPT_SUFFIX}-{n}"
+    try:
+      (self.directory / name).rename(target)
+    except OSError as e:
+      self.log(f"checkpoint step {name} in {self.directory} {why} but could not be set "
+               f"aside ({_first_line(e, 80)})")
+      return
+    self.log(f"checkpoint step {name} in {self.directory} {why}; moved to {target.name}")
+
+  def _refuse_or_replace(self, resume: bool, overwrite: bool) -> None:
+    steps = self.all_steps()
+    if not steps or resume:
+      return
+    listed = ", ".join(map(str, steps))
+    if not overwrite:
+      raise MeshnetError(f"checkpoint directory {self.directory} already holds checkpoints "
+                         f"(steps {listed}); continue them with --resume, choose another "
+                         "--checkpoint-dir, or replace them with --overwrite")
+    self._replace = steps
+    self.log(f"--overwrite: checkpoints {listed} in {self.directory} will be deleted when "
+             "this run saves its first step")
 
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
   def partial_steps(self) -> list[str]:
     """Names of step directories a killed save left unfinished."""
-    if not os.path.isdir(self.directory):
+    if not self.directory.is_dir():
       return []
-    return sorted(name for name in os.listdir(self.directory) if "tmp" in name)
+    return sorted(p.name for p in self.directory.iterdir() if "orbax-checkpoint-tmp" in p.name)
+
+  def _delete_replaced(self) -> None:
+    """Deletes the steps ``overwrite`` replaces, and unfinished saves."""
+    for step in self._replace:
+      self.manager.delete(step)
+    if self._main:
+      for name in self.partial_steps():
+        (self.directory / name).rmtree()
+    _sync("meshnet-checkpoint-replaced")
+    self.log(f"deleted the earlier checkpoints {', '.join(map(str, self._replace))} in "
+             f"{self.directory} (--overwrite)")
+    self._replace = []
+    self.manager.reload()
 
   def save(self, step: int, tree: dict[str, Any], meta: dict[str, Any],
            force: bool = False) -> bool:
     """Starts saving ``tree`` (logical layout) as ``step``; returns whether it did."""
+    if self._replace:
+      self._delete_replaced()
     meta = {"format": FORMAT, "step": int(step), "params": tree_summary(tree["params"]),
-            **meta}
+            "opt_state": tree_summary(tree["opt_state"]), **meta}
     return self.manager.save(
         int(step), force=force,
         args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
@@ -142,85 +436,136 @@ class Checkpointer:
     self.manager.wait_until_finished()
 
   def read_meta(self, step: int) -> dict[str, Any]:
-    meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    return meta["meta"]
+    """The checked meta JSON of ``step`` (see :func:`read_meta`)."""
+    return read_meta(self.directory / str(step))
 
-  def restore_latest(self, target: dict[str, Any]) -> Restored | None:
+  def restore_latest(self, target: dict[str, Any],
+                     config: dict[str, Any] | None = None) -> Restored | None:
     """The newest step that restores, laid out like ``target``, or ``None``.
 
     ``target`` is the logical tree of the current run (its arrays' shapes,
     dtypes and shardings say how to lay out what is read). Unfinished steps
-    are ignored; a step that fails to read is reported and skipped.
+    are ignored; a step whose meta or arrays fail to read is reported, moved
+    to ``<step>.corrupt`` and the next older one is tried.
+
+    Args:
+      target: the run's state in the logical layout.
+      config: the run's ``Config.to_dict()``; the fields in
+        :data:`STATE_FIELDS` must equal the checkpoint's.
 
     Raises:
-      MeshnetError: the saved parameter tree differs from ``target``'s
-        (naming the leaves), or the directory holds no meshnet checkpoint
-        but other step directories.
+      MeshnetError: the checkpoint was saved by another model or run (naming
+        the leaves or the config fields with both values); nothing is moved.
     """
     partial = self.partial_steps()
     if partial:
       self.log(f"ignoring unfinished checkpoint {', '.join(partial)} in {self.directory}")
-    expected = tree_summary(target["params"])
     abstract = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), target)
-    for step in reversed(self.all_steps()):
-      try:
-        meta = self.read_meta(step)
-      except Exception as e:  # noqa: BLE001 - report any unreadable step, try older
-        self.log(f"checkpoint step {step} in {self.directory} is unreadable "
-                 f"({type(e).__name__}); trying an older one")
-        continue
-      if meta.get("format") != FORMAT:
-        raise MeshnetError(f"{self.directory} step {step} is not a meshnet checkpoint")
-      mismatch = _describe_mismatch(meta["params"], expected)
-      if mismatch:
-        raise MeshnetError(f"checkpoint in {self.directory} does not fit this model: "
-                           f"{mismatch}")
-      try:
-        restored = self.manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-      except Exception as e:  # noqa: BLE001
-        self.log(f"checkpoint step {step} in {self.directory} is corrupt "
-                 f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); trying an "
-                 "older one")
-        continue
-      return Restored(step, restored["state"], meta)
-    return None
+    bad: list[tuple[int, str]] = []
+    try:
+      for step in reversed(self.all_steps()):
+        try:
+          meta = self.read_meta(step)
+        except MeshnetError as e:
+          if "is not a meshnet checkpoint" in str(e):
+            raise
+          bad.append((step, f"is unreadable: {e}"))
+          continue
+        problem = _fit_problem(meta, target, config)
+        if problem:
+          raise MeshnetError(f"checkpoint {step} in {self.directory} {problem}; resume with "
+                             "the same settings, or start afresh with another "
+                             "--checkpoint-dir or --overwrite")
+        try:
+          with _quiet_closed_event_loop():
+            restored = self.manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+        except Exception as e:  # noqa: BLE001 - whatever Orbax raised: report, try older
+          if "tree structures do not match" in str(e):  # a valid step of another run
+            raise MeshnetError(f"checkpoint {step} in {self.directory} holds a state of "
+                               "another structure (another optimizer or model); resume "
+                               "with the same settings") from None
+          bad.append((step, f"is corrupt ({_first_line(e, 120)})"))
+          continue
+        return Restored(step, restored["state"], meta)
+      return None
+    finally:
+      self._set_aside_failed(bad)
+
+  def _set_aside_failed(self, bad: list[tuple[int, str]]) -> None:
+    if not bad:
+      return
+    if self._main:
+      for step, why in bad:
+        self._set_aside(str(step), why)
+    _sync("meshnet-checkpoint-set-aside")
+    self.manager.reload()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Waits for the save in flight, closes Orbax's manager, drops the lock."""
+    try:
+      if self.manager is not None:
+        manager, self.manager = self.manager, None
+        try:
+          manager.wait_until_finished()
+        finally:
+          manager.close()
+    finally:
+      if self._lock_fd is not None:
+        os.close(self._lock_fd)  # releases the flock
+        self._lock_fd = None
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    """Finishes the save in flight on every exit. It holds a good state (the
+    loop checks the loss before every save). When the run is already failing,
+    a failure of that save is logged in one line, not raised over the
+    run's own error."""
+    if exc_type is None:
+      self.close()
+      return
+    try:
+      self.close()
+    except Exception as e:  # noqa: BLE001 - keep the run's own exception
+      self.log(f"the checkpoint save in flight in {self.directory} failed: {_first_line(e)}")
 
 
-def list_checkpoints(directory: str) -> list[dict[str, Any]]:
+def _step_dirs(directory: epath.Path) -> list[epath.Path]:
+  return [p for p in directory.iterdir()
+          if p.name.isdigit() and p.is_dir() and (p / "meta").is_dir()]
+
+
+def list_checkpoints(directory: str | os.PathLike) -> list[dict[str, Any]]:
   """``[{"step", "time", "bytes"}]`` of the finished checkpoints in ``directory``.
 
   Raises:
     MeshnetError: the directory is missing, unreadable, or holds no meshnet
       checkpoint.
   """
-  if not os.path.isdir(directory):
-    raise MeshnetError(f"{directory} is not a directory")
-  if not os.access(directory, os.R_OK | os.X_OK):
-    raise MeshnetError(f"{directory} is not readable")
-  rows = []
-  for name in os.listdir(directory):
-    path = os.path.join(directory, name)
-    if not (name.isdigit() and os.path.isdir(path)):
-      continue
-    if not os.path.isdir(os.path.join(path, "meta")):
-      continue
-    size = sum(os.path.getsize(os.path.join(root, f))
-               for root, _, files in os.walk(path) for f in files)
-    rows.append({"step": int(name), "time": os.path.getmtime(path), "bytes": size})
+  path = checkpoint_path(directory)
+  try:
+    if not path.is_dir():
+      raise MeshnetError(f"{directory} is not a directory")
+    if _is_local(path) and not os.access(path, os.R_OK | os.X_OK):
+      raise MeshnetError(f"{directory} is not readable")
+    rows = []
+    for step_dir in _step_dirs(path):
+      size = sum(file.stat().length for root, _, files in step_dir.walk()
+                 for file in (root / name for name in files))
+      rows.append({"step": int(step_dir.name), "time": step_dir.stat().mtime, "bytes": size})
+  except (OSError, ImportError) as e:
+    raise MeshnetError(f"cannot read {directory}: {_first_line(e)}") from None
   if not rows:
     raise MeshnetError(f"{directory} holds no meshnet checkpoint (no <step>/meta)")
   return sorted(rows, key=lambda r: r["step"])
 
 
-def load_params(directory: str, step: int) -> Any:
+def load_params(directory: str | os.PathLike, step: int) -> Any:
   """The parameters (logical layout) of checkpoint ``step``, on one device."""
-  path = os.path.join(os.path.abspath(directory), str(step), "state")
+  path = checkpoint_path(directory) / str(step) / "state"
   checkpointer = ocp.StandardCheckpointer()
   absl_logger = logging.getLogger("absl")
   level = absl_logger.level
@@ -233,32 +578,63 @@ def load_params(directory: str, step: int) -> Any:
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
                                        sharding=jax.sharding.SingleDeviceSharding(device)),
         tree)
-    return checkpointer.restore(path, abstract)["params"]
+    with _quiet_closed_event_loop():
+      return checkpointer.restore(path, abstract)["params"]
   except Exception as e:  # noqa: BLE001 - one line, whatever Orbax raised
     raise MeshnetError(f"cannot read checkpoint {step} in {directory}: "
-                       f"{type(e).__name__}: {str(e).splitlines()[0][:160]}") from None
+                       f"{_first_line(e)}") from None
   finally:
     checkpointer.close()
     absl_logger.setLevel(level)
 
 
-def describe(directory: str, *, with_digest: bool = False, step: int | None = None) -> str:
+def _readable_meta(directory: str | os.PathLike, steps: list[int],
+                   step: int | None) -> tuple[int, dict[str, Any], list[str]]:
+  """The step to describe (``step``, or the newest whose meta reads), its
+  meta, and one note per newer step skipped.
+
+  Raises:
+    MeshnetError: ``step`` is not there or unreadable, or no meta reads.
+  """
+  path = checkpoint_path(directory)
+  if step is not None:
+    if step not in steps:
+      raise MeshnetError(f"no checkpoint {step} in {directory}; steps: "
+                         f"{', '.join(map(str, steps))}")
+    try:
+      return step, read_meta(path / str(step)), []
+    except MeshnetError as e:
+      raise MeshnetError(f"checkpoint {step} in {directory}: {e}") from None
+  notes = []
+  for candidate in reversed(steps):
+    try:
+      meta = read_meta(path / str(candidate))
+    except MeshnetError as e:
+      if "is not a meshnet checkpoint" in str(e):
+        raise
+      notes.append(str(e))
+      continue
+    if notes:
+      notes = [f"skipping {'; '.join(notes)}; showing step {candidate}"]
+    return candidate, meta, notes
+  raise MeshnetError(f"no readable checkpoint in {directory}: {'; '.join(notes)}")
+
+
+def describe(directory: str | os.PathLike, *, with_digest: bool = False,
+             step: int | None = None) -> str:
   """What ``meshnet inspect`` prints: the checkpoints, then the parameter
-  tree of ``step`` (default: the newest) and, optionally, its digest."""
+  tree of ``step`` (default: the newest whose meta reads, with a line for
+  each newer one skipped) and, optionally, its digest."""
   import datetime
 
   rows = list_checkpoints(directory)
-  lines = [f"{len(rows)} checkpoint{'s' * (len(rows) != 1)} in {os.path.abspath(directory)}:"]
+  lines = [f"{len(rows)} checkpoint{'s' * (len(rows) != 1)} in "
+           f"{checkpoint_path(directory)}:"]
   for row in rows:
     when = datetime.datetime.fromtimestamp(row["time"]).strftime("%Y-%m-%d %H:%M:%S")
     lines.append(f"  step {row['step']:>8}  {when}  {row['bytes'] / 2**20:8.2f} MiB")
-  step = rows[-1]["step"] if step is None else step
-  if step not in {row["step"] for row in rows}:
-    raise MeshnetError(f"no checkpoint {step} in {directory}; steps: "
-                       f"{', '.join(str(r['step']) for r in rows)}")
-  with open(os.path.join(directory, str(step), "meta", "metadata")) as f:
-    import json
-    meta = json.load(f)
+  step, meta, notes = _readable_meta(directory, [row["step"] for row in rows], step)
+  lines += notes
   lines.append(f"parameters of step {step} (mesh {meta.get('mesh')}):")
   total = 0
   for leaf in meta["params"]:

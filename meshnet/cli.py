@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import sys
+import threading
 from typing import Any, Callable, Sequence
 
 from meshnet.config import (
@@ -120,6 +122,9 @@ def _add_train_parser(subparsers) -> None:
   parser.add_argument("--resume", action="store_true",
                       help="continue from the newest complete checkpoint in "
                       "--checkpoint-dir (CheckpointConfig.resume)")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace the checkpoints already in --checkpoint-dir, deleted "
+                      "when this run saves its first step (CheckpointConfig.overwrite)")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -129,6 +134,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     fields[section][field] = getattr(args, _dest(flag))
   fields["train"]["progress"] = not args.no_progress
   fields["checkpoint"]["resume"] = args.resume
+  fields["checkpoint"]["overwrite"] = args.overwrite
   fields["optim"]["deterministic"] = args.deterministic
   mesh = MeshConfig.parse(args.mesh, devices=fields["mesh"].pop("devices"))
   return Config(
@@ -165,9 +171,20 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+class _Terminated(KeyboardInterrupt):
+  """SIGTERM outside the training loop (which saves a checkpoint instead)."""
+
+
+def _raise_terminated(signum, frame) -> None:
+  del signum, frame
+  raise _Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Entry point of the ``meshnet`` command; returns the exit status."""
   args = build_parser().parse_args(argv)
+  in_main_thread = threading.current_thread() is threading.main_thread()
+  previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
   try:
     if args.command == "train":
       from meshnet.train import run
@@ -184,9 +201,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   except MeshnetError as e:
     print(f"meshnet: error: {e}", file=sys.stderr)
     return 1 if isinstance(e, FloatingPointError) else 2
+  except _Terminated:
+    print("meshnet: terminated (SIGTERM)", file=sys.stderr)
+    return 128 + signal.SIGTERM
   except KeyboardInterrupt:
     print("meshnet: interrupted", file=sys.stderr)
     return 130
+  finally:
+    if in_main_thread:
+      signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 if __name__ == "__main__":

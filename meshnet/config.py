@@ -220,13 +220,20 @@ class CheckpointConfig:
     every: save every this many steps (0: only at the end and on SIGTERM or
       SIGINT).
     keep: newest checkpoints kept.
-    resume: continue from the newest complete checkpoint in ``dir``.
+    resume: continue from the newest complete checkpoint in ``dir``; the
+      fields in ``meshnet.checkpoint.STATE_FIELDS`` (model, optimizer, seed,
+      data set, batch size) must be those of the checkpoint, the mesh,
+      pipeline, run length, learning rate and logging may change.
+    overwrite: replace the checkpoints already in ``dir`` (deleted when this
+      run saves its first step); without it or ``resume``, a ``dir`` holding
+      checkpoints is refused.
   """
 
   dir: str | None = None
   every: int = 0
   keep: int = 3
   resume: bool = False
+  overwrite: bool = False
 
   def __post_init__(self):
     _check_int("checkpoint.every", self.every, 0,

@@ -11,6 +11,8 @@ from typing import Any, TextIO
 
 import jax
 
+from meshnet.errors import MeshnetError
+
 
 def is_main_process() -> bool:
   """True on the process that logs (``jax.process_index() == 0``)."""
@@ -80,6 +82,48 @@ class Progress:
     self._drawn = False
 
 
+def check_metrics_file(path: str | None) -> None:
+  """Refuses a metrics path that cannot be written, before any training work.
+
+  Raises:
+    MeshnetError: ``path`` is a directory, or a path under a regular file.
+  """
+  if not path:
+    return
+  full = os.path.abspath(path)
+  if os.path.isdir(full):
+    raise MeshnetError(f"metrics file {path} is a directory; give a file path, e.g. "
+                       f"{os.path.join(path, 'metrics.jsonl')}")
+  parent = os.path.dirname(full)
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise MeshnetError(f"metrics file {path} cannot be created: {parent} is a file, not a "
+                       "directory; choose another --metrics-file")
+  if not os.access(full if os.path.exists(full) else parent, os.W_OK):
+    raise MeshnetError(f"metrics file {path} is not writable; choose another --metrics-file")
+
+
+def _keep_until(path: str, step: int) -> None:
+  """Drops the records of steps after ``step`` from ``path`` (and a torn last
+  line), rewriting it atomically."""
+  if not os.path.exists(path):
+    return
+  kept = []
+  with open(path) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except ValueError:
+        continue  # a line cut by a kill
+      if not isinstance(record, dict) or record.get("step", 0) <= step:
+        kept.append(line if line.endswith("\n") else line + "\n")
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.writelines(kept)
+  os.replace(tmp, path)
+
+
 class MetricsWriter:
   """Appends one JSON object per line to ``path`` (process 0 only).
 
@@ -89,13 +133,21 @@ class MetricsWriter:
   Args:
     path: the file; ``None`` writes nothing. Parent directories are created.
     append: keep existing lines (a resumed run) instead of starting afresh.
+    resumed_from: the run resumed from this checkpoint step: keep the
+      existing lines up to it, drop those of later steps (the stopped run
+      wrote them after its last checkpoint and they are run again), append;
+      so every step appears once.
   """
 
-  def __init__(self, path: str | None, *, append: bool = False):
+  def __init__(self, path: str | None, *, append: bool = False,
+               resumed_from: int | None = None):
     self.path = path
     self._file = None
     if path and is_main_process():
       os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+      if resumed_from is not None:
+        _keep_until(path, resumed_from)
+      append = append or resumed_from is not None
       self._file = open(path, "a" if append else "w")
 
   def write(self, record: dict[str, Any]) -> None:

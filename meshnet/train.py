@@ -6,6 +6,7 @@ and step from a :class:`~meshnet.config.Config`, trains, evaluates and logs.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
@@ -16,14 +17,14 @@ import numpy as np
 
 from meshnet import models
 from meshnet.checkpoint import Checkpointer, from_logical, to_logical
-from meshnet.config import Config
+from meshnet.config import CheckpointConfig, Config
 from meshnet.data import BatchSampler, Dataset, check_dataset, global_batch, load_dataset
 from meshnet.distributed import initialize
 from meshnet.errors import MeshnetError, NonFiniteLossError, NonFiniteStateError
 from meshnet.mesh import (
     DATA, STAGE, axis_size, describe_mesh, make_mesh, select_devices, set_cpu_device_count,
 )
-from meshnet.metrics import MetricsWriter, Progress, is_main_process
+from meshnet.metrics import MetricsWriter, Progress, check_metrics_file, is_main_process
 from meshnet.model import Model, Params
 from meshnet.optim import make_optimizer, make_schedule
 from meshnet.pipeline import make_pipeline
@@ -167,6 +168,7 @@ def run(
     NonFiniteStateError: an update made the parameters or optimizer state
       NaN or infinite (names the step); nothing from that step is saved.
   """
+  check_metrics_file(config.train.metrics_file)
   if config.mesh.devices is not None:
     try:  # before initialize(): the count of CPU devices this process brings
       set_cpu_device_count(config.mesh.devices)
@@ -198,12 +200,6 @@ def run(
   else:
     check_batch_size(batch_size, mesh, grad_accum)
   total = tc.steps if tc.steps is not None else tc.epochs * sampler.steps_per_epoch
-  if total < 1:
-    raise MeshnetError(f"the run has {total} steps; set steps >= 1 or epochs >= 1")
-  if tc.log_every < 1 or tc.eval_every < 0:
-    raise MeshnetError(
-        f"log_every={tc.log_every} must be >= 1 and eval_every={tc.eval_every} >= 0"
-    )
   optimizer = make_optimizer(oc, total)
   schedule = make_schedule(oc, total)
 
@@ -229,17 +225,6 @@ def run(
   sharding = batch_sharding(mesh)
 
   cc = config.checkpoint
-  checkpointer = Checkpointer(cc.dir, keep=cc.keep, log=say) if cc.dir else None
-  first_step = 1
-  if checkpointer is not None and cc.resume:
-    restored = checkpointer.restore_latest(to_logical(state))
-    if restored is None:
-      say(f"no checkpoint in {cc.dir}; starting from step 0")
-    else:
-      state = from_logical(restored.tree, state)
-      sampler.position = int(restored.meta["sampler"]["position"])
-      first_step = restored.step + 1
-      say(f"resumed from step {restored.step} of {cc.dir}")
 
   def save(step: int, force: bool = False) -> None:
     # The loop prefetches the next batch before saving: the position to save
@@ -255,8 +240,13 @@ def run(
   history: list[dict[str, Any]] = []
   last_eval: dict[str, float] = {}
   interrupted = False
-  with MetricsWriter(tc.metrics_file, append=first_step > 1) as writer, \
-      _StopSignals(enabled=checkpointer is not None) as stop:
+  with contextlib.ExitStack() as cleanup:  # on every exit: finish the save in flight
+    checkpointer = _open_checkpointer(cc, say)  # None without a directory
+    cleanup.enter_context(checkpointer or contextlib.nullcontext())
+    state, first_step = _resume(checkpointer, config, state, sampler, say)
+    writer = cleanup.enter_context(MetricsWriter(
+        tc.metrics_file, resumed_from=first_step - 1 if first_step > 1 else None))
+    stop = cleanup.enter_context(_StopSignals(enabled=checkpointer is not None))
     started = time.perf_counter()
     batch = next_batch() if first_step <= total else None
     if batch is not None:
@@ -313,8 +303,6 @@ def run(
         history.append(record)
         say(_format_eval(step, last_eval))
         window_start = time.perf_counter()  # evaluation time is not training time
-  if checkpointer is not None:
-    checkpointer.close()
   progress.close()
   if is_main_process() and tc.metrics_file:
     say(f"metrics written to {tc.metrics_file}")
@@ -346,6 +334,37 @@ def _check_finite(window: list[tuple[Any, Any]], step: int, progress: Progress) 
   if bad_loss.size:
     raise NonFiniteLossError(first_step + int(bad_loss[0]), float(losses[bad_loss[0]]), hint)
   return losses
+
+
+def _open_checkpointer(cc: CheckpointConfig, say: Callable[[str], None]
+                       ) -> Checkpointer | None:
+  """The run's checkpointer (locked; a used directory refused unless resuming
+  or overwriting), or ``None`` without a directory."""
+  if not cc.dir:
+    return None
+  return Checkpointer(cc.dir, keep=cc.keep, log=say, resume=cc.resume,
+                      overwrite=cc.overwrite)
+
+
+def _resume(checkpointer: Checkpointer | None, config: Config, state: TrainState,
+            sampler: BatchSampler, say: Callable[[str], None]
+            ) -> tuple[TrainState, int]:
+  """The state to start from and the first step to run: the newest checkpoint
+  that restores when resuming (moving ``sampler`` to its position), else
+  ``state`` and step 1.
+
+  Raises:
+    MeshnetError: the checkpoint was saved by another model or run.
+  """
+  if checkpointer is None or not config.checkpoint.resume:
+    return state, 1
+  restored = checkpointer.restore_latest(to_logical(state), config=config.to_dict())
+  if restored is None:
+    say(f"no checkpoint in {config.checkpoint.dir}; starting from step 0")
+    return state, 1
+  sampler.position = int(restored.meta["sampler"]["position"])
+  say(f"resumed from step {restored.step} of {config.checkpoint.dir}")
+  return from_logical(restored.tree, state), restored.step + 1
 
 
 class _StopSignals:

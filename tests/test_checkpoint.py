@@ -1,19 +1,25 @@
 """Checkpoints: resume bit-for-bit, restore on other meshes, survive kills."""
 
+import json
 import os
 import random
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import textwrap
 import time
 
+import jax
 import numpy as np
 import pytest
 
 import meshnet
 from meshnet import checkpoint
 from meshnet.config import (
-    CheckpointConfig, Config, MeshConfig, ModelConfig, PipelineConfig, TrainConfig,
+    CheckpointConfig, Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, PipelineConfig,
+    TrainConfig,
 )
 from meshnet.metrics import read_metrics
 from meshnet.train import run
@@ -168,3 +174,255 @@ def test_inspect_lists_tree_and_digest(tmp_path, capsys):
   assert f"digest {checkpoint.digest(result.params)}" in out
   assert meshnet.cli.main(["inspect", str(tmp_path / "nothing")]) == 2
   assert "is not a directory" in capsys.readouterr().err
+
+
+# Issue 9 ("Trust first"), the checkpoint part.
+
+def _small(directory, steps, *, every=0, keep=3, resume=False, overwrite=False, seed=0,
+           optim=OptimConfig(), metrics=None, batch_size=128):
+  return Config(
+      model=ModelConfig(hidden=(32,)), optim=optim, data=DataConfig(batch_size=batch_size),
+      checkpoint=CheckpointConfig(dir=str(directory), every=every, keep=keep, resume=resume,
+                                  overwrite=overwrite),
+      train=TrainConfig(steps=steps, eval_every=0, log_every=1, progress=False, seed=seed,
+                        metrics_file=metrics))
+
+
+def _steps(directory):
+  return [r["step"] for r in checkpoint.list_checkpoints(str(directory))]
+
+
+def _entries(directory):
+  return sorted(name for name in os.listdir(directory) if not name.startswith("."))
+
+
+def test_a_second_run_without_resume_is_refused_and_overwrite_replaces(tmp_path):
+  first = run(_small(tmp_path, 6, every=3), log=lambda _: None)
+  with pytest.raises(meshnet.MeshnetError, match=r"already holds checkpoints \(steps 3, 6\); "
+                     r"continue them with --resume.*--overwrite"):
+    run(_small(tmp_path, 4, every=2, seed=1), log=lambda _: None)
+  assert _steps(tmp_path) == [3, 6]
+  assert checkpoint.digest(checkpoint.load_params(str(tmp_path), 6)) == checkpoint.digest(
+      first.params)
+  messages = []
+  second = run(_small(tmp_path, 4, every=2, seed=1, overwrite=True), log=messages.append)
+  assert _steps(tmp_path) == [2, 4]  # the old run's steps are gone, the new ones all written
+  assert checkpoint.digest(checkpoint.load_params(str(tmp_path), 4)) == checkpoint.digest(
+      second.params)
+  assert any("deleted the earlier checkpoints 3, 6" in m for m in messages), messages
+
+
+def test_an_error_while_a_save_is_in_flight_keeps_that_save(tmp_path):
+  """The final evaluation fails (test images of another size) right after the
+  final save started; the process then exits: the save must be complete."""
+  script = textwrap.dedent(f"""
+      import dataclasses
+      import numpy as np
+      from meshnet.config import CheckpointConfig, Config, ModelConfig, TrainConfig
+      from meshnet.data import load_dataset
+      from meshnet.train import run
+      data = load_dataset("digits")
+      data = dataclasses.replace(data, x_test=np.zeros((10, 32), np.float32),
+                                 y_test=data.y_test[:10])
+      run(Config(model=ModelConfig(hidden=(512, 512)),
+                 checkpoint=CheckpointConfig(dir={str(tmp_path)!r}, every=5),
+                 train=TrainConfig(steps=10, eval_every=10, progress=False)),
+          dataset=data, log=print)
+  """)
+  proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                        env=ENV, timeout=300)
+  out = proc.stdout + proc.stderr
+  assert proc.returncode == 1 and "expects inputs of 64 features" in out, out
+  assert "Event loop is closed" not in out and out.count("Traceback") == 1, out
+  assert _entries(tmp_path) == ["10", "5"]  # no 10.orbax-checkpoint-tmp
+  assert _steps(tmp_path) == [5, 10]
+
+
+def test_a_nan_stop_finishes_the_good_save_and_saves_no_nan(tmp_path):
+  with pytest.raises(meshnet.NonFiniteLossError) as error:
+    run(_small(tmp_path, 20, every=1, optim=OptimConfig(optimizer="sgd", lr=1e30)),
+        log=lambda _: None)
+  bad = error.value.step
+  assert not any("tmp" in name for name in os.listdir(tmp_path))
+  assert _steps(tmp_path)[-1] == bad - 1
+  params = checkpoint.load_params(str(tmp_path), bad - 1)
+  assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"optim": OptimConfig(optimizer="sgd")},
+     r'optim.optimizer "adam" in the checkpoint, "sgd" now'),
+    ({"seed": 1, "batch_size": 64},
+     r'train.seed 0 in the checkpoint, 1 now; data.batch_size 128 in the checkpoint, 64 now'),
+    ({"optim": OptimConfig(clip_norm=1.0)},
+     r"optimizer state of another structure \(optim.clip_norm null in the checkpoint, "
+     r"1.0 now\)"),
+])
+def test_resume_of_another_run_names_the_fields_and_deletes_nothing(tmp_path, change, message):
+  run(_small(tmp_path, 4, every=2, keep=2), log=lambda _: None)
+  before = checkpoint.digest(checkpoint.load_params(str(tmp_path), 4))
+  with pytest.raises(meshnet.MeshnetError, match=rf"checkpoint 4 in {tmp_path} .*{message}"):
+    run(_small(tmp_path, 8, every=2, keep=2, resume=True, **change), log=lambda _: None)
+  assert _entries(tmp_path) == ["2", "4"]
+  assert checkpoint.digest(checkpoint.load_params(str(tmp_path), 4)) == before
+
+
+def test_resume_may_change_the_run_length_and_learning_rate(tmp_path):
+  run(_small(tmp_path, 4, every=2), log=lambda _: None)
+  messages = []
+  run(_small(tmp_path, 6, every=2, resume=True, optim=OptimConfig(lr=3e-3)),
+      log=messages.append)
+  assert "resumed from step 4" in " ".join(messages)
+  assert _steps(tmp_path) == [2, 4, 6]
+
+
+def test_truncated_and_junk_steps_are_set_aside_not_counted_or_deleted(tmp_path):
+  run(_small(tmp_path, 10, every=5), log=lambda _: None)
+  files = [os.path.join(root, f) for root, _, names in os.walk(tmp_path / "10" / "state")
+           for f in names]
+  biggest = max(files, key=os.path.getsize)
+  with open(biggest, "r+b") as f:
+    f.truncate(os.path.getsize(biggest) // 2)
+  os.mkdir(tmp_path / "12")  # junk: an empty step directory
+  messages = []
+  run(_small(tmp_path, 15, every=5, resume=True), log=messages.append)
+  text = "\n".join(messages)
+  assert "checkpoint step 12" in text and "moved to 12.corrupt" in text
+  assert "checkpoint step 10" in text and "corrupt (" in text and "moved to 10.corrupt" in text
+  assert "resumed from step 5" in text
+  assert _entries(tmp_path) == ["10", "10.corrupt", "12.corrupt", "15", "5"]
+  checkpoint.load_params(str(tmp_path), 10)  # the new step 10 was written (not skipped)
+
+
+def _spoil_meta(step_dir, how):
+  path = step_dir / "meta" / "metadata"
+  if how == "garbage":
+    path.write_text("{not json")
+  else:
+    meta = json.loads(path.read_text())
+    del meta[how]
+    path.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("how", ["garbage", "sampler"])
+def test_unreadable_meta_falls_back_to_the_previous_step(tmp_path, how):
+  run(_small(tmp_path, 4, every=2), log=lambda _: None)
+  _spoil_meta(tmp_path / "4", how)
+  messages = []
+  run(_small(tmp_path, 6, every=2, resume=True), log=messages.append)
+  text = "\n".join(messages)
+  assert "checkpoint step 4" in text and "meta of step 4" in text and "4.corrupt" in text
+  assert "resumed from step 2" in text
+
+
+def test_inspect_skips_an_unreadable_meta_in_one_line(tmp_path, capsys):
+  run(_small(tmp_path, 4, every=2), log=lambda _: None)
+  _spoil_meta(tmp_path / "4", "garbage")
+  assert meshnet.cli.main(["inspect", str(tmp_path)]) == 0
+  out = capsys.readouterr().out
+  assert "skipping meta of step 4 is unreadable (JSONDecodeError" in out, out
+  assert "showing step 2" in out and "parameters of step 2" in out
+
+
+def test_a_second_writer_is_stopped_in_one_line(tmp_path):
+  holder = checkpoint.Checkpointer(str(tmp_path), log=lambda _: None)
+  try:
+    proc = subprocess.run(TRAIN + ["--steps", "2", "--checkpoint-dir", str(tmp_path)],
+                          capture_output=True, text=True, env=ENV, timeout=300)
+  finally:
+    holder.close()
+  assert proc.returncode == 2, proc.stdout + proc.stderr
+  assert proc.stderr.splitlines()[-1] == (
+      f"meshnet: error: checkpoint directory {tmp_path} is in use by another run (pid "
+      f"{os.getpid()} on {socket.gethostname()}); wait for it to end or choose "
+      "another --checkpoint-dir")
+  assert _entries(tmp_path) == []
+  checkpoint.Checkpointer(str(tmp_path), log=lambda _: None).close()  # free again
+
+
+def test_checkpoint_urls_reach_orbax_untouched(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  url = checkpoint.checkpoint_path("gs://bucket/x")
+  assert str(url) == "gs://bucket/x" and str(url / "5") == "gs://bucket/x/5"
+  assert str(checkpoint.checkpoint_path("runs/ck")) == str(tmp_path / "runs" / "ck")
+  try:
+    import gcsfs  # noqa: F401
+  except ImportError:  # no client for gs:// here: the URL must fail as a URL, not a local dir
+    with pytest.raises(meshnet.MeshnetError, match="checkpoint directory gs://bucket/x"):
+      run(_small("gs://bucket/x", 2), log=lambda _: None)
+  assert os.listdir(tmp_path) == []  # no ./gs:/bucket/x
+
+
+def test_metrics_after_a_resume_hold_every_step_once(tmp_path):
+  metrics = str(tmp_path / "m.jsonl")
+  ckpt = tmp_path / "ck"
+  run(_small(ckpt, 14, every=5, metrics=metrics), log=lambda _: None)
+  shutil.rmtree(ckpt / "14")  # as if killed after step 14 was logged, before its save
+  run(_small(ckpt, 14, every=5, resume=True, metrics=metrics), log=lambda _: None)
+  assert [r["step"] for r in read_metrics(metrics)] == list(range(1, 15))
+
+
+def test_restore_errors_print_no_event_loop_tracebacks(tmp_path):
+  _finish(["--steps", "4", "--checkpoint-every", "2", "--checkpoint-dir", str(tmp_path)])
+  for name in os.listdir(tmp_path / "4" / "state" / "d"):  # the OCDBT data outside the shards
+    os.truncate(tmp_path / "4" / "state" / "d" / name, 10)
+  out = _finish(["--steps", "6", "--checkpoint-dir", str(tmp_path), "--resume"])
+  assert "resumed from step 2" in out and "moved to 4.corrupt" in out, out
+  assert "Traceback" not in out and "Event loop is closed" not in out, out
+
+
+def test_sigterm_without_a_checkpoint_dir_says_so(tmp_path):
+  proc = _start(["--steps", "1000000"])
+  for line in proc.stdout:
+    if line.startswith("compiled the train step"):
+      break
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=60)
+  assert proc.returncode == 128 + signal.SIGTERM, out
+  assert out.splitlines()[-1] == "meshnet: terminated (SIGTERM)" and "Traceback" not in out
+
+
+@pytest.fixture(scope="module")
+def saved_dir(tmp_path_factory):
+  directory = tmp_path_factory.mktemp("saved")
+  run(_small(directory, 2, every=1), log=lambda _: None)
+  return directory
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--metrics-file", "{tmp}"], "metrics file {tmp} is a directory"),
+    (["train", "--metrics-file", "{tmp}/file/m.jsonl"],
+     "metrics file {tmp}/file/m.jsonl cannot be created: {tmp}/file is a file"),
+    (["train", "--checkpoint-dir", "{saved}", "--hidden", "32"],
+     "already holds checkpoints (steps 1, 2)"),
+    (["train", "--checkpoint-dir", "{saved}", "--hidden", "32", "--resume", "--optimizer",
+      "sgd"], 'optim.optimizer "adam" in the checkpoint, "sgd" now'),
+    (["train", "--checkpoint-dir", "{saved}", "--resume", "--overwrite"],
+     "exclude each other"),
+    (["train", "--checkpoint-dir", "{tmp}/file"], "{tmp}/file is a file"),
+    (["inspect", "{tmp}/garbage"], "no readable checkpoint in {tmp}/garbage: meta of step 3"),
+    (["train", "--checkpoint-dir", "gs://bucket/x"], "checkpoint directory gs://bucket/x"),
+    (["inspect", "gs://bucket/x"], "gs://bucket/x"),
+])
+def test_bad_checkpoint_input_is_one_line(tmp_path, saved_dir, argv, message):
+  if "gs://bucket/x" in argv:  # without a gs:// client the URL fails as a URL
+    try:
+      import gcsfs  # noqa: F401
+      pytest.skip("gcsfs installed: gs:// would be reached")
+    except ImportError:
+      pass
+  (tmp_path / "file").write_text("")
+  (tmp_path / "garbage" / "3" / "meta").mkdir(parents=True)
+  (tmp_path / "garbage" / "3" / "meta" / "metadata").write_text("{")
+  fill = {"tmp": str(tmp_path), "saved": str(saved_dir)}
+  argv = [a.format(**fill) for a in argv]
+  if argv[0] == "train":
+    argv += ["--no-progress", "--eval-every", "0", "--steps", "2"]
+  proc = subprocess.run([sys.executable, "-m", "meshnet", *argv], capture_output=True,
+                        text=True, env=ENV, timeout=300, cwd=tmp_path)
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("meshnet:")]
+  assert proc.returncode == 2, proc.stdout + proc.stderr
+  assert len(errors) == 1 and errors[0] == proc.stderr.splitlines()[-1], proc.stderr
+  assert errors[0].startswith("meshnet: error: ") and message.format(**fill) in errors[0]
+  assert "Traceback" not in proc.stdout + proc.stderr
+  assert not os.path.exists(tmp_path / "gs:")
