@@ -213,28 +213,40 @@ def _fit_problem(meta: dict[str, Any], target: dict[str, Any],
   return None
 
 
+def _is_closed_loop_error(exc: BaseException | None) -> bool:
+  return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+_FILTER_INSTALLED = False
+
+
 @contextlib.contextmanager
 def _quiet_closed_event_loop() -> Iterator[None]:
-  """Silences ``RuntimeError: Event loop is closed`` while Orbax restores.
+  """Silences ``RuntimeError: Event loop is closed`` around Orbax restores.
 
   When one read of a restore fails (a truncated file), Orbax closes its event
   loop while TensorStore still completes the other reads; each completion
-  then calls back into the closed loop and Python prints that error as an
-  "unraisable" traceback (dozens of them). Anything else goes to the previous
-  hook.
+  then calls back into the closed loop, and Python prints that error, as an
+  "unraisable" exception or through ``sys.excepthook`` (TensorStore's
+  callbacks), possibly after the restore has returned (dozens of
+  tracebacks). The filter is installed once, for the process, and drops only
+  that exact error; everything else goes to the previous hooks.
   """
-  previous = sys.unraisablehook
+  global _FILTER_INSTALLED
+  if not _FILTER_INSTALLED:
+    _FILTER_INSTALLED = True
+    previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
 
-  def hook(unraisable):
-    if not (isinstance(unraisable.exc_value, RuntimeError)
-            and str(unraisable.exc_value) == "Event loop is closed"):
-      previous(unraisable)
+    def unraisable_hook(unraisable):
+      if not _is_closed_loop_error(unraisable.exc_value):
+        previous_unraisable(unraisable)
 
-  sys.unraisablehook = hook
-  try:
-    yield
-  finally:
-    sys.unraisablehook = previous
+    def except_hook(kind, value, traceback):
+      if not _is_closed_loop_error(value):
+        previous_except(kind, value, traceback)
+
+    sys.unraisablehook, sys.excepthook = unraisable_hook, except_hook
+  yield
 
 
 def _sync(name: str) -> None:
