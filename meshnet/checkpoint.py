@@ -322,6 +322,7 @@ class Checkpointer:
     except (OSError, ImportError) as e:  # ImportError: gcsfs missing for gs://
       raise MeshnetError(f"cannot open checkpoint directory {self.directory}: "
                          f"{_first_line(e)}") from None
+    _sync("meshnet-checkpoint-created")  # the others look only once process 0 made it
     if _is_local(self.directory) and not os.access(self.directory, os.R_OK | os.W_OK):
       raise MeshnetError(f"checkpoint directory {self.directory} is not readable and "
                          "writable")

@@ -8,7 +8,6 @@ calls :func:`meshnet.train.run`; every flag is a field of that config.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import signal
 import sys

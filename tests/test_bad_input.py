@@ -22,7 +22,9 @@ import pytest
 
 import meshnet
 from meshnet import cli
-from meshnet.config import Config, DataConfig, PipelineConfig, TrainConfig
+from meshnet.config import (
+    CheckpointConfig, Config, DataConfig, ModelConfig, PipelineConfig, TrainConfig,
+)
 from meshnet.data import load_dataset
 from meshnet.train import run
 
@@ -225,3 +227,56 @@ def test_float_idx_images_are_used_as_they_are(tmp_path):
   np.testing.assert_array_equal(ds.x_train, images.reshape(12, 784))
   assert ds.x_train.dtype == np.float32
   assert ds.x_test.max() <= 1.0  # the uint8 test images are still scaled
+
+
+# Checkpoint directories and metrics files: each as a real `meshnet` process.
+CHECKPOINT_ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+
+
+@pytest.fixture(scope="module")
+def saved_dir(tmp_path_factory):
+  directory = tmp_path_factory.mktemp("saved")
+  config = Config(model=ModelConfig(hidden=(32,)),
+                  checkpoint=CheckpointConfig(dir=str(directory), every=1),
+                  train=TrainConfig(steps=2, eval_every=0, progress=False))
+  run(config, log=lambda _: None)
+  return directory
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--metrics-file", "{tmp}"], "metrics file {tmp} is a directory"),
+    (["train", "--metrics-file", "{tmp}/file/m.jsonl"],
+     "metrics file {tmp}/file/m.jsonl cannot be created: {tmp}/file is a file"),
+    (["train", "--checkpoint-dir", "{saved}", "--hidden", "32"],
+     "already holds checkpoints (steps 1, 2)"),
+    (["train", "--checkpoint-dir", "{saved}", "--hidden", "32", "--resume", "--optimizer",
+      "sgd"], 'optim.optimizer "adam" in the checkpoint, "sgd" now'),
+    (["train", "--checkpoint-dir", "{saved}", "--resume", "--overwrite"],
+     "exclude each other"),
+    (["train", "--checkpoint-dir", "{tmp}/file"], "{tmp}/file is a file"),
+    (["inspect", "{tmp}/garbage"], "no readable checkpoint in {tmp}/garbage: meta of step 3"),
+    (["train", "--checkpoint-dir", "gs://bucket/x"], "checkpoint directory gs://bucket/x"),
+    (["inspect", "gs://bucket/x"], "gs://bucket/x"),
+])
+def test_bad_checkpoint_input_is_one_line(tmp_path, saved_dir, argv, message):
+  if "gs://bucket/x" in argv:  # without a gs:// client the URL fails as a URL
+    try:
+      import gcsfs  # noqa: F401
+      pytest.skip("gcsfs installed: gs:// would be reached")
+    except ImportError:
+      pass
+  (tmp_path / "file").write_text("")
+  (tmp_path / "garbage" / "3" / "meta").mkdir(parents=True)
+  (tmp_path / "garbage" / "3" / "meta" / "metadata").write_text("{")
+  fill = {"tmp": str(tmp_path), "saved": str(saved_dir)}
+  argv = [a.format(**fill) for a in argv]
+  if argv[0] == "train":
+    argv += ["--no-progress", "--eval-every", "0", "--steps", "2"]
+  proc = subprocess.run([sys.executable, "-m", "meshnet", *argv], capture_output=True,
+                        text=True, env=CHECKPOINT_ENV, timeout=300, cwd=tmp_path)
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("meshnet:")]
+  assert proc.returncode == 2, proc.stdout + proc.stderr
+  assert len(errors) == 1 and errors[0] == proc.stderr.splitlines()[-1], proc.stderr
+  assert errors[0].startswith("meshnet: error: ") and message.format(**fill) in errors[0]
+  assert "Traceback" not in proc.stdout + proc.stderr
+  assert not os.path.exists(tmp_path / "gs:")

@@ -179,7 +179,7 @@ def test_a_model_without_randomness_runs_on_the_whole_batch():
   assert meshnet.model.uses_key(meshnet.models.mlp(WIDTHS, dropout=0.1).apply, params, x)
 
   def centre(p, x):  # not per-example: uses the batch mean
-    return x - jnp.mean(x, axis=0)
+    return x - jnp.mean(x, axis=0, keepdims=True)
   model = meshnet.sequential([meshnet.Model(lambda k: {}, centre), plain])
   batch = (np.random.default_rng(0).normal(size=(8, 64)).astype(np.float32),
            np.arange(8, dtype=np.int32) % 10)

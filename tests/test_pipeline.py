@@ -9,7 +9,7 @@ import pytest
 
 import meshnet
 from meshnet import losses
-from meshnet.config import Config, DataConfig, MeshConfig, ModelConfig, PipelineConfig, TrainConfig
+from meshnet.config import Config, MeshConfig, ModelConfig, PipelineConfig, TrainConfig
 from meshnet.pipeline import make_pipeline, make_schedule
 from meshnet.pipeline import schedules as sched
 from meshnet.pipeline.executor import _slots
