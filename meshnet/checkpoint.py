@@ -34,8 +34,10 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
 from typing import Any, Callable, Iterator
 
 import jax
@@ -48,6 +50,7 @@ from meshnet.errors import MeshnetError
 FORMAT = "meshnet-checkpoint-1"
 LOCK_FILE = ".meshnet.lock"
 CORRUPT_SUFFIX = ".corrupt"
+REPLACED_SUFFIX = ".replaced"
 
 # Config fields that define what a saved state is (its structure or its
 # meaning); a resume must match them. Everything else may change on resume:
@@ -205,9 +208,11 @@ def _fit_problem(meta: dict[str, Any], target: dict[str, Any],
     return f"was saved by a different run: {'; '.join(differing)}"
   if "opt_state" in meta and _describe_mismatch(meta["opt_state"],
                                                 tree_summary(target["opt_state"])):
-    optim = sorted({**(saved_config or {}).get("optim", {}), **config["optim"]}
-                   ) if isinstance(saved_config, dict) else []
-    changed = config_mismatch(saved_config, config, tuple(f"optim.{f}" for f in optim))
+    saved_optim = saved_config.get("optim", {}) if isinstance(saved_config, dict) else {}
+    # Turning a setting on or off changes the optimizer state; its value does not.
+    toggled = tuple(f"optim.{f}" for f in sorted(config["optim"])
+                    if f in saved_optim and bool(saved_optim[f]) != bool(config["optim"][f]))
+    changed = config_mismatch(saved_config, config, toggled) if toggled else []
     return ("holds an optimizer state of another structure"
             + (f" ({'; '.join(changed)})" if changed else ""))
   return None
@@ -247,6 +252,36 @@ def _quiet_closed_event_loop() -> Iterator[None]:
 
     sys.unraisablehook, sys.excepthook = unraisable_hook, except_hook
   yield
+
+
+@contextlib.contextmanager
+def _deferred_signals() -> Iterator[None]:
+  """Holds SIGINT and SIGTERM back while a checkpoint is read, then delivers
+  them. An interrupt raised inside Orbax's reads comes out wrapped in a
+  plain ``Exception`` that looks like a corrupt step: a good step would be
+  set aside and the run would carry on from an older one."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  received: list[int] = []
+  previous = {signum: signal.signal(signum, lambda signum, _: received.append(signum))
+              for signum in (signal.SIGINT, signal.SIGTERM)}
+  try:
+    yield
+  finally:
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
+    for signum in dict.fromkeys(received):
+      signal.raise_signal(signum)
+
+
+def _restore_problem(e: Exception) -> str | None:
+  """How a failed restore reads: ``None`` when it is not the step's fault
+  (memory), else the reason to set the step aside."""
+  text = _first_line(e, 120)
+  if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in text:
+    return None
+  return f"is corrupt ({text})"
 
 
 def _sync(name: str) -> None:
@@ -306,13 +341,13 @@ class Checkpointer:
     self._replace: list[int] = []
     self._main = jax.process_index() == 0
     try:
-      self._open(keep, async_save)
+      self._open(keep, async_save, refuse_used=not (resume or overwrite))
       self._refuse_or_replace(resume, overwrite)
     except BaseException:
       self.close()
       raise
 
-  def _open(self, keep: int, async_save: bool) -> None:
+  def _open(self, keep: int, async_save: bool, refuse_used: bool) -> None:
     try:
       if self.directory.exists() and not self.directory.is_dir():
         raise MeshnetError(f"checkpoint directory {self.directory} is a file; choose a "
@@ -330,6 +365,9 @@ class Checkpointer:
       self._lock()
     _sync("meshnet-checkpoint-locked")
     junk = self._junk_steps()
+    if refuse_used:  # before anything is moved
+      self._refuse_used([int(p.name) for p in self.directory.iterdir()
+                         if p.name.isdigit() and p.name not in junk])
     if self._main:
       for name in junk:
         self._set_aside(name, "is not a complete checkpoint")
@@ -397,15 +435,20 @@ class Checkpointer:
       return
     self.log(f"checkpoint step {name} in {self.directory} {why}; moved to {target.name}")
 
+  def _refuse_used(self, steps: list[int]) -> None:
+    if steps:
+      raise MeshnetError(f"checkpoint directory {self.directory} already holds checkpoints "
+                         f"(steps {', '.join(map(str, sorted(steps)))}); continue them with "
+                         "--resume, choose another --checkpoint-dir, or replace them with "
+                         "--overwrite")
+
   def _refuse_or_replace(self, resume: bool, overwrite: bool) -> None:
     steps = self.all_steps()
     if not steps or resume:
       return
-    listed = ", ".join(map(str, steps))
     if not overwrite:
-      raise MeshnetError(f"checkpoint directory {self.directory} already holds checkpoints "
-                         f"(steps {listed}); continue them with --resume, choose another "
-                         "--checkpoint-dir, or replace them with --overwrite")
+      self._refuse_used(steps)
+    listed = ", ".join(map(str, steps))
     self._replace = steps
     self.log(f"--overwrite: checkpoints {listed} in {self.directory} will be deleted when "
              "this run saves its first step")
@@ -419,30 +462,47 @@ class Checkpointer:
       return []
     return sorted(p.name for p in self.directory.iterdir() if "orbax-checkpoint-tmp" in p.name)
 
-  def _delete_replaced(self) -> None:
-    """Deletes the steps ``overwrite`` replaces, and unfinished saves."""
-    for step in self._replace:
-      self.manager.delete(step)
+  def _move_replaced(self) -> list[epath.Path]:
+    """Renames the steps ``overwrite`` replaces to ``<step>.replaced`` (and
+    deletes unfinished saves); returns the renamed directories."""
+    moved = []
     if self._main:
+      for step in self._replace:
+        target = self.directory / f"{step}{REPLACED_SUFFIX}"
+        if target.exists():
+          target.rmtree()
+        (self.directory / str(step)).rename(target)
+        moved.append(target)
       for name in self.partial_steps():
         (self.directory / name).rmtree()
     _sync("meshnet-checkpoint-replaced")
-    self.log(f"deleted the earlier checkpoints {', '.join(map(str, self._replace))} in "
-             f"{self.directory} (--overwrite)")
-    self._replace = []
     self.manager.reload()
+    return moved
 
   def save(self, step: int, tree: dict[str, Any], meta: dict[str, Any],
            force: bool = False) -> bool:
-    """Starts saving ``tree`` (logical layout) as ``step``; returns whether it did."""
-    if self._replace:
-      self._delete_replaced()
+    """Starts saving ``tree`` (logical layout) as ``step``; returns whether it did.
+
+    With ``overwrite``, the first save renames the old steps to
+    ``<step>.replaced``, waits until the new step is on disk, and only then
+    deletes them: a run killed in between leaves them there.
+    """
     meta = {"format": FORMAT, "step": int(step), "params": tree_summary(tree["params"]),
             "opt_state": tree_summary(tree["opt_state"]), **meta}
-    return self.manager.save(
+    replaced = self._move_replaced() if self._replace else None
+    saved = self.manager.save(
         int(step), force=force,
         args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
                                 meta=ocp.args.JsonSave(meta)))
+    if replaced is not None:
+      self.manager.wait_until_finished()
+      for path in replaced:
+        path.rmtree()
+      _sync("meshnet-checkpoint-replaced-deleted")
+      self.log(f"deleted the earlier checkpoints {', '.join(map(str, self._replace))} in "
+               f"{self.directory} (--overwrite), after step {step} was saved")
+      self._replace = []
+    return saved
 
   def wait(self) -> None:
     """Blocks until the last asynchronous save is on disk."""
@@ -491,20 +551,35 @@ class Checkpointer:
                              "the same settings, or start afresh with another "
                              "--checkpoint-dir or --overwrite")
         try:
-          with _quiet_closed_event_loop():
-            restored = self.manager.restore(
-                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+          restored = self._restore(step, abstract)
         except Exception as e:  # noqa: BLE001 - whatever Orbax raised: report, try older
           if "tree structures do not match" in str(e):  # a valid step of another run
             raise MeshnetError(f"checkpoint {step} in {self.directory} holds a state of "
                                "another structure (another optimizer or model); resume "
                                "with the same settings") from None
-          bad.append((step, f"is corrupt ({_first_line(e, 120)})"))
+          problem = _restore_problem(e)
+          if problem is None:
+            raise MeshnetError(f"cannot restore checkpoint {step} in {self.directory}: "
+                               f"{_first_line(e)}; the step is kept") from None
+          bad.append((step, problem))
           continue
         return Restored(step, restored["state"], meta)
       return None
     finally:
       self._set_aside_failed(bad)
+
+  def _restore(self, step: int, abstract: Any) -> dict[str, Any]:
+    """Orbax's restore of ``step``'s state, with signals held back, tried a
+    second time before a failure counts (a transient read error must not
+    set a good step aside)."""
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+    with _deferred_signals(), _quiet_closed_event_loop():
+      try:
+        return self.manager.restore(step, args=args)
+      except Exception as e:  # noqa: BLE001
+        if "tree structures do not match" in str(e):
+          raise
+        return self.manager.restore(step, args=args)
 
   def _set_aside_failed(self, bad: list[tuple[int, str]]) -> None:
     if not bad:

@@ -201,8 +201,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"meshnet: error: {e}", file=sys.stderr)
     return 1 if isinstance(e, FloatingPointError) else 2
   except _Terminated:
+    # Everything that must finish (a save in flight) did as the exception
+    # unwound; exit at once: XLA's threads can crash an ordinary interpreter
+    # shutdown that a signal cut short (exit 139 instead of 143).
     print("meshnet: terminated (SIGTERM)", file=sys.stderr)
-    return 128 + signal.SIGTERM
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(128 + signal.SIGTERM)
+  except BrokenPipeError:  # `meshnet inspect DIR | head`: the reader left
+    sys.stderr.close()
+    return 0
   except KeyboardInterrupt:
     print("meshnet: interrupted", file=sys.stderr)
     return 130

@@ -102,6 +102,16 @@ def check_metrics_file(path: str | None) -> None:
                        "directory; choose another --metrics-file")
   if not os.access(full if os.path.exists(full) else parent, os.W_OK):
     raise MeshnetError(f"metrics file {path} is not writable; choose another --metrics-file")
+  existed = os.path.exists(full)
+  try:  # what access() cannot tell: a name too long, /proc, a full device
+    with open(full, "a") as f:
+      f.flush()
+  except OSError as e:
+    raise MeshnetError(f"metrics file {path} cannot be opened for writing "
+                       f"({e.strerror or type(e).__name__}); choose another --metrics-file"
+                       ) from None
+  if not existed:
+    os.remove(full)
 
 
 def _keep_until(path: str, step: int) -> None:
@@ -116,7 +126,9 @@ def _keep_until(path: str, step: int) -> None:
         record = json.loads(line)
       except ValueError:
         continue  # a line cut by a kill
-      if not isinstance(record, dict) or record.get("step", 0) <= step:
+      later = (isinstance(record, dict) and isinstance(record.get("step"), int)
+               and record["step"] > step)
+      if not later:
         kept.append(line if line.endswith("\n") else line + "\n")
   tmp = f"{path}.tmp{os.getpid()}"
   with open(tmp, "w") as f:

@@ -364,6 +364,10 @@ def _resume(checkpointer: Checkpointer | None, config: Config, state: TrainState
     return state, 1
   sampler.position = int(restored.meta["sampler"]["position"])
   say(f"resumed from step {restored.step} of {config.checkpoint.dir}")
+  total = config.train.steps or config.train.epochs * sampler.steps_per_epoch
+  if restored.step >= total:
+    say(f"checkpoint step {restored.step} is at or past this run's last step {total}: "
+        "nothing to train (raise --steps to continue)")
   return from_logical(restored.tree, state), restored.step + 1
 
 

@@ -245,6 +245,7 @@ def saved_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("argv, message", [
     (["train", "--metrics-file", "{tmp}"], "metrics file {tmp} is a directory"),
+    (["train", "--metrics-file", "{tmp}/" + "m" * 300], "cannot be opened for writing"),
     (["train", "--metrics-file", "{tmp}/file/m.jsonl"],
      "metrics file {tmp}/file/m.jsonl cannot be created: {tmp}/file is a file"),
     (["train", "--checkpoint-dir", "{saved}", "--hidden", "32"],
