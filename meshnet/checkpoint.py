@@ -411,7 +411,7 @@ class Checkpointer:
     for path in self.directory.iterdir():
       if not (path.name.isdigit() and path.is_dir()):
         continue
-      if (path / "meta" / "metadata").exists() and (path / "state").is_dir():
+      if _is_step_dir(path):
         continue
       contents = {child.name for child in path.iterdir()}
       if contents and not contents & {"meta", "state", "_CHECKPOINT_METADATA"}:
@@ -621,9 +621,15 @@ class Checkpointer:
       self.log(f"the checkpoint save in flight in {self.directory} failed: {_first_line(e)}")
 
 
+def _is_step_dir(path: epath.Path) -> bool:
+  """A directory that holds a whole step: ``<step>/meta/metadata`` and
+  ``<step>/state`` (whether their contents read is another question)."""
+  return (path.name.isdigit() and path.is_dir() and (path / "meta" / "metadata").exists()
+          and (path / "state").is_dir())
+
+
 def _step_dirs(directory: epath.Path) -> list[epath.Path]:
-  return [p for p in directory.iterdir()
-          if p.name.isdigit() and p.is_dir() and (p / "meta").is_dir()]
+  return [p for p in directory.iterdir() if _is_step_dir(p)]
 
 
 def list_checkpoints(directory: str | os.PathLike) -> list[dict[str, Any]]:

@@ -102,8 +102,10 @@ def check_metrics_file(path: str | None) -> None:
                        "directory; choose another --metrics-file")
   if not os.access(full if os.path.exists(full) else parent, os.W_OK):
     raise MeshnetError(f"metrics file {path} is not writable; choose another --metrics-file")
+  if not os.path.isdir(os.path.dirname(full)):
+    return  # the writer creates the missing directories
   existed = os.path.exists(full)
-  try:  # what access() cannot tell: a name too long, /proc, a full device
+  try:  # what access() cannot tell: a name too long, /proc
     with open(full, "a") as f:
       f.flush()
   except OSError as e:

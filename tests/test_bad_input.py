@@ -268,6 +268,7 @@ def test_bad_checkpoint_input_is_one_line(tmp_path, saved_dir, argv, message):
       pass
   (tmp_path / "file").write_text("")
   (tmp_path / "garbage" / "3" / "meta").mkdir(parents=True)
+  (tmp_path / "garbage" / "3" / "state").mkdir()
   (tmp_path / "garbage" / "3" / "meta" / "metadata").write_text("{")
   fill = {"tmp": str(tmp_path), "saved": str(saved_dir)}
   argv = [a.format(**fill) for a in argv]
