@@ -160,10 +160,11 @@ def test_clipping_caps_global_norm(clip_norm, digits_batches):
                               rtol=1e-4, atol=1e-7)
 
 
-def test_dropout_key_differs_per_device():
-  """Every device gets the same examples; with one key for all, their
+def test_dropout_masks_differ_per_example():
+  """Every example is the same (one per device); with one key for all, their
   dropout masks (and gradients) would be equal and the mean gradient would
-  equal any single device's. Per-device keys make them differ."""
+  equal any single one's. Keys from each example's global index make them
+  differ."""
   width = 256
 
   def init(key):
