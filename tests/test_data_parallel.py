@@ -182,7 +182,7 @@ def test_dropout_masks_differ_per_example():
   grad_fn = jax.jit(meshnet.make_grad_fn(model, mesh, loss=loss))
   _, grads = grad_fn(init(None), _put(mesh, (x, x)), jax.random.key(0))
   g = np.asarray(grads["w"])
-  # Each device's gradient is its mask * 2; the mean over 8 different masks
+  # Each example's gradient is its mask * 2; the mean over 8 different masks
   # takes values k/4 for k in 0..8, not only {0, 2}.
   assert len(np.unique(g)) > 2
   # Reproducible: the same key gives the same masks.
