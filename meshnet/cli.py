@@ -157,7 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
       "meshnet train --mesh data=4")
   launch.add_argument("-n", "--num-processes", type=int, required=True)
   launch.add_argument("--devices-per-process", type=int, default=None,
-                      help="simulated CPU devices per process")
+                      help="simulated CPU devices per process (default 1; ignored on "
+                      "GPUs/TPUs)")
+  launch.add_argument("--cpus-per-process", type=int, default=None, metavar="K",
+                      help="pin each process to K cores of its own and set OMP_NUM_THREADS "
+                      "etc. to K (default: no pinning)")
   launch.add_argument("command_args", nargs=argparse.REMAINDER, metavar="-- CMD",
                       help="the command each process runs")
   inspect = subparsers.add_parser(
@@ -192,7 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       from meshnet.launch import launch
       command = args.command_args
       command = command[1:] if command and command[0] == "--" else command
-      return launch(args.num_processes, command, devices_per_process=args.devices_per_process)
+      return launch(args.num_processes, command, devices_per_process=args.devices_per_process,
+                    cpus_per_process=args.cpus_per_process)
     elif args.command == "inspect":
       from meshnet.checkpoint import describe
       print(describe(args.dir, with_digest=args.digest, step=args.step))

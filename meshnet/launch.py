@@ -1,9 +1,12 @@
 """``meshnet launch -n N -- CMD``: N processes on this host, joined like torchrun.
 
 Each process gets ``MESHNET_COORDINATOR`` (a free local port),
-``MESHNET_NUM_PROCESSES``, ``MESHNET_PROCESS_ID`` and, with
-``--devices-per-process K``, ``MESHNET_DEVICES_PER_PROCESS`` (K simulated CPU
-devices each). Output lines are prefixed with ``[i]``. SIGINT and SIGTERM are
+``MESHNET_NUM_PROCESSES``, ``MESHNET_PROCESS_ID`` and
+``MESHNET_DEVICES_PER_PROCESS`` (``--devices-per-process K``, default 1: one
+simulated CPU device per process, like one GPU per torchrun rank; ignored on
+accelerators). ``--cpus-per-process K`` pins process ``i`` to its own ``K``
+cores (``sched_setaffinity``) and sets the math libraries' thread counts
+(``OMP_NUM_THREADS`` ...) to ``K``, as torchrun sets ``OMP_NUM_THREADS``. Output lines are prefixed with ``[i]``. SIGINT and SIGTERM are
 forwarded to every process. When a process fails, the others are stopped
 (SIGTERM, then SIGKILL after a grace period) and the launcher exits with the
 failing process's code and a one-line summary: jax's own handling of a dead
@@ -27,6 +30,23 @@ from meshnet.distributed import (
 from meshnet.errors import MeshnetError
 
 GRACE_SECONDS = 10.0
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def cpu_sets(num_processes: int, cpus_per_process: int) -> list[list[int]]:
+  """Disjoint cores for each process, from the cores this process may use.
+
+  Raises:
+    MeshnetError: fewer usable cores than ``num_processes * cpus_per_process``.
+  """
+  available = sorted(os.sched_getaffinity(0))
+  needed = num_processes * cpus_per_process
+  if cpus_per_process < 1 or needed > len(available):
+    raise MeshnetError(
+        f"--cpus-per-process {cpus_per_process} x -n {num_processes} needs {needed} cores "
+        f"but {len(available)} are usable here; lower -n or --cpus-per-process")
+  return [available[i * cpus_per_process:(i + 1) * cpus_per_process]
+          for i in range(num_processes)]
 
 
 def free_port() -> int:
@@ -52,11 +72,20 @@ def _pump(stream, index: int, out) -> None:
 
 
 def launch(num_processes: int, command: Sequence[str], *,
-           devices_per_process: int | None = None, out=None) -> int:
+           devices_per_process: int | None = None, cpus_per_process: int | None = None,
+           out=None) -> int:
   """Runs ``command`` in ``num_processes`` processes; returns the exit status.
 
+  Args:
+    num_processes: processes to start.
+    command: the command each runs.
+    devices_per_process: simulated CPU devices each process brings (default 1).
+    cpus_per_process: pin each process to this many cores of its own and set
+      its math libraries' thread counts to match (default: no pinning).
+    out: where the prefixed output goes (default stdout).
+
   Raises:
-    MeshnetError: bad counts or an empty command.
+    MeshnetError: bad counts, too few cores, or an empty command.
   """
   out = out or sys.stdout
   if num_processes < 1:
@@ -66,6 +95,8 @@ def launch(num_processes: int, command: Sequence[str], *,
   if not command:
     raise MeshnetError("nothing to launch: give the command after --, e.g. "
                        "meshnet launch -n 2 -- meshnet train")
+  cores = (cpu_sets(num_processes, cpus_per_process) if cpus_per_process is not None
+           else [None] * num_processes)
   port = free_port()
   procs: list[subprocess.Popen] = []
   pumps = []
@@ -73,17 +104,22 @@ def launch(num_processes: int, command: Sequence[str], *,
     env = dict(os.environ)
     env.update({ENV_COORDINATOR: f"127.0.0.1:{port}", ENV_NUM_PROCESSES: str(num_processes),
                 ENV_PROCESS_ID: str(i), "PYTHONUNBUFFERED": "1"})
-    if devices_per_process is not None:
-      env[ENV_DEVICES_PER_PROCESS] = str(devices_per_process)
+    env[ENV_DEVICES_PER_PROCESS] = str(devices_per_process or 1)
+    pin = None
+    if cores[i] is not None:
+      env.update({name: str(len(cores[i])) for name in THREAD_VARIABLES})
+      pin = lambda cpus=cores[i]: os.sched_setaffinity(0, cpus)
     try:
       proc = subprocess.Popen(list(command), env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                              preexec_fn=pin)
     except FileNotFoundError:
       for p in procs:
         p.kill()
       raise MeshnetError(f"command not found: {command[0]}") from None
     procs.append(proc)
-    out.write(f"meshnet launch: process {i} started (pid {proc.pid})\n")
+    where = "" if cores[i] is None else f", cpus {','.join(map(str, cores[i]))}"
+    out.write(f"meshnet launch: process {i} started (pid {proc.pid}{where})\n")
     thread = threading.Thread(target=_pump, args=(proc.stdout, i, out), daemon=True)
     thread.start()
     pumps.append(thread)

@@ -127,3 +127,29 @@ def test_sigterm_to_one_process_saves_the_same_step_everywhere(tmp_path):
   line = [l for l in rest.splitlines() if "stopped by a peer's signal after step" in l][0]
   step = int(line.split("after step ")[1].split(";")[0])
   assert [r["step"] for r in checkpoint.list_checkpoints(str(tmp_path))] == [step]
+
+
+def test_launch_pins_each_process_to_its_own_core():
+  out = _run(["launch", "-n", "2", "--cpus-per-process", "1", "--", sys.executable, "-c",
+              "import os; print('cpus', sorted(os.sched_getaffinity(0)), "
+              "os.environ['OMP_NUM_THREADS'])"])
+  cpus = {line.split()[0]: line.split("cpus ")[1] for line in out.splitlines()
+          if line.startswith("[") and " cpus " in line}
+  available = sorted(os.sched_getaffinity(0))
+  assert cpus == {"[0]": f"[{available[0]}] 1", "[1]": f"[{available[1]}] 1"}, out
+  assert "started (pid" in out and f"cpus {available[0]})" in out
+  proc = subprocess.run(MESHNET + ["launch", "-n", "2", "--cpus-per-process",
+                                   str(len(available)), "--", "true"],
+                        capture_output=True, text=True, env=ENV, timeout=60)
+  assert proc.returncode == 2 and f"needs {2 * len(available)} cores" in proc.stderr
+
+
+def test_launch_gives_each_cpu_process_one_device_by_default(tmp_path):
+  """`meshnet launch -n 2 -- meshnet train --mesh data=2` (each process used
+  to bring 8 simulated devices), bit-identical to one process with 2."""
+  args = TRAIN + ["--mesh", "data=2", "--deterministic", "--steps", "10"]
+  out = _run(["launch", "-n", "2", "--", *MESHNET, *args, "--checkpoint-dir",
+              str(tmp_path / "two")])
+  assert "mesh data=2 fsdp=1 stage=1 tensor=1: 2 cpu devices, 2 processes" in out, out
+  _run(args + ["--devices", "2", "--checkpoint-dir", str(tmp_path / "one")])
+  assert _digest(tmp_path / "two", 10) == _digest(tmp_path / "one", 10)
