@@ -76,6 +76,16 @@ def test_interleaved_matches_single_device(stages, virtual, digits):
   _pipeline_vs_reference(DEEP, "interleaved", stages, 2 * stages, virtual, digits)
 
 
+def _assert_mse_pipeline_matches(pipe, params, x, y, key):
+  """The pipeline's mse loss and gradient equal the model's on one device."""
+  loss, grads = jax.jit(pipe.make_grad_fn(loss="mse"))(pipe.stack(params), (x, y), key)
+  ref_loss, ref_grads = reference.loss_and_grad(pipe.model, losses.squared_error, params,
+                                                x, y)
+  np.testing.assert_allclose(loss, ref_loss, **TIGHT)
+  chex.assert_trees_all_close(reference.to_numpy(pipe.unstack(grads)),
+                              reference.to_numpy(ref_grads), **TIGHT)
+
+
 def test_xor_layers_on_two_stages_and_a_three_layer_net_on_three():
   for widths, stages in (([2, 4, 1], 2), ([2, 8, 4, 1], 3)):
     model = meshnet.models.mlp(widths)
@@ -85,13 +95,8 @@ def test_xor_layers_on_two_stages_and_a_three_layer_net_on_three():
     ds = meshnet.load_dataset("xor")
     x = np.tile(ds.x_train, (stages, 1))
     y = np.tile(ds.y_train, (stages, 1))
-    params = model.init(jax.random.key(3))
-    loss, grads = jax.jit(pipe.make_grad_fn(loss="mse"))(pipe.stack(params), (x, y),
-                                                          jax.random.key(0))
-    ref_loss, ref_grads = reference.loss_and_grad(model, losses.squared_error, params, x, y)
-    np.testing.assert_allclose(loss, ref_loss, **TIGHT)
-    chex.assert_trees_all_close(reference.to_numpy(pipe.unstack(grads)),
-                                reference.to_numpy(ref_grads), **TIGHT)
+    _assert_mse_pipeline_matches(pipe, model.init(jax.random.key(3)), x, y,
+                                 jax.random.key(0))
 
 
 @pytest.mark.parametrize("schedule", ["1f1b", "zb"])
@@ -266,13 +271,8 @@ def test_layers_that_close_over_different_arrays_are_not_merged():
     mesh = _mesh(2, data=1)
     pipe = make_pipeline(model, mesh, (16,), schedule="1f1b", microbatches=2)
     assert (pipe._runs[0] == ((0, 4),)) == merged, pipe._runs  # equal arrays still share
-    params = model.init(jax.random.key(0))
-    loss, grads = jax.jit(pipe.make_grad_fn(loss="mse"))(pipe.stack(params), (x, y),
-                                                         jax.random.key(2))
-    ref_loss, ref_grads = reference.loss_and_grad(model, losses.squared_error, params, x, y)
-    np.testing.assert_allclose(loss, ref_loss, **TIGHT)
-    chex.assert_trees_all_close(reference.to_numpy(pipe.unstack(grads)),
-                                reference.to_numpy(ref_grads), **TIGHT)
+    _assert_mse_pipeline_matches(pipe, model.init(jax.random.key(0)), x, y,
+                                 jax.random.key(2))
 
 
 def _inner_jit_layer(c):
@@ -308,13 +308,8 @@ def test_layers_that_differ_where_a_jaxpr_does_not_print_are_not_merged(make, st
                        microbatches=stages)
   x = jax.random.normal(jax.random.key(1), (8, 16))
   y = jax.random.normal(jax.random.key(2), (8, 16))
-  params = model.init(jax.random.key(0))
-  loss, grads = jax.jit(pipe.make_grad_fn(loss="mse"))(pipe.stack(params), (x, y),
-                                                       jax.random.key(2))
-  ref_loss, ref_grads = reference.loss_and_grad(model, losses.squared_error, params, x, y)
-  np.testing.assert_allclose(loss, ref_loss, **TIGHT)
-  chex.assert_trees_all_close(reference.to_numpy(pipe.unstack(grads)),
-                              reference.to_numpy(ref_grads), **TIGHT)
+  _assert_mse_pipeline_matches(pipe, model.init(jax.random.key(0)), x, y,
+                               jax.random.key(2))
 
 
 def test_a_pipelined_model_needs_one_params_entry_per_layer():
