@@ -243,7 +243,7 @@ def run(
   with contextlib.ExitStack() as cleanup:  # on every exit: finish the save in flight
     checkpointer = _open_checkpointer(cc, say)  # None without a directory
     cleanup.enter_context(checkpointer or contextlib.nullcontext())
-    state, first_step = _resume(checkpointer, config, state, sampler, say)
+    state, first_step = _resume(checkpointer, config, state, sampler, total, say)
     writer = cleanup.enter_context(MetricsWriter(
         tc.metrics_file, resumed_from=first_step - 1 if first_step > 1 else None))
     stop = cleanup.enter_context(_StopSignals(enabled=checkpointer is not None))
@@ -347,7 +347,7 @@ def _open_checkpointer(cc: CheckpointConfig, say: Callable[[str], None]
 
 
 def _resume(checkpointer: Checkpointer | None, config: Config, state: TrainState,
-            sampler: BatchSampler, say: Callable[[str], None]
+            sampler: BatchSampler, total: int, say: Callable[[str], None]
             ) -> tuple[TrainState, int]:
   """The state to start from and the first step to run: the newest checkpoint
   that restores when resuming (moving ``sampler`` to its position), else
@@ -364,7 +364,6 @@ def _resume(checkpointer: Checkpointer | None, config: Config, state: TrainState
     return state, 1
   sampler.position = int(restored.meta["sampler"]["position"])
   say(f"resumed from step {restored.step} of {config.checkpoint.dir}")
-  total = config.train.steps or config.train.epochs * sampler.steps_per_epoch
   if restored.step >= total:
     say(f"checkpoint step {restored.step} is at or past this run's last step {total}: "
         "nothing to train (raise --steps to continue)")
