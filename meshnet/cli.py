@@ -118,6 +118,10 @@ def _add_train_parser(subparsers) -> None:
   parser.add_argument("--deterministic", action="store_true",
                       help="average gradients in a fixed order: bit-identical results on "
                       "any process layout (OptimConfig.deterministic)")
+  parser.add_argument("--remat", action="store_true",
+                      help="pipeline: keep only stage inputs and recompute each stage's "
+                      "forward in its backward (less memory, more compute; "
+                      "PipelineConfig.remat)")
   parser.add_argument("--resume", action="store_true",
                       help="continue from the newest complete checkpoint in "
                       "--checkpoint-dir (CheckpointConfig.resume)")
@@ -135,6 +139,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
   fields["checkpoint"]["resume"] = args.resume
   fields["checkpoint"]["overwrite"] = args.overwrite
   fields["optim"]["deterministic"] = args.deterministic
+  fields["pipeline"]["remat"] = args.remat
   mesh = MeshConfig.parse(args.mesh, devices=fields["mesh"].pop("devices"))
   return Config(
       mesh=mesh,

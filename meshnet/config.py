@@ -195,11 +195,15 @@ class PipelineConfig:
       number of stages). With gradient accumulation the pipeline runs
       ``microbatches * grad_accum`` microbatches: the same mean gradient.
     virtual_stages: chunks per device for ``interleaved``.
+    remat: keep only each stage's input from its forward to its backward
+      and recompute the forward there (about a third more compute, less
+      memory); by default the forward's vjp residuals are kept.
   """
 
   schedule: str = "1f1b"
   microbatches: int | None = None
   virtual_stages: int = 1
+  remat: bool = False
 
   def __post_init__(self):
     if self.schedule not in SCHEDULES:

@@ -194,7 +194,8 @@ def run(
     pc = config.pipeline
     microbatches = (pc.microbatches or axis_size(mesh, STAGE)) * oc.grad_accum
     pipeline = make_pipeline(model, mesh, dataset.x_train.shape[1:], schedule=pc.schedule,
-                             microbatches=microbatches, virtual_stages=pc.virtual_stages)
+                             microbatches=microbatches, virtual_stages=pc.virtual_stages,
+                             remat=pc.remat)
     grad_accum = 1  # folded into the microbatches: the same mean gradient
     check_batch_size(batch_size, mesh, microbatches, what="microbatches")
   else:

@@ -51,10 +51,9 @@ from meshnet.errors import MeshnetError
 from meshnet.mesh import DATA, STAGE, axis_size
 from meshnet.model import Model, example_keys, uses_key
 from meshnet.step import check_batch_size
+from meshnet.pipeline import plan, residuals, rounds as packing
 from meshnet.pipeline import schedules as sched
 from meshnet.pipeline.stages import balanced_bounds, check_bounds, layer_param_counts
-
-IDLE = 0
 
 
 def _varying(x: jax.Array, axes: Sequence[str]) -> jax.Array:
@@ -62,96 +61,6 @@ def _varying(x: jax.Array, axes: Sequence[str]) -> jax.Array:
   have = jax.typeof(x).manual_axis_type.varying
   missing = tuple(a for a in axes if a not in have)
   return jax.lax.pcast(x, missing, to="varying") if missing else x
-
-
-@dataclasses.dataclass(frozen=True)
-class _Slots:
-  """Ring-buffer slots assigned from a table, per (virtual stage, microbatch)."""
-
-  act: dict[tuple[int, int], int]
-  cot: dict[tuple[int, int], int]
-  num_act: int
-  num_cot: int
-
-
-def _allocate(intervals: dict[tuple[int, int], tuple[int, int]]) -> tuple[dict, int]:
-  """Greedy interval colouring per virtual stage. An entry written at the end
-  of tick ``w`` and last read at tick ``r`` blocks its slot for writes at
-  ticks ``w..r-1`` (a tick reads before it writes)."""
-  slots: dict[tuple[int, int], int] = {}
-  most = 1
-  by_stage: dict[int, list] = {}
-  for (k, m), (w, r) in intervals.items():
-    by_stage.setdefault(k, []).append((w, r, m))
-  for k, items in by_stage.items():
-    free_at: list[int] = []  # per slot: first tick a new write may happen
-    for w, r, m in sorted(items):
-      for s, t in enumerate(free_at):
-        if t <= w:
-          free_at[s] = r
-          slots[(k, m)] = s
-          break
-      else:
-        free_at.append(r)
-        slots[(k, m)] = len(free_at) - 1
-    most = max(most, len(free_at))
-  return slots, most
-
-
-def _slots(schedule: sched.Schedule) -> _Slots:
-  S, v = schedule.num_stages, schedule.virtual_stages
-  K = S * v
-  when: dict[tuple[str, int, int], int] = {}  # (kind, stage k, m) -> tick
-  for t, row in enumerate(schedule.table):
-    for d, op in enumerate(row):
-      if op is not None:
-        when[(op.kind, op.chunk * S + d, op.microbatch)] = t
-  last_kind = sched.W if schedule.split_backward else sched.B
-  act, cot = {}, {}
-  for m in range(schedule.num_microbatches):
-    for k in range(K):
-      if k > 0:
-        act[(k, m)] = (when[(sched.F, k - 1, m)], when[(last_kind, k, m)])
-      if k < K - 1:
-        cot[(k, m)] = (when[(sched.B, k + 1, m)], when[(last_kind, k, m)])
-  act_slots, n_act = _allocate(act)
-  cot_slots, n_cot = _allocate(cot)
-  return _Slots(act_slots, cot_slots, n_act, n_cot)
-
-
-def _tables(schedule: sched.Schedule, slots: _Slots,
-            branch_of: Sequence[int]) -> dict[str, np.ndarray]:
-  """Per (tick, device) int32 arrays the program indexes at run time.
-  ``branch_of[k]`` is the code branch virtual stage ``k`` runs."""
-  S, v = schedule.num_stages, schedule.virtual_stages
-  K = S * v
-  G = max(branch_of) + 1
-  T = schedule.num_ticks
-  kind_index = {sched.F: 0, sched.B: 1, sched.W: 2}
-  names = ("branch", "chunk", "micro", "act_slot", "cot_slot",
-           "recv_act_chunk", "recv_act_slot", "recv_cot_chunk", "recv_cot_slot")
-  tabs = {name: np.zeros((T, S), np.int32) for name in names}
-  for name in names[5:]:
-    tabs[name][:] = -1
-  for t, row in enumerate(schedule.table):
-    for d, op in enumerate(row):
-      if op is None:
-        continue
-      k = op.chunk * S + d
-      tabs["branch"][t, d] = 1 + kind_index[op.kind] * G + branch_of[k]
-      tabs["chunk"][t, d] = op.chunk
-      tabs["micro"][t, d] = op.microbatch
-      tabs["act_slot"][t, d] = slots.act.get((k, op.microbatch), 0)
-      tabs["cot_slot"][t, d] = slots.cot.get((k, op.microbatch), 0)
-      if op.kind == sched.F and k < K - 1:  # the next stage receives it
-        d2, c2 = (k + 1) % S, (k + 1) // S
-        tabs["recv_act_chunk"][t, d2] = c2
-        tabs["recv_act_slot"][t, d2] = slots.act[(k + 1, op.microbatch)]
-      if op.kind == sched.B and k > 0:  # the previous stage receives its cotangent
-        d2, c2 = (k - 1) % S, (k - 1) // S
-        tabs["recv_cot_chunk"][t, d2] = c2
-        tabs["recv_cot_slot"][t, d2] = slots.cot[(k - 1, op.microbatch)]
-  return tabs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,6 +93,12 @@ class Pipeline:
   _runs: tuple[tuple[tuple[int, int], ...], ...] = ()  # per stage: runs of identical layers
   _layer_slices: tuple[tuple[tuple[int, int, Callable], ...], ...] = ()  # (offset, size, unravel)
   _key_layers: tuple[bool, ...] = ()  # per layer: reads its key when training (dropout)
+  remat: bool = False
+
+  @functools.cached_property
+  def rounds(self) -> packing.Rounds:
+    """The schedule packed into the lockstep rounds the program runs."""
+    return packing.pack(self.schedule)
 
   @property
   def stage_groups(self) -> tuple[int, ...]:
@@ -326,132 +241,180 @@ class Pipeline:
     microbatches); ``stacked_params`` and the gradient ``[S, v, N]`` sharded
     over ``stage``; ``loss`` a replicated scalar, the mean over the batch.
     With ``return_stats`` a third result counts, per device (``[S]``), the
-    ticks the program ran (``ticks``) and those that ran an op (``busy``).
+    rounds the program ran (``rounds``) and the ops it ran (``ops``).
     ``_fill`` is the value of never-written buffer entries (tests poison it
-    with NaN to show idle ticks leak nothing).
+    with NaN to show idle slots leak nothing).
     """
     objective = losses.objective(loss)
     schedule, mesh = self.schedule, self.mesh
     S, v, M = schedule.num_stages, schedule.virtual_stages, schedule.num_microbatches
     K, N, D = self.num_virtual_stages, self.param_width, self.activation_width
-    slots = _slots(schedule)
-    representatives = sorted(set(self.stage_groups))
-    branch_of = [representatives.index(g) for g in self.stage_groups]
-    tabs = _tables(schedule, slots, branch_of)
     split = schedule.split_backward
     data = axis_size(mesh, DATA)
+    reps = sorted(set(self.stage_groups))
+    branch_of = [reps.index(g) for g in self.stage_groups]
+    buffers = plan.plan(self.rounds, branch_of)
+    tables = {name: jnp.asarray(a) for name, a in buffers.tables.items()}
+    use_keys = train and any(self._key_layers)
+    n_max = self._max_layers
+    first_layer = jnp.asarray(self.bounds[:-1], jnp.int32)  # of each virtual stage
+    axes = (DATA, STAGE)
 
     def mean_loss(out, y):
       return jnp.mean(objective.loss(out, y)) / M
 
-    def branches(mb: int):
-      axes = (DATA, STAGE)
-      zeros_act = lambda: _varying(jnp.zeros((mb, D), jnp.float32), axes)
-      zeros_p = lambda: _varying(jnp.zeros((N,), jnp.float32), axes)
-      zero = lambda: _varying(jnp.zeros((), jnp.float32), axes)
+    def stage_fn(k):
+      """``(flat, x, y, keys) -> output`` of virtual stage ``k`` (the last
+      stage's output is its share of the loss)."""
+      def fn(flat, x, y, keys):
+        out = self._stage_forward(k, flat, x, keys if use_keys else None, train)
+        return mean_loss(out, y) if k == K - 1 else out.astype(jnp.float32)
+      return fn
 
-      def idle(flat, x, cot, y, key):
-        return zeros_p(), zero(), zeros_act(), zeros_act()
-
-      def forward(k):
-        def run(flat, x, cot, y, key):
-          out = self._stage_forward(k, flat, x, key if use_keys else None, train)
-          if k == K - 1:
-            return zeros_p(), mean_loss(out, y), zeros_act(), zeros_act()
-          return zeros_p(), zero(), out.astype(jnp.float32), zeros_act()
-        return run
-
-      def objective_of(k, y, key):
-        key = key if use_keys else None
-        if k == K - 1:
-          return lambda f, x: mean_loss(self._stage_forward(k, f, x, key, train), y)
-        return lambda f, x: self._stage_forward(k, f, x, key, train)
-
-      def seed(k, cot):
-        return _varying(jnp.ones((), jnp.float32), axes) if k == K - 1 else cot
-
-      def backward(k):  # full, or input-gradient half when split
-        def run(flat, x, cot, y, key):
-          fn = objective_of(k, y, key)
-          if split:
-            _, vjp = jax.vjp(lambda x: fn(flat, x), x)
-            (dx,) = vjp(seed(k, cot))
-            return zeros_p(), zero(), zeros_act(), dx
-          _, vjp = jax.vjp(fn, flat, x)
-          dflat, dx = vjp(seed(k, cot))
-          return dflat, zero(), zeros_act(), dx
-        return run
-
-      def weight(k):
-        def run(flat, x, cot, y, key):
-          fn = objective_of(k, y, key)
-          _, vjp = jax.vjp(lambda f: fn(f, x), flat)
-          (dflat,) = vjp(seed(k, cot))
-          return dflat, zero(), zeros_act(), zeros_act()
-        return run
-
-      reps = representatives
-      out = [idle] + [forward(k) for k in reps] + [backward(k) for k in reps]
-      out += [weight(k) for k in reps] if split else [idle] * len(reps)
-      return out
-
-    use_keys = train and any(self._key_layers)
-    n_max = self._max_layers
-    first_layer = jnp.asarray(self.bounds[:-1], jnp.int32)  # of each virtual stage
-
-    def local(stacked, x, y, key, tables):
-      # stacked: [1, v, N] (this device's stages); x: [b, ...]; y: [b, ...].
+    def program(stacked, x, y, key, tables):
+      # stacked: [1, v, N] (this device's chunks); x: [b, ...]; y: [b, ...] (local).
       d = jax.lax.axis_index(STAGE)
-      first_row = jax.lax.axis_index(DATA) * x.shape[0]  # global index of x[0]
-      flat_params = _varying(stacked[0], (DATA, STAGE))  # own gradient, no implicit psum
       b = x.shape[0]
       mb = b // M
+      first_row = jax.lax.axis_index(DATA) * b  # global index of x[0]
+      flat_params = _varying(stacked[0], axes)  # own gradient, no implicit psum
       xs = x.reshape(M, mb, -1)
       xs = jnp.pad(xs, ((0, 0), (0, 0), (0, D - xs.shape[-1]))).astype(jnp.float32)
       ys = y.reshape(M, mb, *y.shape[1:])
-      all_branches = branches(mb)
-      axes = (DATA, STAGE)
+      zeros = lambda shape, dtype=jnp.float32: _varying(jnp.zeros(shape, dtype), axes)
+      key_shape = (mb, n_max, *jax.random.key_data(key).shape) if use_keys else ()
+      # Example arguments with this program's types (varying over the mesh axes).
+      x_mb, y_mb, keys_mb = zeros((mb, D)), _varying(ys[0], axes), zeros(key_shape, jnp.uint32)
+      layouts = {} if self.remat else {
+          k: residuals.layout(stage_fn(k), flat_params[0], x_mb, y_mb, keys_mb) for k in reps}
+      R = mb * D if self.remat else max([1] + [lay.size for lay in layouts.values()])
+
+      def op_keys(m, k):
+        """``[mb, n_max, 2]`` key data of microbatch ``m``'s examples for
+        virtual stage ``k``'s layers (a dummy scalar without dropout)."""
+        if not use_keys:
+          return zeros((), jnp.uint32)
+        rows = self._layer_keys(key, first_row + m * mb, mb)
+        return jax.lax.dynamic_slice_in_dim(rows, first_layer[k], n_max, axis=1)
+
+      # --- the branches of the three switches -------------------------------
+      def forward(k):
+        fn = stage_fn(k)
+
+        def run(c, m, act_buf, act_slot, first, keys):
+          x_in = jnp.where(first, xs[m], act_buf[c, act_slot])
+          flat = flat_params[c]
+          if self.remat:
+            out, res = fn(flat, x_in, ys[m], keys), jax.lax.bitcast_convert_type(
+                x_in, jnp.uint32).reshape(-1)
+          else:
+            out, leaves = residuals.leaves_fn(fn)(flat, x_in, ys[m], keys)
+            res = residuals.pack(leaves, layouts[k], R)
+          if k == K - 1:
+            return res, zeros((mb, D)), out
+          return res, out, zeros(())
+        return run
+
+      def forward_idle(c, m, act_buf, act_slot, first, keys):
+        return zeros((R,), jnp.uint32), zeros((mb, D)), zeros(())
+
+      def pullback_of(k, c, m, res, keys):
+        fn, flat = stage_fn(k), flat_params[c]
+        if self.remat:
+          x_in = jax.lax.bitcast_convert_type(res, jnp.float32).reshape(mb, D)
+          return jax.vjp(lambda f, a: fn(f, a, ys[m], keys), flat, x_in)[1]
+        lay = layouts[k]
+        _, recomputed = residuals.leaves_fn(fn)(flat, x_mb, y_mb, keys_mb)
+        return residuals.pullback(lay, residuals.unpack(res, lay), recomputed)
+
+      def backward(k, half):
+        """``half``: "both" (full backward), "input" or "weight" (split)."""
+        def run(c, m, res_buf, res_slot, fresh, res_new, cot_buf, cot_slot, keys):
+          res = jnp.where(fresh, res_new, res_buf[c, res_slot])
+          seed = _varying(jnp.ones((), jnp.float32), axes) if k == K - 1 else \
+              cot_buf[c, cot_slot]
+          dflat, dx = pullback_of(k, c, m, res, keys)(seed)
+          if half == "input":
+            dflat = zeros((N,))
+          if half == "weight":
+            dx = zeros((mb, D))
+          return dflat, dx
+        return run
+
+      def backward_idle(*args):
+        return zeros((N,)), zeros((mb, D))
+
+      f_branches = [forward_idle] + [forward(k) for k in reps]
+      b_half = "input" if split else "both"
+      b_branches = [backward_idle] + [backward(k, b_half) for k in reps]
+      w_branches = [backward_idle] + [backward(k, "weight") for k in reps]
+
+      # --- one round ----------------------------------------------------------
+      def store(buf, value, chunk, slot):
+        return jax.lax.dynamic_update_index_in_dim(
+            buf, jax.lax.dynamic_update_index_in_dim(buf[chunk], value, slot, 0), chunk, 0)
+
+      def send(act_out, cot_out):
+        """Activations one device forward, cotangents one back (circular)."""
+        if S == 1:
+          return act_out, cot_out
+        forward_perm = [(i, (i + 1) % S) for i in range(S)]
+        if S == 2:  # both directions are the same swap: one exchange
+          both = jax.lax.ppermute(jnp.stack([act_out, cot_out]), STAGE, forward_perm)
+          return both[0], both[1]
+        backward_perm = [(i, (i - 1) % S) for i in range(S)]
+        return (jax.lax.ppermute(act_out, STAGE, forward_perm),
+                jax.lax.ppermute(cot_out, STAGE, backward_perm))
+
+      def one_round(carry, row):
+        grads, loss_sum, act_buf, cot_buf, res_buf, pending, counts = carry
+        e = {name: row[name][d] for name in row}
+        # Store what the previous round produced before anything reads.
+        res_new, act_recv, cot_recv = pending
+        res_buf = store(res_buf, res_new, e["s_res_chunk"], e["s_res"])
+        act_buf = store(act_buf, act_recv, e["s_act_chunk"], e["s_act"])
+        cot_buf = store(cot_buf, cot_recv, e["s_cot_chunk"], e["s_cot"])
+        with jax.named_scope("pipeline_forward"):
+          fk = e["f_chunk"] * S + d
+          res_new, act_out, dloss = jax.lax.switch(
+              e["f_branch"], f_branches, e["f_chunk"], e["f_micro"], act_buf, e["f_act"],
+              e["f_first"] > 0, op_keys(e["f_micro"], fk))
+        with jax.named_scope("pipeline_backward"):
+          bk = e["b_chunk"] * S + d
+          keys = op_keys(e["b_micro"], bk) if self.remat else zeros(key_shape, jnp.uint32)
+          dflat, cot_out = jax.lax.switch(
+              e["b_branch"], b_branches, e["b_chunk"], e["b_micro"], res_buf, e["b_res"],
+              e["b_fresh"] > 0, res_new, cot_buf, e["b_cot"], keys)
+          grad_chunk = e["b_chunk"]
+        if split:
+          with jax.named_scope("pipeline_weight_gradient"):
+            wk = e["w_chunk"] * S + d
+            keys = op_keys(e["w_micro"], wk) if self.remat else zeros(key_shape, jnp.uint32)
+            dflat, _ = jax.lax.switch(
+                e["w_branch"], w_branches, e["w_chunk"], e["w_micro"], res_buf, e["w_res"],
+                e["w_fresh"] > 0, res_new, cot_buf, e["w_cot"], keys)
+            grad_chunk = e["w_chunk"]
+        grads = grads.at[grad_chunk].add(dflat)
+        with jax.named_scope("pipeline_send"):
+          act_recv, cot_recv = send(act_out, cot_out)
+        ran = (e["f_branch"] > 0).astype(jnp.int32) + (e["b_branch"] > 0) + (
+            e["w_branch"] > 0)
+        counts = counts + jnp.stack([1, ran])
+        return (grads, loss_sum + dloss, act_buf, cot_buf, res_buf,
+                (res_new, act_recv, cot_recv), counts), None
+
       fill = lambda shape: _varying(jnp.full(shape, _fill, jnp.float32), axes)
       carry = (
-          _varying(jnp.zeros((v, N), jnp.float32), axes),  # gradient accumulator
-          _varying(jnp.zeros((), jnp.float32), axes),  # loss accumulator
-          fill((v, slots.num_act, mb, D)),  # received activations (stage inputs)
-          fill((v, slots.num_cot, mb, D)),  # received cotangents
-          _varying(jnp.zeros((2,), jnp.int32), axes),  # ticks run, ticks busy
+          zeros((v, N)),  # gradient accumulator
+          zeros(()),  # loss accumulator
+          fill((v, buffers.num_act + 1, mb, D)),  # stage inputs received
+          fill((v, buffers.num_cot + 1, mb, D)),  # cotangents received
+          jax.lax.bitcast_convert_type(fill((v, buffers.num_res + 1, R)), jnp.uint32),
+          (zeros((R,), jnp.uint32), zeros((mb, D)), zeros((mb, D))),  # to store next round
+          zeros((2,), jnp.int32),  # rounds run, ops run
       )
-
-      def tick(carry, row):
-        grads, loss_sum, act_buf, cot_buf, counts = carry
-        entry = {name: row[name][d] for name in row}
-        c, m = entry["chunk"], entry["micro"]
-        k = c * S + d
-        x_in = jnp.where(k == 0, xs[m], act_buf[c, entry["act_slot"]])
-        cot_in = cot_buf[c, entry["cot_slot"]]
-        if use_keys:  # this microbatch's examples' keys for this stage's layers
-          keys = jax.lax.dynamic_slice_in_dim(
-              self._layer_keys(key, first_row + m * mb, mb), first_layer[k], n_max, axis=1)
-        else:
-          keys = _varying(jnp.zeros((), jnp.uint32), axes)
-        dflat, dloss, act_out, cot_out = jax.lax.switch(
-            entry["branch"], all_branches, flat_params[c], x_in, cot_in, ys[m], keys)
-        grads = grads.at[c].add(dflat)
-        loss_sum = loss_sum + dloss
-        with jax.named_scope("pipeline_send"):
-          act_recv = jax.lax.ppermute(act_out, STAGE, [(i, (i + 1) % S) for i in range(S)])
-          cot_recv = jax.lax.ppermute(cot_out, STAGE, [(i, (i - 1) % S) for i in range(S)])
-
-        def store(buf, value, chunk, slot):
-          ok = chunk >= 0
-          chunk, slot = jnp.maximum(chunk, 0), jnp.maximum(slot, 0)
-          return buf.at[chunk, slot].set(jnp.where(ok, value, buf[chunk, slot]))
-
-        act_buf = store(act_buf, act_recv, entry["recv_act_chunk"], entry["recv_act_slot"])
-        cot_buf = store(cot_buf, cot_recv, entry["recv_cot_chunk"], entry["recv_cot_slot"])
-        counts = counts + jnp.stack([1, (entry["branch"] != IDLE).astype(jnp.int32)])
-        return (grads, loss_sum, act_buf, cot_buf, counts), None
-
-      with jax.named_scope("pipeline_ticks"):
-        (grads, loss_sum, _, _, counts), _ = jax.lax.scan(tick, carry, tables)
+      with jax.named_scope("pipeline_rounds"):
+        (grads, loss_sum, *_, counts), _ = jax.lax.scan(one_round, carry, tables)
       loss_value = jax.lax.pmean(jax.lax.psum(loss_sum, STAGE), DATA)
       with jax.named_scope("gradient_exchange"):
         grads = collectives.pmean_bucketed(
@@ -461,9 +424,8 @@ class Pipeline:
       counts = jax.lax.psum(jnp.where(jax.lax.axis_index(DATA) == 0, counts, 0), DATA)
       return loss_value, grads[None], counts[None]
 
-    table_arrays = {name: jnp.asarray(a) for name, a in tabs.items()}
     sharded = jax.shard_map(
-        local, mesh=mesh,
+        program, mesh=mesh,
         in_specs=(P(STAGE), P(DATA), P(DATA), P(), P()),
         out_specs=(P(), P(STAGE), P(STAGE)),
     )
@@ -474,9 +436,9 @@ class Pipeline:
       check_batch_size(x.shape[0], mesh, M, what="microbatches")
       x, y = (jax.reshard(a, batch_sharding) for a in (x, y))
       stacked = jax.reshard(stacked, self.stacked_sharding())  # no-op when already so
-      loss_value, grads, counts = sharded(stacked, x, y, key, table_arrays)
+      loss_value, grads, counts = sharded(stacked, x, y, key, tables)
       if return_stats:
-        return loss_value, grads, {"ticks": counts[:, 0], "busy": counts[:, 1]}
+        return loss_value, grads, {"rounds": counts[:, 0], "ops": counts[:, 1]}
       return loss_value, grads
 
     return grad_fn
@@ -485,7 +447,7 @@ class Pipeline:
 def make_pipeline(
     model: Model, mesh: Mesh, example_shape: Sequence[int], *,
     schedule: str | sched.Schedule = "1f1b", microbatches: int | None = None,
-    virtual_stages: int = 1, bounds: Sequence[int] | None = None,
+    virtual_stages: int = 1, bounds: Sequence[int] | None = None, remat: bool = False,
 ) -> Pipeline:
   """Cuts ``model`` (which must have ``layers``) into stages over ``stage``.
 
@@ -502,6 +464,9 @@ def make_pipeline(
     virtual_stages: chunks per device (interleaved schedules).
     bounds: layer boundaries of the ``S * v`` stages (default: balanced by
       parameter count).
+    remat: keep only each stage's input between its forward and backward
+      and recompute the forward in the backward (less memory, about a
+      third more compute); by default the forward's vjp residuals are kept.
 
   Raises:
     MeshnetError: no layers, more stages than layers, bad bounds, or a
@@ -563,7 +528,7 @@ def make_pipeline(
   pipe = Pipeline(model, mesh, plan, tuple(bounds), example_shape, tuple(unravel),
                   tuple(sizes), tuple(int(np.prod(s)) for s in shapes[:-1]),
                   _shapes=tuple(shapes), _runs=tuple(runs), _layer_slices=tuple(slices),
-                  _key_layers=tuple(key_layers))
+                  _key_layers=tuple(key_layers), remat=bool(remat))
   return dataclasses.replace(pipe, _groups=_stage_groups(pipe))
 
 

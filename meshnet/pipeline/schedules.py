@@ -238,14 +238,27 @@ def gpipe(num_stages: int, num_microbatches: int) -> Schedule:
   return from_orders("gpipe", orders, M)
 
 
+def _warmup(num_stages: int, device: int, num_microbatches: int) -> int:
+  """Forwards device ``d`` runs before its first backward: ``2 (S - d - 1)``.
+
+  meshnet's executor runs in lockstep rounds (:mod:`meshnet.pipeline.rounds`),
+  where a microbatch's trip from device ``d`` to the last stage and back
+  takes ``2 (S - d - 1)`` rounds; with fewer warm-up forwards (the
+  ``S - d - 1`` of an asynchronous 1F1B) device ``d`` would wait idle in
+  every round of that trip. Megatron's interleaved schedule warms up the same
+  way. In the timed simulation both give the same bubble."""
+  return min(2 * (num_stages - device - 1), num_microbatches)
+
+
 def one_f_one_b(num_stages: int, num_microbatches: int) -> Schedule:
-  """1F1B: ``S - d - 1`` warm-up forwards on device ``d``, then one forward
-  and one backward in turn, then the remaining backwards. At most ``S - d``
-  microbatches are in flight on device ``d``, whatever ``M``."""
+  """1F1B: ``2 (S - d - 1)`` warm-up forwards on device ``d`` (see
+  :func:`_warmup`), then one forward and one backward in turn, then the
+  remaining backwards. At most ``2 (S - d) - 1`` microbatches are in flight
+  on device ``d``, whatever ``M`` (GPipe: ``M``)."""
   S, M = num_stages, num_microbatches
   orders = []
   for d in range(S):
-    warmup = min(S - d - 1, M)
+    warmup = _warmup(S, d, M)
     order = [Op(F, m) for m in range(warmup)]
     for i in range(M - warmup):
       order += [Op(F, warmup + i), Op(B, i)]
@@ -258,13 +271,14 @@ def zero_bubble_h1(num_stages: int, num_microbatches: int) -> Schedule:
   """ZB-H1: 1F1B with the backward split into input (B) and weight (W)
   gradients. Device ``d`` keeps up to ``d`` weight gradients pending: the
   later stages, on the critical path of the cotangents, run B first and W
-  later, in what would have been their idle ticks. In-flight microbatches
-  per device stay at most ``S`` (1F1B's ``S - d`` plus ``d`` pending Ws);
-  the timed bubble is about a third of 1F1B's."""
+  later, in what would have been their idle ticks. Warm-up as in 1F1B
+  (:func:`_warmup`); in-flight microbatches per device stay bounded
+  whatever ``M`` (1F1B's plus ``d`` pending Ws); the timed bubble is about
+  a third of 1F1B's."""
   S, M = num_stages, num_microbatches
   orders = []
   for d in range(S):
-    warmup = min(S - d - 1, M)
+    warmup = _warmup(S, d, M)
     order = [Op(F, m) for m in range(warmup)]
     pending: list[int] = []
 

@@ -1,0 +1,113 @@
+"""A schedule packed into rounds: what the executor runs in lockstep.
+
+The executor's devices meet once per round (one ``ppermute`` of activations
+forward and one of cotangents back), so a round lasts as long as its
+busiest device. A table with one op per tick would make a tick holding a
+backward next to a forward cost a backward on both devices (1F1B in
+lockstep would lose a third of its speed). :func:`pack` therefore gives
+every device up to one op of each kind per round, run in the order F, B, W:
+each device takes the next ops of its own order (the table's, per device)
+while their inputs are ready (from another device: sent in an earlier round;
+from itself: an earlier round, or earlier in this one: a last stage's F
+then B of the same microbatch), stopping at the first op that is not ready
+or whose kind it already runs this round. In steady 1F1B every device then
+runs one F and one B per round, and the lockstep costs nothing.
+
+:attr:`Rounds.bubble` times the rounds with F = 1, B = 2 (1 when split), W = 1
+per chunk (divided by ``v``): the idle fraction of ``S`` devices over the
+sum of the rounds' longest device times. ``S * (1 - bubble)`` is the
+speedup the executor can reach over one device running the same ops.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from meshnet.errors import MeshnetError
+from meshnet.pipeline.schedules import B, F, W, Op, Schedule, _dependencies
+
+KINDS = (F, B, W)
+
+
+def op_costs(schedule: Schedule) -> dict[str, float]:
+  """Time units of each op kind: F = 1, B = 2 (1 when the backward is
+  split), W = 1, per chunk (divided by ``v``)."""
+  v = schedule.virtual_stages
+  return {F: 1.0 / v, B: (1.0 if schedule.split_backward else 2.0) / v, W: 1.0 / v}
+
+
+@dataclasses.dataclass(frozen=True)
+class Rounds:
+  """A schedule packed into lockstep rounds.
+
+  Attributes:
+    schedule: the schedule packed.
+    ops: ``ops[r][d]``: the ops device ``d`` runs in round ``r``, in the
+      order F, B, W (at most one of each).
+  """
+
+  schedule: Schedule
+  ops: tuple[tuple[tuple[Op, ...], ...], ...]
+
+  @property
+  def num_rounds(self) -> int:
+    return len(self.ops)
+
+  def op(self, r: int, d: int, kind: str) -> Op | None:
+    """Device ``d``'s op of ``kind`` in round ``r``, or None."""
+    return next((op for op in self.ops[r][d] if op.kind == kind), None)
+
+  def round_times(self) -> list[float]:
+    """Each round's duration: its busiest device's sum of op costs."""
+    cost = op_costs(self.schedule)
+    return [max(sum(cost[op.kind] for op in ops) for ops in row) for row in self.ops]
+
+  @property
+  def bubble(self) -> float:
+    """Idle fraction of the devices' time over the rounds."""
+    cost = op_costs(self.schedule)
+    busy = sum(cost[op.kind] for row in self.ops for ops in row for op in ops)
+    return 1.0 - busy / (self.schedule.num_stages * sum(self.round_times()))
+
+  @property
+  def speedup(self) -> float:
+    """``S * (1 - bubble)``: the speedup over one device running the same ops."""
+    return self.schedule.num_stages * (1.0 - self.bubble)
+
+
+def pack(schedule: Schedule) -> Rounds:
+  """Packs ``schedule`` into rounds (see the module docstring).
+
+  Raises:
+    MeshnetError: the table's orders cannot make progress (a validated
+      schedule always can).
+  """
+  S, v = schedule.num_stages, schedule.virtual_stages
+  split = schedule.split_backward
+  orders = [[row[d] for row in schedule.table if row[d] is not None] for d in range(S)]
+  position = [0] * S
+  done: dict[tuple[int, Op], int] = {}  # (device, op) -> round
+  rounds: list[tuple[tuple[Op, ...], ...]] = []
+  remaining = sum(len(o) for o in orders)
+  while remaining:
+    r = len(rounds)
+    row: list[tuple[Op, ...]] = []
+    for d in range(S):
+      taken: list[Op] = []
+      while position[d] < len(orders[d]):
+        op = orders[d][position[d]]
+        if any(t.kind == op.kind for t in taken) or not all(
+            done.get(dep, r + 1) < r or (dep[0] == d and dep in done and
+                                         KINDS.index(dep[1].kind) < KINDS.index(op.kind))
+            for dep in _dependencies(op, d, S, v, split)):
+          break
+        taken.append(op)
+        done[(d, op)] = r
+        position[d] += 1
+      row.append(tuple(sorted(taken, key=lambda op: KINDS.index(op.kind))))
+    if not any(row):
+      raise MeshnetError(f"schedule {schedule.name!r} cannot be packed into rounds "
+                         f"(no device can run an op in round {r})")
+    remaining -= sum(len(ops) for ops in row)
+    rounds.append(tuple(row))
+  return Rounds(schedule, tuple(rounds))
