@@ -8,8 +8,9 @@ import optax
 import pytest
 
 import meshnet
-from meshnet import losses
+from meshnet import cli, losses
 from meshnet.config import Config, MeshConfig, ModelConfig, PipelineConfig, TrainConfig
+from meshnet.metrics import read_metrics
 from meshnet.pipeline import make_pipeline, make_schedule
 from meshnet.pipeline import schedules as sched
 from meshnet.pipeline.plan import plan
@@ -81,9 +82,17 @@ def test_remat_recomputes_the_same_gradient(schedule, stages, virtual, digits):
                          fill=float("nan"), poison_params=True)
 
 
-@pytest.mark.parametrize("stages, virtual", [(2, 2), (2, 4), (4, 2)])
-def test_interleaved_matches_single_device(stages, virtual, digits):
-  _pipeline_vs_reference(DEEP, "interleaved", stages, 2 * stages, virtual, digits)
+@pytest.mark.parametrize("stages, virtual, microbatches", [
+    (2, 2, 4), (2, 4, 4), (4, 2, 8),
+    (2, 2, 3), (4, 2, 6), (4, 2, 9),  # M % S != 0: one round of 3 or 6; rounds of 5 and 4
+])
+def test_interleaved_matches_single_device(stages, virtual, microbatches, digits):
+  pipe, stats = _pipeline_vs_reference(DEEP, "interleaved", stages, microbatches, virtual,
+                                       digits)
+  table = pipe.schedule.table
+  np.testing.assert_array_equal(stats["rounds"], [pipe.rounds.num_rounds] * stages)
+  np.testing.assert_array_equal(
+      stats["ops"], [sum(row[d] is not None for row in table) for d in range(stages)])
 
 
 def _assert_mse_pipeline_matches(pipe, params, x, y, key):
@@ -156,6 +165,23 @@ def test_run_trains_digits_on_data_2_stage_4():
   assert [p["w"].shape for p in result.params] == [(64, 128), (128, 96), (96, 64), (64, 10)]
 
 
+def test_meshnet_train_interleaved_with_5_microbatches_on_4_stages(tmp_path, capsys):
+  """M % S != 0 through the command: accepted, the 23.1% bubble, and it trains."""
+  metrics_file = tmp_path / "m.jsonl"
+  assert cli.main([
+      "train", "--devices", "4", "--mesh", "stage=4", "--schedule", "interleaved",
+      "--microbatches", "5", "--virtual-stages", "2", "--hidden", "64,64,48,48,32,32,16",
+      "--batch-size", "40", "--lr", "3e-3", "--steps", "40", "--log-every", "10",
+      "--eval-every", "40", "--no-progress", "--metrics-file", str(metrics_file),
+  ]) == 0
+  captured = capsys.readouterr()
+  assert "interleaved: S=4, M=5, v=2, 26 ticks, bubble 23.1%" in captured.out + captured.err
+  records = read_metrics(str(metrics_file))
+  train_losses = [r["loss"] for r in records if "loss" in r]
+  assert len(train_losses) == 4 and train_losses[-1] < 0.7 * train_losses[0]
+  assert [r["eval_accuracy"] for r in records if "eval_accuracy" in r][0] >= 0.6
+
+
 def test_schedule_theory():
   for S, M in [(2, 3), (3, 6), (4, 4), (4, 8), (4, 16)]:
     theory = (S - 1) / (M + S - 1)
@@ -175,6 +201,51 @@ def _stash(name, S, M):
   """Residual slots (microbatches kept from forward to backward) per chunk."""
   schedule = make_schedule(name, S, M)
   return plan(pack(schedule), [0] * S).num_res
+
+
+def _in_flight(schedule):
+  """Per device, the most chunk activations held at once: forwards run whose
+  backward has not."""
+  most = []
+  for d in range(schedule.num_stages):
+    held = peak = 0
+    for row in schedule.table:
+      if row[d] is not None:
+        held += {sched.F: 1, sched.B: -1}[row[d].kind]
+        peak = max(peak, held)
+    most.append(peak)
+  return most
+
+
+def test_interleaved_takes_any_microbatches_from_the_stage_count():
+  """Every S <= 8, v <= 4, S <= M <= 4S + 3: a valid table with each op once,
+  the bubble (S-1)/(vM+S-1) (no more than 1F1B's), bounded activations."""
+  for S in range(1, 9):
+    for v in range(1, 5):
+      for M in range(S, 4 * S + 4):
+        s = make_schedule("interleaved", S, M, v)
+        sched.validate(s)
+        ops = [(d, op) for row in s.table for d, op in enumerate(row) if op is not None]
+        assert len(ops) == len(set(ops)) == 2 * S * v * M
+        assert s.bubble == pytest.approx((S - 1) / (v * M + S - 1))
+        assert s.bubble <= make_schedule("1f1b", S, M).bubble + 1e-12
+        first_round = -(-M // (M // S))  # rounds of S to 2S - 1, the larger first
+        in_flight = _in_flight(s)
+        assert max(in_flight) == in_flight[0] == min((v - 1) * first_round + 2 * S - 1, v * M)
+        assert max(in_flight) <= v * (2 * S - 1)
+
+
+def test_interleaved_with_microbatches_a_multiple_of_stages_is_megatrons():
+  """M % S == 0: Megatron's groups of S; device d warms up with
+  2(S-d-1) + (v-1)S forwards, then runs the last chunk's backward of microbatch 0."""
+  S, M, v = 4, 8, 2
+  s = make_schedule("interleaved", S, M, v)
+  forwards = [sched.Op(sched.F, g * S + i, c) for g in range(M // S) for c in range(v)
+              for i in range(S)]
+  for d in range(S):
+    order = [row[d] for row in s.table if row[d] is not None]
+    warmup = 2 * (S - d - 1) + (v - 1) * S
+    assert order[:warmup + 2] == forwards[:warmup + 1] + [sched.Op(sched.B, 0, v - 1)]
 
 
 def test_1f1b_stash_does_not_grow_with_microbatches():
@@ -206,7 +277,8 @@ def test_custom_table_is_validated():
     (dict(schedule="1f1b", microbatches=2), "schedule 1f1b needs microbatches >= stages, "
      "got 2 < 4"),
     (dict(schedule="pipedream"), "unknown schedule 'pipedream'"),
-    (dict(schedule="interleaved", microbatches=6, virtual=2), "multiple of the stages"),
+    (dict(schedule="interleaved", microbatches=3, virtual=2), "schedule interleaved needs "
+     r"microbatches >= stages, got 3 < 4; use --microbatches 4 or more"),
 ])
 def test_bad_pipeline_input(kwargs, message):
   widths = kwargs.get("widths", DEEP)

@@ -298,28 +298,54 @@ def zero_bubble_h1(num_stages: int, num_microbatches: int) -> Schedule:
   return from_orders("zb", orders, M, split_backward=True)
 
 
+def _rounds(num_stages: int, num_microbatches: int) -> list[range]:
+  """Microbatch ids cut into ``max(1, M // S)`` rounds of consecutive ids, sizes
+  as equal as possible, the larger first: ``S`` to ``2S - 1`` each when
+  ``M >= S``, all exactly ``S`` when ``M % S == 0``."""
+  count = max(1, num_microbatches // num_stages)
+  size, larger = divmod(num_microbatches, count)
+  rounds, start = [], 0
+  for r in range(count):
+    stop = start + size + (r < larger)
+    rounds.append(range(start, stop))
+    start = stop
+  return rounds
+
+
 def interleaved(num_stages: int, num_microbatches: int, virtual_stages: int) -> Schedule:
-  """Interleaved 1F1B (Megatron): ``v`` chunks per device, microbatches in
-  groups of ``S``; the bubble shrinks by ``v``. Needs ``M % S == 0``."""
+  """Interleaved 1F1B (Megatron), for any ``M >= S``.
+
+  Rule: microbatches go in ``M // S`` rounds of consecutive ids, ``S`` to
+  ``2S - 1`` each, the larger first (all ``S`` when ``M % S == 0``: Megatron's
+  groups). Each device runs the forwards round by round, within a round chunk
+  ``0`` of all the round's microbatches, then chunk ``1``, and so on; the
+  backwards the same way with the chunks reversed. Device ``d`` first runs
+  ``(v - 1) * G + 2 * (S - d - 1)`` warm-up forwards, ``G`` the first round's
+  size (hence the larger rounds first: a smaller first round can deadlock),
+  then one forward and one backward in turn, then the remaining backwards.
+  Where torch's flexible ``ScheduleInterleaved1F1B`` accepts ``M`` (equal
+  rounds) this is its order; unequal rounds extend it to every ``M >= S``.
+
+  Bubble: ``(S - 1) / (v * M + S - 1)`` of the time (``(S - 1) / (v * M)`` of
+  the ideal), for every ``M >= S``, multiple of ``S`` or not; 1F1B's is
+  ``(S - 1) / (M + S - 1)``. Measured with :attr:`Schedule.bubble` for all
+  ``S <= 8``, ``v <= 4``, ``S <= M <= 4S + 3``; e.g. ``S=4, v=2``: ``M=5``
+  0.231 (1F1B 0.375), ``M=6`` 0.200 (0.333), ``M=7`` 0.176 (0.300).
+
+  Memory: device 0 holds the most chunk activations in flight (forwards
+  whose backward has not run): ``min((v - 1) * G + 2 * S - 1, v * M)``,
+  measured from the tables over the same range. As ``G <= 2S - 1`` that is
+  at most ``v * (2S - 1)`` chunks, each ``1/v`` of the device's layers:
+  under ``2S`` microbatches' worth whatever ``M`` (at most ``S + (S - 1) / v`` when
+  ``M % S == 0``; 1F1B: ``S``).
+  """
   S, M, v = num_stages, num_microbatches, virtual_stages
-  if M % S:
-    raise MeshnetError(
-        f"interleaved schedule needs microbatches ({M}) to be a multiple of the "
-        f"stages ({S}); use --microbatches {max(S, M // S * S)}"
-    )
-
-  def forward_ops():
-    return [Op(F, group * S + i, c) for group in range(M // S) for c in range(v)
-            for i in range(S)]
-
-  def backward_ops():
-    return [Op(B, group * S + i, c) for group in range(M // S)
-            for c in reversed(range(v)) for i in range(S)]
-
+  rounds = _rounds(S, M)
+  fwd = [Op(F, m, c) for r in rounds for c in range(v) for m in r]
+  bwd = [Op(B, m, c) for r in rounds for c in reversed(range(v)) for m in r]
   orders = []
   for d in range(S):
-    fwd, bwd = forward_ops(), backward_ops()
-    warmup = min((S - d - 1) * 2 + (v - 1) * S, len(fwd))
+    warmup = min((v - 1) * len(rounds[0]) + 2 * (S - d - 1), len(fwd))
     order = fwd[:warmup]
     rest = fwd[warmup:]
     for i, op in enumerate(rest):
