@@ -216,6 +216,10 @@ def run(
     say(f"pipeline: {pipeline.num_virtual_stages} stages, layers per stage "
         f"{[b[k + 1] - b[k] for k in range(len(b) - 1)]}")
     say(timeline_text(pipeline.schedule))
+    rounds = pipeline.rounds
+    kept = "stage inputs, forward recomputed" if pipeline.remat else "vjp residuals kept"
+    say(f"executor: {rounds.num_rounds} lockstep rounds, bubble {rounds.bubble:.1%}: at most "
+        f"{rounds.speedup:.2f}x one device ({kept})")
   state = init_train_state(model, optimizer, mesh, jax.random.key(tc.seed))
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
   say(f"model: {n_params:,} parameters; optimizer {oc.optimizer}, lr {oc.lr}")

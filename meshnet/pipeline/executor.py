@@ -351,8 +351,9 @@ class Pipeline:
 
       # --- one round ----------------------------------------------------------
       def store(buf, value, chunk, slot):
-        return jax.lax.dynamic_update_index_in_dim(
-            buf, jax.lax.dynamic_update_index_in_dim(buf[chunk], value, slot, 0), chunk, 0)
+        """``buf[chunk, slot] = value``, in place."""
+        start = (chunk, slot) + (0,) * value.ndim
+        return jax.lax.dynamic_update_slice(buf, value[None, None].astype(buf.dtype), start)
 
       def send(act_out, cot_out):
         """Activations one device forward, cotangents one back (circular)."""
