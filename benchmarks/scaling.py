@@ -1,0 +1,548 @@
+"""Scaling on real processes, one core each: 2 processes against 1.
+
+Two measurements, each against the same work on one process pinned to one
+core, the two sides alternating round by round in this one run (the
+machine is noisy; each keeps its best round):
+
+* **Pipeline**: MLP 784-1024x8-10 (ReLU), SGD, global batch 2048, on
+  ``stage=2`` over 2 processes (gloo), schedules GPipe, 1F1B, ZB-H1 and
+  interleaved (v=2), M = 4, 8, 16 microbatches of 2048 / M examples,
+  against the unpipelined step on one process. The table puts the measured
+  speedup beside the schedule's theory ``S x (1 - bubble)`` (bubble from
+  the schedule's own timed simulation, see :func:`_theory`) and the
+  microbatch efficiency: the one-process step over the whole batch against
+  the same step cut into M accumulated microbatches (``grad_accum=M``), so
+  a pipeline is not blamed for what small matmuls cost on their own:
+  ``measured / (theory x efficiency)`` is what the executor achieves of
+  what its schedule could. The first step's loss of every pipelined program
+  must equal the unpipelined one (within 1e-4), so the comparison is of
+  the same computation.
+* **Data parallel**: MLP 784-512-256-128-10, Adam (lr 1e-3), global batch
+  256 and 1024, 2 processes against 1, for meshnet (``data=2``, one device
+  per process) and for PyTorch DDP (gloo; one process: the plain model).
+
+Every worker is pinned to its own core (``sched_setaffinity``) with its
+math libraries at one thread (``OMP_NUM_THREADS=1``, torch
+``set_num_threads(1)``); the one-process baseline runs on the first core.
+Workers compile and warm up first, then serve timing requests, so every
+program is compiled once and the sides alternate without restarts. A time
+is N steps until ``block_until_ready``, after a barrier; best of R rounds.
+Data is synthetic and MNIST-shaped (``benchmarks/ddp.py``'s ``_data``).
+
+Run: python benchmarks/scaling.py [--quick] [--steps N] [--rounds R]
+       [--schedules gpipe,1f1b,zb,interleaved] [--microbatches 4,8,16]
+       [--only pipeline|dp] [--no-torch]
+(torch is optional: without it, or with --no-torch, its columns read "-".)
+On this 2-core machine the full run takes about 12 minutes (200 s to compile
+the 12 pipelined programs, 150 s per round); --rounds 2 about 9.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import queue
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Callable
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path[:0] = [p for p in (ROOT, HERE) if p not in sys.path]
+
+import ddp  # noqa: E402  (same directory: WIDTHS, BATCHES, _data)
+
+STAGES = 2
+VIRTUAL = {"interleaved": 2}  # chunks per device; other schedules have one
+LOSS_TOLERANCE = 1e-4
+REPLY = "@scaling "  # prefix of a worker's reply lines (libraries print too)
+READY_TIMEOUT = 1200  # seconds: compiling every program of a worker
+TIME_TIMEOUT = 600
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineWork:
+  """The pipelined workload: model widths, SGD, global batch, what to vary."""
+
+  widths: tuple[int, ...]
+  batch: int
+  schedules: tuple[str, ...]
+  microbatches: tuple[int, ...]
+  steps: int
+  lr: float = 0.01
+
+
+@dataclasses.dataclass(frozen=True)
+class DataParallelWork:
+  """The data-parallel workload (benchmarks/ddp.py's model), Adam."""
+
+  widths: tuple[int, ...]
+  batches: tuple[int, ...]
+  steps: int
+  lr: float = 1e-3
+
+
+FULL = (PipelineWork((784,) + (1024,) * 8 + (10,), 2048,
+                     ("gpipe", "1f1b", "zb", "interleaved"), (4, 8, 16), steps=5),
+        DataParallelWork(tuple(ddp.WIDTHS), tuple(ddp.BATCHES), steps=50))
+QUICK = (PipelineWork((784, 128, 128, 128, 10), 256, ("1f1b", "interleaved"), (4,), steps=3),
+         DataParallelWork(tuple(ddp.WIDTHS), (256,), steps=5))
+
+
+def _theory(schedule: str, microbatches: int) -> float:
+  """The schedule's ideal speedup on ``STAGES`` devices: ``S x (1 - bubble)``.
+
+  The bubble is the schedule's own timed simulation (forward 1, backward 2,
+  see :attr:`meshnet.pipeline.Schedule.bubble`). The one place to change
+  when the simulation gets more exact.
+  """
+  from meshnet.pipeline import make_schedule
+  plan = make_schedule(schedule, STAGES, microbatches, VIRTUAL.get(schedule, 1))
+  return plan.num_stages * (1.0 - plan.bubble)
+
+
+# --- workers: build programs, then time them on request -----------------------------
+
+
+Program = Callable[[int], None]  # runs that many steps and blocks until done
+
+
+def _meshnet_program(model, optimizer, mesh, x, y, **step_options) -> tuple[Program, float]:
+  """A compiled, warmed-up train step on this process's share ``x, y`` of
+  the global batch; returns ``(run, first-step loss)``."""
+  import jax
+  import numpy as np
+
+  import meshnet
+  from meshnet.sharding import batch_sharding
+  from meshnet.train import max_steps_in_flight
+
+  step = meshnet.make_train_step(model, optimizer, mesh, **step_options)
+  state = meshnet.init_train_state(model, optimizer, mesh, jax.random.key(0))
+  sharding = batch_sharding(mesh)
+  batch = (jax.make_array_from_process_local_data(sharding, x),
+           jax.make_array_from_process_local_data(sharding, y.astype(np.int32)))
+  state, metrics = step(state, batch)
+  first_loss = float(metrics["loss"])
+  state, metrics = step(state, batch)
+  jax.block_until_ready(state)
+  limit = max_steps_in_flight(mesh)
+  current = [state]
+
+  def run(steps: int) -> None:
+    state, in_flight = current[0], []
+    for _ in range(steps):
+      state, metrics = step(state, batch)
+      in_flight.append(metrics["loss"])
+      if len(in_flight) >= limit:
+        jax.block_until_ready(in_flight.pop(0))
+    current[0] = jax.block_until_ready(state)
+
+  return run, first_loss
+
+
+def _unpipelined_programs(work: PipelineWork, rank: int, world: int) -> dict:
+  """One process: ``{"full": ..., "accum/M": ...}``, the unpipelined step on
+  the whole batch and with ``grad_accum=M``."""
+  import optax
+
+  import meshnet
+
+  model, optimizer = meshnet.models.mlp(list(work.widths)), optax.sgd(work.lr)
+  mesh = meshnet.make_mesh(data=1)
+  x, y = ddp._data(work.batch, 0, 1, 0)
+  programs = {"full": _meshnet_program(model, optimizer, mesh, x, y)}
+  for m in work.microbatches:
+    programs[f"accum/{m}"] = _meshnet_program(model, optimizer, mesh, x, y, grad_accum=m)
+  return programs
+
+
+def _pipelined_programs(work: PipelineWork, rank: int, world: int) -> dict:
+  """``{"schedule/M": ...}``: the step pipelined on ``stage=world``; every
+  process passes the whole batch (``data=1``: it is replicated)."""
+  import optax
+
+  import meshnet
+
+  model, optimizer = meshnet.models.mlp(list(work.widths)), optax.sgd(work.lr)
+  mesh = meshnet.make_mesh(stage=world)
+  x, y = ddp._data(work.batch, 0, 1, 0)
+  programs = {}
+  for m in work.microbatches:
+    for name in work.schedules:
+      pipe = meshnet.pipeline.make_pipeline(model, mesh, (work.widths[0],), schedule=name,
+                                            microbatches=m,
+                                            virtual_stages=VIRTUAL.get(name, 1))
+      programs[f"{name}/{m}"] = _meshnet_program(model, optimizer, mesh, x, y, pipeline=pipe)
+  return programs
+
+
+def _meshnet_dp_programs(work: DataParallelWork, rank: int, world: int) -> dict:
+  """``{"batch": program}``: the train step on ``data=world``."""
+  import optax
+
+  import meshnet
+
+  model = meshnet.models.mlp(list(work.widths))
+  optimizer = optax.adam(work.lr)
+  mesh = meshnet.make_mesh(data=world)
+  return {str(b): _meshnet_program(model, optimizer, mesh, *ddp._data(b, rank, world, 0))
+          for b in work.batches}
+
+
+def _torch_dp_programs(work: DataParallelWork, rank: int, world: int) -> dict:
+  """``{"batch": program}``: DistributedDataParallel over ``world`` processes,
+  or the plain model on one."""
+  import torch
+
+  torch.manual_seed(0)
+  layers = []
+  for a, b in zip(work.widths[:-1], work.widths[1:]):
+    layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
+  model = torch.nn.Sequential(*layers[:-1])
+  if world > 1:
+    model = torch.nn.parallel.DistributedDataParallel(model)
+  optimizer = torch.optim.Adam(model.parameters(), lr=work.lr)
+  loss_fn = torch.nn.CrossEntropyLoss()
+  programs = {}
+  for batch in work.batches:
+    x, y = (torch.from_numpy(a) for a in ddp._data(batch, rank, world, 0))
+
+    def step(x=x, y=y):
+      optimizer.zero_grad(set_to_none=True)
+      loss = loss_fn(model(x), y)
+      loss.backward()
+      optimizer.step()
+      return float(loss)
+
+    def run(steps: int, step=step) -> None:
+      for _ in range(steps):
+        step()
+
+    first_loss = step()
+    step()
+    programs[str(batch)] = (run, first_loss)
+  return programs
+
+
+_BUILDERS = {"unpipelined": _unpipelined_programs, "pipelined": _pipelined_programs,
+             "meshnet": _meshnet_dp_programs, "torch": _torch_dp_programs}
+
+
+def _serve(kind: str, work, rank: int, world: int, port: int) -> None:
+  """A worker: joins its peers, builds every program, replies with their
+  first-step losses, then answers ``KEY STEPS`` lines with the seconds those
+  steps took (after a barrier, so all ranks start together)."""
+  if kind == "torch":
+    import torch
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    if world > 1:
+      dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                              world_size=world)
+    barrier = dist.barrier if world > 1 else (lambda: None)
+  else:
+    import meshnet
+    from jax.experimental import multihost_utils
+    meshnet.distributed.initialize(f"127.0.0.1:{port}", world, rank)
+    barrier = lambda: multihost_utils.sync_global_devices("scaling")  # noqa: E731
+  programs = _BUILDERS[kind](work, rank, world)
+  print(REPLY + json.dumps({k: loss for k, (_, loss) in programs.items()}), flush=True)
+  for line in iter(sys.stdin.readline, ""):
+    if line.strip() == "quit":
+      break
+    key, steps = line.split()
+    barrier()
+    start = time.perf_counter()
+    programs[key][0](int(steps))
+    print(REPLY + json.dumps(time.perf_counter() - start), flush=True)
+  if kind == "torch" and world > 1:
+    dist.destroy_process_group()
+
+
+# --- the driver: pinned worker groups, alternating requests -------------------------
+
+
+class _Group:
+  """``world`` worker processes of one kind, process ``i`` pinned to core
+  ``i``, answering timing requests together."""
+
+  def __init__(self, kind: str, world: int, work):
+    from meshnet.launch import THREAD_VARIABLES, cpu_sets, free_port
+    self.name = f"{kind} x{world}"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
+    env.update({name: "1" for name in THREAD_VARIABLES})
+    env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")])))
+    payload = json.dumps({"type": type(work).__name__, **dataclasses.asdict(work)})
+    port = free_port()
+    self.procs, self.logs, self.replies = [], [], []
+    for rank, cores in enumerate(cpu_sets(world, 1)):
+      log = tempfile.TemporaryFile(mode="w+")
+      proc = subprocess.Popen(
+          [sys.executable, __file__, "--worker", kind, "--rank", str(rank), "--world",
+           str(world), "--port", str(port), "--work", payload],
+          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, env=env,
+          preexec_fn=lambda cores=cores: os.sched_setaffinity(0, cores))
+      replies: queue.Queue = queue.Queue()
+      threading.Thread(target=self._read, args=(proc.stdout, replies), daemon=True).start()
+      self.procs.append(proc)
+      self.logs.append(log)
+      self.replies.append(replies)
+
+  @staticmethod
+  def _read(stream, replies: queue.Queue) -> None:
+    for line in iter(stream.readline, ""):
+      if line.startswith(REPLY):
+        replies.put(json.loads(line[len(REPLY):]))
+    replies.put(None)  # end of output: the process is gone
+
+  def _answers(self, timeout: float) -> list:
+    answers = []
+    for rank, replies in enumerate(self.replies):
+      try:
+        answer = replies.get(timeout=timeout)
+      except queue.Empty:
+        answer = None
+      if answer is None:
+        self._fail(rank)
+      answers.append(answer)
+    return answers
+
+  def _fail(self, rank: int) -> None:
+    self.close()
+    log = self.logs[rank]
+    log.seek(0)
+    tail = log.read()[-3000:]
+    raise SystemExit(f"{self.name}: worker {rank} failed or hung "
+                     f"(exit {self.procs[rank].returncode}); its stderr ends:\n{tail}")
+
+  def ready(self) -> dict[str, float]:
+    """Waits until every worker has compiled; rank 0's first-step losses."""
+    return self._answers(READY_TIMEOUT)[0]
+
+  def time(self, key: str, steps: int) -> float:
+    """Seconds for ``steps`` steps of program ``key`` (the slowest rank)."""
+    for rank, proc in enumerate(self.procs):
+      try:
+        proc.stdin.write(f"{key} {steps}\n")
+        proc.stdin.flush()
+      except BrokenPipeError:
+        self._fail(rank)
+    return max(self._answers(TIME_TIMEOUT))
+
+  def close(self) -> None:
+    for proc in self.procs:
+      if proc.poll() is None:
+        try:
+          proc.stdin.write("quit\n")
+          proc.stdin.flush()
+        except BrokenPipeError:
+          pass
+    for proc in self.procs:
+      try:
+        proc.wait(timeout=30)
+      except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _best_times(groups: dict[str, _Group], plan: list[tuple[str, str]], steps: int,
+                rounds: int) -> dict[tuple[str, str], float]:
+  """Runs ``plan`` (``(group, key)`` in order) ``rounds`` times; the best
+  seconds per step of each entry."""
+  best: dict[tuple[str, str], float] = {}
+  for r in range(rounds):
+    began = time.perf_counter()
+    for entry in plan:
+      seconds = groups[entry[0]].time(entry[1], steps) / steps
+      best[entry] = min(best.get(entry, math.inf), seconds)
+    _progress(f"round {r + 1}/{rounds} took {time.perf_counter() - began:.0f} s")
+  return best
+
+
+def _progress(message: str) -> None:
+  print(f"scaling: {message}", file=sys.stderr, flush=True)
+
+
+def _measure(specs: dict[str, tuple[str, int, object]], plan: list[tuple[str, str]],
+             steps: int, rounds: int) -> tuple[dict[tuple[str, str], float], dict]:
+  """Starts every group of ``specs`` (``name: (kind, world, work)``) at once
+  (they compile in parallel), then times ``plan`` with them
+  (:func:`_best_times`); returns the best seconds per step and each group's
+  first-step losses."""
+  groups: dict[str, _Group] = {}
+  try:
+    for name, (kind, world, work) in specs.items():
+      groups[name] = _Group(kind, world, work)
+    began = time.perf_counter()
+    losses = {name: group.ready() for name, group in groups.items()}
+    _progress(f"{', '.join(g.name for g in groups.values())}: compiled and warmed up in "
+              f"{time.perf_counter() - began:.0f} s")
+    return _best_times(groups, plan, steps, rounds), losses
+  finally:
+    for group in groups.values():
+      group.close()
+
+
+def _widths(widths: tuple[int, ...]) -> str:
+  """``784-1024x8-10`` for 784, eight 1024s, 10."""
+  parts: list[list[int]] = []
+  for w in widths:
+    if parts and parts[-1][0] == w:
+      parts[-1][1] += 1
+    else:
+      parts.append([w, 1])
+  return "-".join(f"{w}x{n}" if n > 1 else str(w) for w, n in parts)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+  lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+  lines += ["| " + " | ".join(row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def _pipeline_table(work: PipelineWork, rounds: int) -> tuple[str, float]:
+  """Measures the pipeline against one process; the table and the largest
+  first-step loss difference."""
+  plan = []
+  for m in work.microbatches:  # one process and two take turns
+    plan += [("one", "full"), ("one", f"accum/{m}")]
+    plan += [("two", f"{name}/{m}") for name in work.schedules]
+  best, losses = _measure({"one": ("unpipelined", 1, work),
+                           "two": ("pipelined", STAGES, work)}, plan, work.steps, rounds)
+  full = best[("one", "full")]
+  rows, worst = [], 0.0
+  for m in work.microbatches:
+    accum = best[("one", f"accum/{m}")]
+    efficiency = full / accum
+    for name in work.schedules:
+      two = best[("two", f"{name}/{m}")]
+      measured, theory = full / two, _theory(name, m)
+      diff = max(abs(losses["two"][f"{name}/{m}"] - losses["one"][k])
+                 for k in ("full", f"accum/{m}"))
+      worst = diff if math.isnan(diff) else max(worst, diff)
+      label = f"{name} v={VIRTUAL[name]}" if name in VIRTUAL else name
+      rows.append([label, str(m), str(work.batch // m), f"{two * 1e3:.1f}",
+                   f"{full * 1e3:.1f}", f"{measured:.2f}", f"{accum * 1e3:.1f}",
+                   f"{efficiency:.2f}", f"{theory:.2f}", f"{theory * efficiency:.2f}",
+                   f"{measured / (theory * efficiency):.2f}", f"{diff:.1e}"])
+  header = ["schedule", "M", "microbatch", "ms/step 2 proc", "ms/step 1 proc",
+            "measured speedup", "ms/step 1 proc M mb", "mb-efficiency",
+            "theory S(1-bubble)", "theory x eff", "measured / (theory x eff)",
+            "loss diff"]
+  return _table(header, rows), worst
+
+
+def _dp_table(work: DataParallelWork, rounds: int, with_torch: bool) -> str:
+  """Measures data parallel, 2 processes against 1, meshnet and torch."""
+  kinds = ["meshnet"] + (["torch"] if with_torch else [])
+  specs = {f"{kind} {world}": (kind, world, work) for kind in kinds for world in (1, 2)}
+  plan = [(name, str(b)) for b in work.batches for name in specs]
+  best, _ = _measure(specs, plan, work.steps, rounds)
+  rows = []
+  for b in work.batches:
+    rate = {name: b / best.get((name, str(b)), math.nan) for name in
+            ("meshnet 1", "meshnet 2", "torch 1", "torch 2")}
+    cells = [str(b)]
+    for kind in ("meshnet", "torch"):
+      one, two = rate[f"{kind} 1"], rate[f"{kind} 2"]
+      cells += ["-"] * 3 if math.isnan(two) else [f"{one:,.0f}", f"{two:,.0f}",
+                                                  f"{two / one:.2f}"]
+    ratio = rate["meshnet 2"] / rate["torch 2"]
+    rows.append(cells + ["-" if math.isnan(ratio) else f"{ratio:.2f}"])
+  header = ["global batch", "meshnet 1p samples/s", "meshnet 2p samples/s",
+            "meshnet speedup", "torch 1p samples/s", "torch 2p samples/s", "torch speedup",
+            "meshnet / torch at 2p"]
+  return _table(header, rows)
+
+
+def _parse(argv) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true",
+                      help="a small model, M=4, two schedules, few steps (the test)")
+  parser.add_argument("--steps", type=int, help="timed steps per round (default: "
+                      f"pipeline {FULL[0].steps}, data parallel {FULL[1].steps})")
+  parser.add_argument("--rounds", type=int, help="rounds, keep the best (default 3; "
+                      "--quick 1)")
+  parser.add_argument("--schedules", help="comma-separated (default gpipe,1f1b,zb,"
+                      "interleaved)")
+  parser.add_argument("--microbatches", help="comma-separated M (default 4,8,16)")
+  parser.add_argument("--only", choices=["pipeline", "dp"])
+  parser.add_argument("--no-torch", action="store_true", help="skip PyTorch DDP")
+  parser.add_argument("--worker", choices=sorted(_BUILDERS),
+                      help=argparse.SUPPRESS)
+  parser.add_argument("--rank", type=int, help=argparse.SUPPRESS)
+  parser.add_argument("--world", type=int, help=argparse.SUPPRESS)
+  parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+  parser.add_argument("--work", help=argparse.SUPPRESS)
+  return parser.parse_args(argv)
+
+
+def _workloads(args) -> tuple[PipelineWork, DataParallelWork]:
+  pipeline, dp = QUICK if args.quick else FULL
+  changes = {}
+  if args.schedules:
+    changes["schedules"] = tuple(args.schedules.split(","))
+  if args.microbatches:
+    changes["microbatches"] = tuple(int(m) for m in args.microbatches.split(","))
+  if args.steps:
+    changes["steps"] = args.steps
+    dp = dataclasses.replace(dp, steps=args.steps)
+  return dataclasses.replace(pipeline, **changes), dp
+
+
+def _decode_work(payload: str):
+  fields = json.loads(payload)
+  cls = {c.__name__: c for c in (PipelineWork, DataParallelWork)}[fields.pop("type")]
+  return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
+
+def main(argv=None) -> int:
+  args = _parse(argv)
+  if args.worker:
+    _serve(args.worker, _decode_work(args.work), args.rank, args.world, args.port)
+    return 0
+  began = time.perf_counter()
+  pipeline, dp = _workloads(args)
+  rounds = args.rounds or (1 if args.quick else 3)
+  for name in pipeline.schedules:  # bad names and M fail here, not in a worker
+    for m in pipeline.microbatches:
+      _theory(name, m)
+  with_torch = not args.no_torch and importlib.util.find_spec("torch") is not None
+  import jax
+  versions = f"jax {jax.__version__}"
+  if with_torch:
+    import torch
+    versions += f", torch {torch.__version__}"
+  print(f"{versions}; every process pinned to its own core, 1 thread, gloo; best of "
+        f"{rounds} rounds, one process and two alternating\n")
+  status = 0
+  if args.only in (None, "pipeline"):
+    table, worst = _pipeline_table(pipeline, rounds)
+    print(f"Pipeline, stage={STAGES} over 2 processes vs unpipelined on 1: MLP "
+          f"{_widths(pipeline.widths)}, SGD, global batch {pipeline.batch}, "
+          f"{pipeline.steps} steps per round\n")
+    print(table + "\n")
+    if not worst <= LOSS_TOLERANCE:  # NaN too
+      print(f"FAILED: pipelined first-step loss differs from unpipelined by {worst:.2e} "
+            f"(> {LOSS_TOLERANCE})")
+      status = 1
+  if args.only in (None, "dp"):
+    table = _dp_table(dp, rounds, with_torch)
+    print(f"Data parallel, 2 processes vs 1: MLP {_widths(dp.widths)}, Adam, {dp.steps} "
+          "steps per round" + ("" if with_torch else "; torch skipped") + "\n")
+    print(table + "\n")
+  print(f"took {time.perf_counter() - began:.0f} s")
+  return status
+
+
+if __name__ == "__main__":
+  sys.exit(main())

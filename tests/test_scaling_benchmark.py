@@ -1,0 +1,64 @@
+"""benchmarks/scaling.py --quick runs end to end on real pinned processes,
+so the benchmark cannot rot: every row is there, every number finite and
+positive, and the pipelined loss equals the unpipelined one."""
+
+import importlib.util
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+
+
+def _tables(out: str) -> dict[str, list[dict[str, str]]]:
+  """Markdown tables in ``out``, by their first column's header: rows as
+  ``{header: cell}``."""
+  tables, header = {}, None
+  for line in out.splitlines():
+    if not line.startswith("|"):
+      header = None
+      continue
+    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    if header is None:
+      header = cells
+      tables[header[0]] = []
+    elif set(cells) != {"---"}:
+      tables[header[0]].append(dict(zip(header, cells)))
+  return tables
+
+
+def _positive(cell: str) -> bool:
+  value = float(cell.replace(",", ""))
+  return math.isfinite(value) and value > 0
+
+
+def test_quick_scaling_benchmark_prints_both_tables():
+  with_torch = importlib.util.find_spec("torch") is not None
+  proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scaling.py"), "--quick"],
+                        capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
+  out = proc.stdout + proc.stderr
+  assert proc.returncode == 0, out[-3000:]
+  tables = _tables(proc.stdout)
+
+  pipeline = tables["schedule"]
+  assert [(r["schedule"], r["M"], r["microbatch"]) for r in pipeline] == [
+      ("1f1b", "4", "64"), ("interleaved v=2", "4", "64")], out
+  for row in pipeline:
+    for column, cell in row.items():
+      if column not in ("schedule", "loss diff"):
+        assert _positive(cell), (column, row)
+    assert float(row["loss diff"]) <= 1e-4, row
+    assert abs(float(row["theory x eff"]) - float(row["theory S(1-bubble)"])
+               * float(row["mb-efficiency"])) < 0.02, row
+
+  dp = tables["global batch"]
+  assert [r["global batch"] for r in dp] == ["256"], out
+  for row in dp:
+    for column, cell in row.items():
+      if with_torch or "torch" not in column:
+        assert _positive(cell), (column, row)
+      else:
+        assert cell == "-", (column, row)
