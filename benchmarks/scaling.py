@@ -99,13 +99,15 @@ QUICK = (PipelineWork((784, 128, 128, 128, 10), 256, ("1f1b", "interleaved"), (4
 def _theory(schedule: str, microbatches: int) -> float:
   """The schedule's ideal speedup on ``STAGES`` devices: ``S x (1 - bubble)``.
 
-  The bubble is the schedule's own timed simulation (forward 1, backward 2,
-  see :attr:`meshnet.pipeline.Schedule.bubble`). The one place to change
-  when the simulation gets more exact.
+  The bubble is the timed simulation of the lockstep rounds the executor
+  runs (forward 1, backward 2 or input/weight halves 1 + 1, see
+  :mod:`meshnet.pipeline.rounds`); for GPipe, 1F1B and interleaved it equals
+  the schedule's asynchronous timed bubble (:attr:`Schedule.bubble`).
   """
   from meshnet.pipeline import make_schedule
-  plan = make_schedule(schedule, STAGES, microbatches, VIRTUAL.get(schedule, 1))
-  return plan.num_stages * (1.0 - plan.bubble)
+  from meshnet.pipeline.rounds import pack
+  return pack(make_schedule(schedule, STAGES, microbatches,
+                            VIRTUAL.get(schedule, 1))).speedup
 
 
 # --- workers: build programs, then time them on request -----------------------------

@@ -19,18 +19,22 @@ example with the key of the example's global index (as
 masks do not depend on the schedule, microbatch or stage. The compiled
 program therefore does not grow with the number of blocks or stages.
 
-Execution. A ``lax.scan`` over the schedule's ticks; at each tick every
-device looks up its entry in the table (static arrays indexed by tick and
-``axis_index(stage)``) and runs one branch of a ``lax.switch``: idle, the
-forward of a stage, its backward, or (split schedules) its input-gradient or
-weight-gradient half. Backward branches recompute the stage's forward under
-``jax.vjp`` from the stashed stage input, so only stage inputs are kept,
-in ring buffers whose slots the table assigns (a 1F1B stash holds about
-``S`` microbatches, whatever ``M``). After the branch, activations move one
-device forward and cotangents one device back with ``ppermute`` (circular,
-so chunk ``c`` of the last device feeds chunk ``c + 1`` of the first), and
-the receiver stores them in the slot the table names. The ``data`` axis
-averages the result with a bucketed ``pmean``.
+Execution. The schedule is packed into lockstep rounds
+(:mod:`meshnet.pipeline.rounds`): in each round every device runs up to one
+forward, one backward (the input half when split) and one weight-gradient
+op, each a ``lax.switch`` over idle and the stage groups, then activations
+move one device forward and cotangents one device back with ``ppermute``
+(circular, so chunk ``c`` of the last device feeds chunk ``c + 1`` of the
+first; at ``S = 2`` both go in one exchange). A forward keeps its vjp
+residuals, packed (:mod:`meshnet.pipeline.residuals`: only what depends on
+the microbatch; weights are re-sliced from the parameters), for the
+backward, so nothing is recomputed; with ``remat=True`` it keeps the stage
+input instead and the backward recomputes the forward. Received
+activations, cotangents and residuals live in ring buffers whose slots
+:mod:`meshnet.pipeline.plan` assigns; what a round produces is stored at the
+start of the next one, so the switches only read the buffers (XLA copies a
+buffer that a conditional reads and the same iteration then writes). The
+``data`` axis averages the result with a bucketed ``pmean``.
 """
 
 from __future__ import annotations
