@@ -333,14 +333,20 @@ class Pipeline:
 
       def backward(k, half):
         """``half``: "both" (full backward), "input" or "weight" (split)."""
-        def run(c, m, res_buf, res_slot, fresh, res_new, cot_buf, cot_slot, keys):
-          res = jnp.where(fresh, res_new, res_buf[c, res_slot])
+        # The first stage's input gradient goes nowhere: not computed when
+        # no other stage runs this branch.
+        no_dx = half == "weight" or (k == 0 and self.stage_groups.count(0) == 1)
+
+        def run(c, m, res_buf, res_slot, cot_buf, cot_slot, keys):
+          if half == "input" and no_dx:
+            return zeros((N,)), zeros((mb, D))
+          res = res_buf[c, res_slot]
           seed = _varying(jnp.ones((), jnp.float32), axes) if k == K - 1 else \
               cot_buf[c, cot_slot]
           dflat, dx = pullback_of(k, c, m, res, keys)(seed)
           if half == "input":
             dflat = zeros((N,))
-          if half == "weight":
+          if no_dx:
             dx = zeros((mb, D))
           return dflat, dx
         return run
@@ -375,8 +381,7 @@ class Pipeline:
         grads, loss_sum, act_buf, cot_buf, res_buf, pending, counts = carry
         e = {name: row[name][d] for name in row}
         # Store what the previous round produced before anything reads.
-        res_new, act_recv, cot_recv = pending
-        res_buf = store(res_buf, res_new, e["s_res_chunk"], e["s_res"])
+        act_recv, cot_recv = pending
         act_buf = store(act_buf, act_recv, e["s_act_chunk"], e["s_act"])
         cot_buf = store(cot_buf, cot_recv, e["s_cot_chunk"], e["s_cot"])
         with jax.named_scope("pipeline_forward"):
@@ -384,12 +389,15 @@ class Pipeline:
           res_new, act_out, dloss = jax.lax.switch(
               e["f_branch"], f_branches, e["f_chunk"], e["f_micro"], act_buf, e["f_act"],
               e["f_first"] > 0, op_keys(e["f_micro"], fk))
+          # Stored now: the switches below read res_buf, and nothing writes it
+          # after them in this round (else XLA copies the buffer).
+          res_buf = store(res_buf, res_new, e["f_chunk"], e["f_res"])
         with jax.named_scope("pipeline_backward"):
           bk = e["b_chunk"] * S + d
           keys = op_keys(e["b_micro"], bk) if self.remat else zeros(key_shape, jnp.uint32)
           dflat, cot_out = jax.lax.switch(
               e["b_branch"], b_branches, e["b_chunk"], e["b_micro"], res_buf, e["b_res"],
-              e["b_fresh"] > 0, res_new, cot_buf, e["b_cot"], keys)
+              cot_buf, e["b_cot"], keys)
           grad_chunk = e["b_chunk"]
         if split:
           with jax.named_scope("pipeline_weight_gradient"):
@@ -397,7 +405,7 @@ class Pipeline:
             keys = op_keys(e["w_micro"], wk) if self.remat else zeros(key_shape, jnp.uint32)
             dflat, _ = jax.lax.switch(
                 e["w_branch"], w_branches, e["w_chunk"], e["w_micro"], res_buf, e["w_res"],
-                e["w_fresh"] > 0, res_new, cot_buf, e["w_cot"], keys)
+                cot_buf, e["w_cot"], keys)
             grad_chunk = e["w_chunk"]
         grads = grads.at[grad_chunk].add(dflat)
         with jax.named_scope("pipeline_send"):
@@ -406,7 +414,7 @@ class Pipeline:
             e["w_branch"] > 0)
         counts = counts + jnp.stack([1, ran])
         return (grads, loss_sum + dloss, act_buf, cot_buf, res_buf,
-                (res_new, act_recv, cot_recv), counts), None
+                (act_recv, cot_recv), counts), None
 
       fill = lambda shape: _varying(jnp.full(shape, _fill, jnp.float32), axes)
       carry = (
@@ -415,7 +423,7 @@ class Pipeline:
           fill((v, buffers.num_act + 1, mb, D)),  # stage inputs received
           fill((v, buffers.num_cot + 1, mb, D)),  # cotangents received
           jax.lax.bitcast_convert_type(fill((v, buffers.num_res + 1, R)), jnp.uint32),
-          (zeros((R,), jnp.uint32), zeros((mb, D)), zeros((mb, D))),  # to store next round
+          (zeros((mb, D)), zeros((mb, D))),  # received, stored next round
           zeros((2,), jnp.int32),  # rounds run, ops run
       )
       with jax.named_scope("pipeline_rounds"):

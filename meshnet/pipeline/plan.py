@@ -10,10 +10,11 @@ int32 tables ``[rounds, S]`` that the program indexes at run time. Each
 buffer has one extra slot at the end, the *trash* slot: a round that has
 nothing to store writes there, so stores need no branch.
 
-Phases in round ``r``: F at ``4r``, B at ``4r + 1``, W at ``4r + 2``; what a
-round produces (a forward's residuals, what arrived by ``ppermute``) is
-stored at ``4r + 3``, before the next round's ops read the buffers. A slot
-is free for a new value once its last reader has run.
+Phases in round ``r``: F at ``4r`` (it writes its residuals right after it
+runs, before the round's B and W read), B at ``4r + 1``, W at ``4r + 2``;
+what arrives by ``ppermute`` is stored at ``4r + 3``, before the next
+round's ops read the buffers. A slot is free for a new value once its last
+reader has run.
 """
 
 from __future__ import annotations
@@ -27,14 +28,15 @@ from meshnet.pipeline.rounds import Rounds
 from meshnet.pipeline.schedules import B, F, W
 
 TABLE_NAMES = (
-    # forward: branch (0 idle, 1 + group), chunk, microbatch, input slot, first stage?
-    "f_branch", "f_chunk", "f_micro", "f_act", "f_first",
+    # forward: branch (0 idle, 1 + group), chunk, microbatch, input slot, first
+    # stage?, residual slot it writes (the trash slot when idle)
+    "f_branch", "f_chunk", "f_micro", "f_act", "f_first", "f_res",
     # backward (input half when split) and weight half: branch, chunk, microbatch,
-    # residual slot, residual made this round?, cotangent slot, last stage?
-    "b_branch", "b_chunk", "b_micro", "b_res", "b_fresh", "b_cot",
-    "w_branch", "w_chunk", "w_micro", "w_res", "w_fresh", "w_cot",
-    # stores at the start of the round, of what the previous round produced
-    "s_res_chunk", "s_res", "s_act_chunk", "s_act", "s_cot_chunk", "s_cot",
+    # residual slot, cotangent slot
+    "b_branch", "b_chunk", "b_micro", "b_res", "b_cot",
+    "w_branch", "w_chunk", "w_micro", "w_res", "w_cot",
+    # stores at the start of the round, of what the previous round received
+    "s_act_chunk", "s_act", "s_cot_chunk", "s_cot",
 )
 
 
@@ -101,15 +103,14 @@ def plan(rounds: Rounds, branch_of: Sequence[int]) -> Plan:
         act[(k, m)] = (stored(F, k - 1, m), t(F, k, m))
       if k < K - 1:
         cot[(k, m)] = (stored(B, k + 1, m), max(t(kind, k, m) for kind in readers))
-      write = stored(F, k, m)
-      res[(k, m)] = (write, max([write] + [t(kind, k, m) for kind in readers]))
+      res[(k, m)] = (t(F, k, m), max(t(kind, k, m) for kind in readers))
   act_slots, n_act = _allocate(act)
   cot_slots, n_cot = _allocate(cot)
   res_slots, n_res = _allocate(res)
 
   T = rounds.num_rounds
   tabs = {name: np.zeros((T, S), np.int32) for name in TABLE_NAMES}
-  for name, trash in (("s_res", n_res), ("s_act", n_act), ("s_cot", n_cot)):
+  for name, trash in (("f_res", n_res), ("s_act", n_act), ("s_cot", n_cot)):
     tabs[name][:] = trash  # nothing to store: write to the trash slot
   for r, row in enumerate(rounds.ops):
     for d, ops in enumerate(row):
@@ -120,8 +121,7 @@ def plan(rounds: Rounds, branch_of: Sequence[int]) -> Plan:
           tabs["f_chunk"][r, d], tabs["f_micro"][r, d] = c, m
           tabs["f_act"][r, d] = act_slots.get((k, m), n_act)
           tabs["f_first"][r, d] = k == 0
-          if r + 1 < T:
-            tabs["s_res_chunk"][r + 1, d], tabs["s_res"][r + 1, d] = c, res_slots[(k, m)]
+          tabs["f_res"][r, d] = res_slots[(k, m)]
           if k < K - 1 and r + 1 < T:  # the next stage stores what it receives
             d2, c2 = (k + 1) % S, (k + 1) // S
             tabs["s_act_chunk"][r + 1, d2] = c2
@@ -131,7 +131,6 @@ def plan(rounds: Rounds, branch_of: Sequence[int]) -> Plan:
           tabs[f"{p}_branch"][r, d] = 1 + branch_of[k]
           tabs[f"{p}_chunk"][r, d], tabs[f"{p}_micro"][r, d] = c, m
           tabs[f"{p}_res"][r, d] = res_slots[(k, m)]
-          tabs[f"{p}_fresh"][r, d] = when[(F, k, m)] == r
           tabs[f"{p}_cot"][r, d] = cot_slots.get((k, m), n_cot)
           if op.kind == B and k > 0 and r + 1 < T:  # the previous stage stores it
             d2, c2 = (k - 1) % S, (k - 1) // S
