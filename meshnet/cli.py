@@ -69,6 +69,9 @@ TRAIN_FLAGS: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
     "--clip-norm": ("optim", "clip_norm", _optional_float,
                     "clip the gradient's global norm (0/none: off)"),
     "--grad-accum": ("optim", "grad_accum", int, "gradient accumulation micro-steps"),
+    "--grad-transport": ("optim", "grad_transport", str,
+                         "how processes average gradients: xla (all-reduce) or shm "
+                         "(CPU processes on one host: shared memory)"),
     "--schedule": ("pipeline", "schedule", str, "pipeline schedule: gpipe, 1f1b, "
                    "interleaved or zb (with --mesh stage=N)"),
     "--microbatches": ("pipeline", "microbatches", _optional_int,

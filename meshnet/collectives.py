@@ -138,6 +138,7 @@ def _reduce_bucketed(name: str, op: Callable[[jax.Array, AxisName], jax.Array], 
 def pmean_bucketed(
     tree: Any, axis_name: AxisName, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     flatten: bool = True, ordered_size: int | None = None,
+    mean: Callable[[jax.Array], jax.Array] | None = None,
 ) -> Any:
   """``lax.pmean`` of every leaf over ``axis_name``, in few large reductions.
 
@@ -153,8 +154,13 @@ def pmean_bucketed(
       false, one reduction per leaf, grouped by XLA's combiner.
     ordered_size: if given (the size of ``axis_name``), reduce with
       :func:`ordered_pmean`: bit-identical on any process layout.
+    mean: average each bucket with this instead of a collective (e.g.
+      :func:`meshnet.shm.make_host_mean`'s shared-memory mean, which sums in
+      axis order).
   """
-  if ordered_size is not None:
+  if mean is not None:
+    op = lambda x, axis: mean(x)
+  elif ordered_size is not None:
     op = lambda x, axis: ordered_pmean(x, axis, ordered_size)
   else:
     op = jax.lax.pmean

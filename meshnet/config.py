@@ -50,6 +50,8 @@ def _check_float(name: str, value: Any, rule: str, ok: Callable[[float], bool],
     raise MeshnetError(f"{name}={value!r} must be a finite number {rule}{note}")
 
 
+GRAD_TRANSPORTS = ("xla", "shm")
+
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
   """Mesh axis sizes (one may be -1: the rest of the devices).
@@ -162,6 +164,10 @@ class OptimConfig:
     grad_accum: accumulate gradients over this many micro-steps per step.
     deterministic: average gradients over ``data`` in a fixed order, so runs
       are bit-identical however devices are spread over processes.
+    grad_transport: how processes average gradients: ``xla`` (the
+      compiled all-reduce: gloo on CPU, NCCL/ICI on accelerators) or ``shm``
+      (CPU processes on one host, one device each: through shared memory,
+      summed in process order, see :mod:`meshnet.shm`).
   """
 
   optimizer: str = "adam"
@@ -173,6 +179,7 @@ class OptimConfig:
   clip_norm: float | None = None
   grad_accum: int = 1
   deterministic: bool = False
+  grad_transport: str = "xla"
 
   def __post_init__(self):
     _check_float("optim.lr", self.lr, "> 0", lambda v: v > 0)
@@ -183,6 +190,9 @@ class OptimConfig:
       _check_float("optim.clip_norm", self.clip_norm, "> 0", lambda v: v > 0,
                    " (or None, --clip-norm off, to not clip)")
     _check_int("optim.grad_accum", self.grad_accum, 1)
+    if self.grad_transport not in GRAD_TRANSPORTS:
+      raise MeshnetError(f"optim.grad_transport={self.grad_transport!r} must be one of "
+                         f"{', '.join(GRAD_TRANSPORTS)} (--grad-transport)")
 
 
 @dataclasses.dataclass(frozen=True)

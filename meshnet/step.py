@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
@@ -220,10 +221,23 @@ def _local_value_and_grad(
   return loss_sum / grad_accum, jax.tree.map(lambda g: g / grad_accum, grad_sum)
 
 
+def _host_mean(model: Model, mesh: Mesh, bucket_bytes: int) -> Callable:
+  """The shared-memory mean (:mod:`meshnet.shm`), its segment sized for the
+  largest bucket of the loss and the gradient."""
+  from meshnet import shm
+
+  shapes = jax.eval_shape(model.init, jax.random.key(0))
+  leaves = [((), jnp.float32)] + [(s.shape, s.dtype) for s in jax.tree.leaves(shapes)]
+  nbytes = max(sum(int(np.prod(leaves[i][0], dtype=np.int64)) * np.dtype(leaves[i][1]).itemsize
+                   for i in bucket)
+               for bucket in collectives.plan_buckets(leaves, bucket_bytes))
+  return shm.make_host_mean(mesh, DATA, nbytes)
+
+
 def make_grad_fn(
     model: Model, mesh: Mesh, *, loss: str | losses.Objective | Callable = "cross_entropy",
     grad_accum: int = 1, bucket_bytes: int = collectives.DEFAULT_BUCKET_BYTES,
-    flatten_buckets: bool = True, deterministic: bool = False,
+    flatten_buckets: bool = True, deterministic: bool = False, grad_transport: str = "xla",
 ) -> Callable[[Params, Batch, jax.Array], tuple[jax.Array, Params]]:
   """``(params, (x, y), key) -> (loss, grads)`` averaged over the global batch.
 
@@ -239,9 +253,14 @@ def make_grad_fn(
   measured). ``deterministic`` averages in a fixed
   order (:func:`meshnet.collectives.ordered_pmean`), so the result is
   bit-identical however the devices are spread over processes.
+  ``grad_transport="shm"`` averages through shared memory between the
+  processes of one host instead of an all-reduce (one device per process;
+  summed in ``data`` order, so runs repeat bit for bit; see
+  :mod:`meshnet.shm`). Setting it up synchronises the processes.
   """
   _check_mesh(mesh, pipelined=False)
   objective = losses.objective(loss)
+  mean = _host_mean(model, mesh, bucket_bytes) if grad_transport == "shm" else None
 
   def loss_of(params, x, y, key, first_index):
     outputs = apply_train(model.apply, params, x, key, first_index)
@@ -259,7 +278,7 @@ def make_grad_fn(
       # two (each gloo all-reduce costs ~2 ms of latency here).
       loss, grads = collectives.pmean_bucketed(
           (loss, grads), DATA, bucket_bytes=bucket_bytes, flatten=flatten_buckets,
-          ordered_size=axis_size(mesh, DATA) if deterministic else None)
+          ordered_size=axis_size(mesh, DATA) if deterministic else None, mean=mean)
     return loss, grads
 
   sharded = jax.shard_map(
@@ -282,7 +301,7 @@ def make_train_step(
     loss: str | losses.Objective | Callable = "cross_entropy", grad_accum: int = 1,
     bucket_bytes: int = collectives.DEFAULT_BUCKET_BYTES,
     flatten_buckets: bool = True, deterministic: bool = False,
-    donate: bool = True, pipeline: "Pipeline | None" = None,
+    donate: bool = True, pipeline: "Pipeline | None" = None, grad_transport: str = "xla",
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
   """A jitted ``step(state, (x, y)) -> (state, metrics)``.
 
@@ -303,6 +322,8 @@ def make_train_step(
       run is bit-identical on any process layout (more traffic).
     donate: donate ``state``'s buffers to the output (the input state must
       not be used after the call).
+    grad_transport: ``xla`` (all-reduce) or ``shm`` (shared memory between
+      the processes of one host; see :func:`make_grad_fn`).
     pipeline: pipeline the model over ``stage`` with this
       :class:`~meshnet.pipeline.Pipeline`. The state is the same as without
       one; each step stacks the parameters per stage (``[S, v, N]`` sharded
@@ -322,8 +343,12 @@ def make_train_step(
   if pipeline is None:
     grad_fn = make_grad_fn(model, mesh, loss=loss, grad_accum=grad_accum,
                            bucket_bytes=bucket_bytes, flatten_buckets=flatten_buckets,
-                           deterministic=deterministic)
+                           deterministic=deterministic, grad_transport=grad_transport)
   else:
+    if grad_transport != "xla":
+      raise MeshnetError(
+          f"grad_transport={grad_transport!r} with a pipeline: the pipelined step "
+          "averages over data with the compiled all-reduce; use the default transport")
     _check_mesh(mesh, pipelined=True)
     if grad_accum != 1:
       raise MeshnetError(

@@ -225,7 +225,8 @@ def run(
   say(f"model: {n_params:,} parameters; optimizer {oc.optimizer}, lr {oc.lr}")
   train_step = make_train_step(model, optimizer, mesh, loss=dataset.loss,
                                grad_accum=grad_accum, pipeline=pipeline,
-                               deterministic=oc.deterministic)
+                               deterministic=oc.deterministic,
+                               grad_transport=oc.grad_transport)
   eval_step = make_eval_step(model, mesh, loss=dataset.loss) if tc.eval_every else None
   sharding = batch_sharding(mesh)
 

@@ -6,6 +6,8 @@ import subprocess
 import sys
 import time
 
+import jax
+import numpy as np
 import pytest
 
 import meshnet
@@ -153,3 +155,57 @@ def test_launch_gives_each_cpu_process_one_device_by_default(tmp_path):
   assert "mesh data=2 fsdp=1 stage=1 tensor=1: 2 cpu devices, 2 processes" in out, out
   _run(args + ["--devices", "2", "--checkpoint-dir", str(tmp_path / "one")])
   assert _digest(tmp_path / "two", 10) == _digest(tmp_path / "one", 10)
+
+
+def test_shared_memory_transport_trains_what_one_process_trains(tmp_path):
+  """--grad-transport shm (2 processes, one device each) gives one process's
+  parameters to float32 rounding (XLA fuses the in-graph mean into the
+  update differently), dropout and gradient accumulation included, and it
+  sums in process order: two runs give the same bits."""
+  args = TRAIN + ["--mesh", "data=2", "--steps", "12", "--dropout", "0.2",
+                  "--grad-accum", "2", "--optimizer", "adamw", "--weight-decay", "0.01"]
+  for run in ("shm", "shm_again"):
+    out = _run(["launch", "-n", "2", "--", *MESHNET, *args, "--grad-transport", "shm",
+                "--checkpoint-dir", str(tmp_path / run)])
+    assert "[0] compiled the train step" in out
+  _run(args + ["--devices", "2", "--deterministic", "--checkpoint-dir", str(tmp_path / "one")])
+  assert _digest(tmp_path / "shm", 12) == _digest(tmp_path / "shm_again", 12)
+  shm_params = checkpoint.load_params(str(tmp_path / "shm"), 12)
+  one_params = checkpoint.load_params(str(tmp_path / "one"), 12)
+  for got, want in zip(jax.tree.leaves(shm_params), jax.tree.leaves(one_params)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-7)
+  leftovers = [n for n in os.listdir("/dev/shm") if n.startswith("meshnet-")]
+  assert not leftovers, leftovers  # the segment's name is removed once all attached
+
+
+def test_shared_memory_transport_refuses_what_it_cannot_do():
+  """One process, or several devices per process: a one-line error naming
+  the fix, before anything runs."""
+  out = subprocess.run(MESHNET + TRAIN + ["--devices", "2", "--mesh", "data=2", "--steps", "2",
+                                         "--grad-transport", "shm"],
+                       capture_output=True, text=True, env=ENV, timeout=300)
+  assert out.returncode != 0
+  assert "--grad-transport shm averages between processes on one host" in out.stderr
+  out = subprocess.run(
+      MESHNET + ["launch", "-n", "2", "--devices-per-process", "2", "--", *MESHNET, *TRAIN,
+                 "--mesh", "data=4", "--steps", "2", "--grad-transport", "shm"],
+      capture_output=True, text=True, env=ENV, timeout=300)
+  assert out.returncode != 0
+  assert "one device per process" in out.stdout + out.stderr
+  out = subprocess.run(MESHNET + TRAIN + ["--grad-transport", "nccl"], capture_output=True,
+                       text=True, env=ENV, timeout=300)
+  assert out.returncode != 0 and "optim.grad_transport='nccl' must be one of xla, shm" in (
+      out.stderr)
+
+
+def test_shared_memory_mean_times_out_when_a_peer_never_comes(tmp_path):
+  from meshnet import shm
+  name = shm.segment_name(str(tmp_path))
+  mean = shm.SharedMemoryMean.create(name, 0, 2, 64, timeout=0.5)
+  try:
+    start = time.time()
+    with pytest.raises(meshnet.MeshnetError, match=r"process\(es\) \[1\] did not arrive"):
+      mean(np.ones(4, np.float32))
+    assert time.time() - start < 5
+  finally:
+    mean.unlink()

@@ -332,32 +332,29 @@ class Pipeline:
         return residuals.pullback(lay, residuals.unpack(res, lay), recomputed)
 
       def backward(k, half):
-        """``half``: "both" (full backward), "input" or "weight" (split)."""
+        """``half``: "both" (full backward: ``(dflat, dx)``), "input" (``dx``)
+        or "weight" (``dflat``) for split schedules."""
         # The first stage's input gradient goes nowhere: not computed when
         # no other stage runs this branch.
-        no_dx = half == "weight" or (k == 0 and self.stage_groups.count(0) == 1)
+        no_dx = k == 0 and self.stage_groups.count(0) == 1
 
         def run(c, m, res_buf, res_slot, cot_buf, cot_slot, keys):
           if half == "input" and no_dx:
-            return zeros((N,)), zeros((mb, D))
+            return zeros((mb, D))
           res = res_buf[c, res_slot]
           seed = _varying(jnp.ones((), jnp.float32), axes) if k == K - 1 else \
               cot_buf[c, cot_slot]
           dflat, dx = pullback_of(k, c, m, res, keys)(seed)
-          if half == "input":
-            dflat = zeros((N,))
-          if no_dx:
-            dx = zeros((mb, D))
-          return dflat, dx
+          dx = zeros((mb, D)) if no_dx else dx
+          return {"both": (dflat, dx), "input": dx, "weight": dflat}[half]
         return run
 
-      def backward_idle(*args):
-        return zeros((N,)), zeros((mb, D))
-
+      idle = {"both": lambda *a: (zeros((N,)), zeros((mb, D))),
+              "input": lambda *a: zeros((mb, D)), "weight": lambda *a: zeros((N,))}
       f_branches = [forward_idle] + [forward(k) for k in reps]
       b_half = "input" if split else "both"
-      b_branches = [backward_idle] + [backward(k, b_half) for k in reps]
-      w_branches = [backward_idle] + [backward(k, "weight") for k in reps]
+      b_branches = [idle[b_half]] + [backward(k, b_half) for k in reps]
+      w_branches = [idle["weight"]] + [backward(k, "weight") for k in reps]
 
       # --- one round ----------------------------------------------------------
       def store(buf, value, chunk, slot):
@@ -395,15 +392,16 @@ class Pipeline:
         with jax.named_scope("pipeline_backward"):
           bk = e["b_chunk"] * S + d
           keys = op_keys(e["b_micro"], bk) if self.remat else zeros(key_shape, jnp.uint32)
-          dflat, cot_out = jax.lax.switch(
+          out = jax.lax.switch(
               e["b_branch"], b_branches, e["b_chunk"], e["b_micro"], res_buf, e["b_res"],
               cot_buf, e["b_cot"], keys)
+          dflat, cot_out = (None, out) if split else out
           grad_chunk = e["b_chunk"]
         if split:
           with jax.named_scope("pipeline_weight_gradient"):
             wk = e["w_chunk"] * S + d
             keys = op_keys(e["w_micro"], wk) if self.remat else zeros(key_shape, jnp.uint32)
-            dflat, _ = jax.lax.switch(
+            dflat = jax.lax.switch(
                 e["w_branch"], w_branches, e["w_chunk"], e["w_micro"], res_buf, e["w_res"],
                 cot_buf, e["w_cot"], keys)
             grad_chunk = e["w_chunk"]
