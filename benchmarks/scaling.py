@@ -187,7 +187,8 @@ def _pipelined_programs(work: PipelineWork, rank: int, world: int) -> dict:
 
 
 def _meshnet_dp_programs(work: DataParallelWork, rank: int, world: int) -> dict:
-  """``{"batch": program}``: the train step on ``data=world``."""
+  """``{"batch": program}``: the train step on ``data=world``; with several
+  processes also ``{"shm/batch": program}`` (``grad_transport="shm"``)."""
   import optax
 
   import meshnet
@@ -195,8 +196,14 @@ def _meshnet_dp_programs(work: DataParallelWork, rank: int, world: int) -> dict:
   model = meshnet.models.mlp(list(work.widths))
   optimizer = optax.adam(work.lr)
   mesh = meshnet.make_mesh(data=world)
-  return {str(b): _meshnet_program(model, optimizer, mesh, *ddp._data(b, rank, world, 0))
-          for b in work.batches}
+  programs = {}
+  for b in work.batches:
+    data = ddp._data(b, rank, world, 0)
+    programs[str(b)] = _meshnet_program(model, optimizer, mesh, *data)
+    if world > 1:
+      programs[f"shm/{b}"] = _meshnet_program(model, optimizer, mesh, *data,
+                                              grad_transport="shm")
+  return programs
 
 
 def _torch_dp_programs(work: DataParallelWork, rank: int, world: int) -> dict:
@@ -448,21 +455,28 @@ def _dp_table(work: DataParallelWork, rounds: int, with_torch: bool) -> str:
   kinds = ["meshnet"] + (["torch"] if with_torch else [])
   specs = {f"{kind} {world}": (kind, world, work) for kind in kinds for world in (1, 2)}
   plan = [(name, str(b)) for b in work.batches for name in specs]
+  plan += [("meshnet 2", f"shm/{b}") for b in work.batches]
   best, _ = _measure(specs, plan, work.steps, rounds)
   rows = []
   for b in work.batches:
     rate = {name: b / best.get((name, str(b)), math.nan) for name in
             ("meshnet 1", "meshnet 2", "torch 1", "torch 2")}
+    shm = b / best.get(("meshnet 2", f"shm/{b}"), math.nan)
     cells = [str(b)]
     for kind in ("meshnet", "torch"):
       one, two = rate[f"{kind} 1"], rate[f"{kind} 2"]
       cells += ["-"] * 3 if math.isnan(two) else [f"{one:,.0f}", f"{two:,.0f}",
                                                   f"{two / one:.2f}"]
+      if kind == "meshnet":
+        cells += [f"{shm:,.0f}", f"{shm / one:.2f}"]
     ratio = rate["meshnet 2"] / rate["torch 2"]
-    rows.append(cells + ["-" if math.isnan(ratio) else f"{ratio:.2f}"])
+    shm_ratio = shm / rate["torch 2"]
+    rows.append(cells + ["-" if math.isnan(ratio) else f"{ratio:.2f}",
+                         "-" if math.isnan(shm_ratio) else f"{shm_ratio:.2f}"])
   header = ["global batch", "meshnet 1p samples/s", "meshnet 2p samples/s",
-            "meshnet speedup", "torch 1p samples/s", "torch 2p samples/s", "torch speedup",
-            "meshnet / torch at 2p"]
+            "meshnet speedup", "meshnet 2p shm samples/s", "shm speedup",
+            "torch 1p samples/s", "torch 2p samples/s", "torch speedup",
+            "meshnet / torch at 2p", "meshnet shm / torch at 2p"]
   return _table(header, rows)
 
 
