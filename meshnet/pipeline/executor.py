@@ -47,7 +47,6 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from meshnet import collectives, losses
@@ -65,6 +64,63 @@ def _varying(x: jax.Array, axes: Sequence[str]) -> jax.Array:
   have = jax.typeof(x).manual_axis_type.varying
   missing = tuple(a for a in axes if a not in have)
   return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
+@dataclasses.dataclass(frozen=True)
+class _RunLayout:
+  """Where a run of identical layers keeps its parameters in a stage's flat
+  vector: leaf by leaf (every layer's ``w``, then every layer's ``b``...),
+  so a run's stacked leaves are contiguous slices (views, not copies).
+
+  Attributes:
+    layers: how many layers the run has (``n``).
+    treedef: one layer's parameter tree structure.
+    shapes: each leaf's shape in one layer.
+    dtypes: each leaf's dtype.
+  """
+
+  layers: int
+  treedef: Any
+  shapes: tuple[tuple[int, ...], ...]
+  dtypes: tuple[Any, ...]
+
+  @property
+  def size(self) -> int:
+    return self.layers * sum(int(np.prod(s, dtype=np.int64)) for s in self.shapes)
+
+  def stacked(self, piece: jax.Array) -> Any:
+    """The run's ``[size]`` slice of the flat vector -> its parameter tree
+    with a leading ``[n]`` axis."""
+    counts = [self.layers * int(np.prod(s, dtype=np.int64)) for s in self.shapes]
+    blocks = jnp.split(piece, np.cumsum(counts)[:-1].tolist()) if len(counts) > 1 else [piece]
+    leaves = [b.reshape(self.layers, *s).astype(t)
+              for b, s, t in zip(blocks, self.shapes, self.dtypes)]
+    return jax.tree.unflatten(self.treedef, leaves)
+
+  def ravel(self, layer_params: Sequence[Any], dtype: Any) -> jax.Array:
+    """The run's layers' parameters (one tree each) -> its flat slice."""
+    per_leaf = zip(*(jax.tree.leaves(p) for p in layer_params))
+    parts = [jnp.stack(leaf).reshape(-1).astype(dtype) for leaf in per_leaf]
+    return jnp.concatenate(parts) if parts else jnp.zeros((0,), dtype)
+
+
+def _ravel_stage(layouts: Sequence[_RunLayout], params: Sequence[Any], dtype: Any) -> jax.Array:
+  """A stage's layers' parameters -> its flat vector, run by run."""
+  parts, i = [], 0
+  for run in layouts:
+    parts.append(run.ravel(params[i:i + run.layers], dtype))
+    i += run.layers
+  return jnp.concatenate(parts)
+
+
+def _unravel_stage(layouts: Sequence[_RunLayout], flat: jax.Array) -> list[Any]:
+  """Inverse of :func:`_ravel_stage`: one parameter tree per layer."""
+  params, offset = [], 0
+  for run in layouts:
+    stacked = run.stacked(flat[offset:offset + run.size])
+    params.extend(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(run.layers))
+    offset += run.size
+  return params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,13 +145,12 @@ class Pipeline:
   schedule: sched.Schedule
   bounds: tuple[int, ...]
   example_shape: tuple[int, ...]
-  _unravel: tuple[Callable, ...]
   _sizes: tuple[int, ...]
   _widths: tuple[int, ...]  # flattened activation size entering stage k; last = output
   _groups: tuple[int, ...] = ()  # stage k computes what stage _groups[k] computes
   _shapes: tuple[tuple[int, ...], ...] = ()  # per-example activation entering stage k
   _runs: tuple[tuple[tuple[int, int], ...], ...] = ()  # per stage: runs of identical layers
-  _layer_slices: tuple[tuple[tuple[int, int, Callable], ...], ...] = ()  # (offset, size, unravel)
+  _run_layouts: tuple[tuple[_RunLayout, ...], ...] = ()  # per stage, per run
   _key_layers: tuple[bool, ...] = ()  # per layer: reads its key when training (dropout)
   remat: bool = False
 
@@ -138,7 +193,7 @@ class Pipeline:
     def build(params):
       rows = []
       for k in range(self.num_virtual_stages):
-        flat, _ = ravel_pytree(self.stage_params(params, k))
+        flat = _ravel_stage(self._run_layouts[k], self.stage_params(params, k), jnp.float32)
         rows.append(jnp.pad(flat, (0, N - flat.shape[0])))
       stacked = jnp.stack(rows)  # [K, N], k = c * S + d
       return stacked.reshape(v, S, N).transpose(1, 0, 2)
@@ -155,7 +210,7 @@ class Pipeline:
       params: list[Any] = []
       for k in range(self.num_virtual_stages):
         d, c = k % S, k // S
-        params.extend(self._unravel[k](stacked[d, c, :self._sizes[k]]))
+        params.extend(_unravel_stage(self._run_layouts[k], stacked[d, c, :self._sizes[k]]))
       return params
 
     return jax.jit(split, out_shardings=replicated)
@@ -197,7 +252,6 @@ class Pipeline:
     x = x_pad[:, :self._widths[k]].reshape(b, *self._shapes[k])
     first = self.bounds[k]
     layers = self.model.layers[first:self.bounds[k + 1]]
-    slices = self._layer_slices[k]
     keys = None if layer_keys is None else jax.random.wrap_key_data(layer_keys)
 
     def run_layer(layer, p, x, layer_keys_b, per_example):
@@ -208,18 +262,20 @@ class Pipeline:
       one = lambda x_i, k_i: layer.apply(p, x_i[None], train=train, key=k_i)[0]
       return jax.vmap(one)(x, layer_keys_b)
 
-    for start, end in self._runs[k]:
+    # Each run's parameters are contiguous in the flat vector, leaf by leaf:
+    # one split (whose transpose, in the backward, is one concatenate rather
+    # than a padded add per run) and reshapes give them stacked, as views,
+    # whatever the number of layers.
+    layouts = self._run_layouts[k]
+    pieces = jnp.split(flat, np.cumsum([run.size for run in layouts]).tolist())
+    for (start, end), run, piece in zip(self._runs[k], layouts, pieces):
       layer = layers[start]
       per_example = self._key_layers[first + start]
-      offset, size, unravel_layer = slices[start]
+      stacked = run.stacked(piece)
       if end - start == 1:
-        x = run_layer(layer, unravel_layer(flat[offset:offset + size]), x,
+        x = run_layer(layer, jax.tree.map(lambda a: a[0], stacked), x,
                       None if keys is None else keys[:, start], per_example)
         continue
-      # The run's parameters are contiguous in the flat vector: one reshape
-      # gives them stacked, whatever the number of layers.
-      region = flat[offset:offset + (end - start) * size].reshape(end - start, size)
-      stacked = jax.vmap(unravel_layer)(region)
 
       def body(h, inputs, layer=layer, per_example=per_example):
         p, column = inputs
@@ -293,6 +349,11 @@ class Pipeline:
           k: residuals.layout(stage_fn(k), flat_params[0], x_mb, y_mb, keys_mb) for k in reps}
       R = mb * D if self.remat else max([1] + [lay.size for lay in layouts.values()])
 
+      def chunk_params(c):
+        """``[N]`` parameters of chunk ``c`` (a static index with one chunk:
+        slices of it are then views, not copies)."""
+        return flat_params[0] if v == 1 else flat_params[c]
+
       def op_keys(m, k):
         """``[mb, n_max, 2]`` key data of microbatch ``m``'s examples for
         virtual stage ``k``'s layers (a dummy scalar without dropout)."""
@@ -307,7 +368,7 @@ class Pipeline:
 
         def run(c, m, act_buf, act_slot, first, keys):
           x_in = jnp.where(first, xs[m], act_buf[c, act_slot])
-          flat = flat_params[c]
+          flat = chunk_params(c)
           if self.remat:
             out, res = fn(flat, x_in, ys[m], keys), jax.lax.bitcast_convert_type(
                 x_in, jnp.uint32).reshape(-1)
@@ -323,7 +384,7 @@ class Pipeline:
         return zeros((R,), jnp.uint32), zeros((mb, D)), zeros(())
 
       def pullback_of(k, c, m, res, keys):
-        fn, flat = stage_fn(k), flat_params[c]
+        fn, flat = stage_fn(k), chunk_params(c)
         if self.remat:
           x_in = jax.lax.bitcast_convert_type(res, jnp.float32).reshape(mb, D)
           return jax.vjp(lambda f, a: fn(f, a, ys[m], keys), flat, x_in)[1]
@@ -405,7 +466,7 @@ class Pipeline:
                 e["w_branch"], w_branches, e["w_chunk"], e["w_micro"], res_buf, e["w_res"],
                 cot_buf, e["w_cot"], keys)
             grad_chunk = e["w_chunk"]
-        grads = grads.at[grad_chunk].add(dflat)
+        grads = grads.at[0 if v == 1 else grad_chunk].add(dflat)
         with jax.named_scope("pipeline_send"):
           act_recv, cot_recv = send(act_out, cot_out)
         ran = (e["f_branch"] > 0).astype(jnp.int32) + (e["b_branch"] > 0) + (
@@ -513,19 +574,11 @@ def make_pipeline(
 
   # Shapes of every stage's parameters and boundary activations (abstractly),
   # and, inside each stage, runs of identical layers to scan over.
-  unravel, sizes, shapes, runs, slices, key_layers = [], [], [example_shape], [], [], []
+  sizes, shapes, runs, run_layouts, key_layers = [], [example_shape], [], [], []
   x = jax.ShapeDtypeStruct((2, *example_shape), jnp.float32)
   for k in range(K):
     stage = list(params[bounds[k]:bounds[k + 1]])
-    zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), stage)
-    flat, fn = ravel_pytree(zeros)
-    unravel.append(fn)
-    sizes.append(int(flat.shape[0]))
-    signatures, layer_slices, offset = [], [], 0
-    for p in zeros:
-      layer_flat, layer_unravel = ravel_pytree(p)
-      layer_slices.append((offset, int(layer_flat.shape[0]), layer_unravel))
-      offset += int(layer_flat.shape[0])
+    signatures = []
     for layer, p in zip(model.layers[bounds[k]:bounds[k + 1]], stage):
       y = jax.eval_shape(functools.partial(layer.apply, train=True), p, x,
                          key=jax.random.key(0))
@@ -534,11 +587,17 @@ def make_pipeline(
       key_layers.append(uses_key(layer.apply, p, x))
       x = y
     runs.append(_identical_runs(signatures))
-    slices.append(tuple(layer_slices))
+    layouts = []
+    for start, end in runs[-1]:
+      leaves, treedef = jax.tree.flatten(stage[start])
+      layouts.append(_RunLayout(end - start, treedef, tuple(tuple(s.shape) for s in leaves),
+                                tuple(s.dtype for s in leaves)))
+    run_layouts.append(tuple(layouts))
+    sizes.append(sum(run.size for run in layouts))
     shapes.append(tuple(x.shape[1:]))
-  pipe = Pipeline(model, mesh, plan, tuple(bounds), example_shape, tuple(unravel),
+  pipe = Pipeline(model, mesh, plan, tuple(bounds), example_shape,
                   tuple(sizes), tuple(int(np.prod(s)) for s in shapes[:-1]),
-                  _shapes=tuple(shapes), _runs=tuple(runs), _layer_slices=tuple(slices),
+                  _shapes=tuple(shapes), _runs=tuple(runs), _run_layouts=tuple(run_layouts),
                   _key_layers=tuple(key_layers), remat=bool(remat))
   return dataclasses.replace(pipe, _groups=_stage_groups(pipe))
 
