@@ -95,6 +95,16 @@ _SECTIONS = {"mesh": MeshConfig, "model": ModelConfig, "data": DataConfig,
              "checkpoint": CheckpointConfig, "train": TrainConfig}
 
 
+def _callback_error(error: BaseException) -> str | None:
+  """The meshnet message inside an XLA error raised by a host callback
+  (``--grad-transport shm``), or None if it is not one."""
+  marker = "MeshnetError: "
+  text = str(error)
+  if type(error).__name__ != "JaxRuntimeError" or marker not in text:
+    return None
+  return text.rsplit(marker, 1)[1].strip().splitlines()[0]
+
+
 def _dest(flag: str) -> str:
   return flag.lstrip("-").replace("-", "_")
 
@@ -213,6 +223,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   except MeshnetError as e:
     print(f"meshnet: error: {e}", file=sys.stderr)
     return 1 if isinstance(e, FloatingPointError) else 2
+  except Exception as e:  # noqa: BLE001  (XLA wraps errors raised in host callbacks)
+    message = _callback_error(e)
+    if message is None:
+      raise
+    print(f"meshnet: error: {message}", file=sys.stderr)
+    return 2
   except _Terminated:
     # Everything that must finish (a save in flight) did as the exception
     # unwound; exit at once: XLA's threads can crash an ordinary interpreter

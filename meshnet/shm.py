@@ -58,6 +58,10 @@ class SharedMemoryMean:
     flags = np.ndarray((2 * size * _LINE // 8,), np.int64, segment.buf, 0)
     self._arrived = flags[0:size * _LINE // 8:_LINE // 8]
     self._done = flags[size * _LINE // 8::_LINE // 8]
+    # Next to each process's ``arrived`` flag: the byte count and dtype of
+    # what it brought, checked against every peer's (the exchanges of one
+    # step must pair up, bucket for bucket).
+    self._what = np.ndarray((size, _LINE // 8), np.int64, segment.buf, 0)[:, 1:3]
     self._data_offset = 2 * size * _LINE
     self._calls = 0
 
@@ -84,7 +88,12 @@ class SharedMemoryMean:
   def attach(cls, name: str, rank: int, size: int, nbytes: int,
              timeout: float = 300.0) -> "SharedMemoryMean":
     _check_platform()
-    segment = shared_memory.SharedMemory(name=name)
+    try:
+      segment = shared_memory.SharedMemory(name=name)
+    except FileNotFoundError:
+      raise MeshnetError(
+          f"shared memory segment {name} not found: the processes of a data-parallel group "
+          "are not on one host: use the default --grad-transport xla") from None
     # Python < 3.13 registers attached segments for deletion at exit: the
     # creator owns it.
     resource_tracker.unregister(segment._name, "shared_memory")  # noqa: SLF001
@@ -114,7 +123,7 @@ class SharedMemoryMean:
         late = [r for r in range(self.size) if flags[r] < value]
         raise MeshnetError(
             f"shared-memory gradient mean: process(es) {late} did not {what} within "
-            f"{self.timeout:.0f} s (a peer died or hangs); rerun, or drop --grad-transport shm")
+            f"{self.timeout:g} s (a peer died or hangs); rerun, or drop --grad-transport shm")
       if waited > _SPIN_S:
         time.sleep(5e-5)
       else:
@@ -131,8 +140,14 @@ class SharedMemoryMean:
     g = self._calls
     self._wait(self._done, g - 1, "finish the previous exchange")
     self._slot(self.rank, flat.dtype, flat.size)[:] = flat
+    self._what[self.rank] = (flat.nbytes, flat.dtype.num)
     self._arrived[self.rank] = g
     self._wait(self._arrived, g, "arrive")
+    if (self._what != self._what[self.rank]).any():
+      raise MeshnetError(
+          f"shared-memory gradient mean: exchange {g} pairs buffers of different sizes or "
+          f"dtypes across processes ({self._what.tolist()}); the processes do not run "
+          "the same program: drop --grad-transport shm")
     total = self._slot(0, flat.dtype, flat.size).copy()
     for r in range(1, self.size):
       total += self._slot(r, flat.dtype, flat.size)

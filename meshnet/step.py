@@ -231,7 +231,8 @@ def _host_mean(model: Model, mesh: Mesh, bucket_bytes: int) -> Callable:
   nbytes = max(sum(int(np.prod(leaves[i][0], dtype=np.int64)) * np.dtype(leaves[i][1]).itemsize
                    for i in bucket)
                for bucket in collectives.plan_buckets(leaves, bucket_bytes))
-  return shm.make_host_mean(mesh, DATA, nbytes)
+  # Slack: the loss joins the bucket of its own dtype (bf16 outputs: bf16 loss).
+  return shm.make_host_mean(mesh, DATA, nbytes + 16)
 
 
 def make_grad_fn(

@@ -461,3 +461,34 @@ def test_any_optax_transformation_updates_as_without_a_pipeline(name, make, digi
   ref_params, _ = reference.train(model, losses.cross_entropy, optimizer, initial, batches)
   chex.assert_trees_all_close(reference.to_numpy(state.params),
                               reference.to_numpy(ref_params), rtol=1e-5, atol=1e-7)
+
+
+def test_parameter_free_and_mixed_precision_layers_pipeline():
+  """Two identical parameter-free layers form a run with nothing to scan
+  over; bf16 and tuple parameters go through the stage's flat vector and
+  come back with their dtypes."""
+  def act():
+    return meshnet.Model(lambda key: {}, lambda p, x: jnp.tanh(x))
+
+  def dense(n_in, n_out, dtype=jnp.float32):
+    def init(key):
+      return (0.3 * jax.random.normal(key, (n_in, n_out))).astype(dtype), jnp.zeros(n_out)
+    return meshnet.Model(init, lambda p, x: x @ p[0].astype(jnp.float32) + p[1][None, :])
+
+  model = meshnet.sequential([dense(16, 16), act(), act(), dense(16, 16, jnp.bfloat16),
+                              dense(16, 8)])
+  pipe = make_pipeline(model, _mesh(2, data=1), (16,), schedule="zb", microbatches=2)
+  params = model.init(jax.random.key(0))
+  assert [type(p).__name__ for p in pipe.unstack(pipe.stack(params))][:2] == ["tuple", "dict"]
+  assert pipe.unstack(pipe.stack(params))[3][0].dtype == jnp.bfloat16
+  x, y = jax.random.normal(jax.random.key(1), (8, 16)), jnp.zeros((8, 8))
+  loss, grads = jax.jit(pipe.make_grad_fn(loss="mse"))(pipe.stack(params), (x, y),
+                                                         jax.random.key(2))
+  ref_loss, ref_grads = reference.loss_and_grad(model, losses.squared_error, params, x, y)
+  np.testing.assert_allclose(loss, ref_loss, **TIGHT)
+  for got, want in zip(jax.tree.leaves(pipe.unstack(grads)), jax.tree.leaves(ref_grads)):
+    assert got.dtype == want.dtype
+    # bf16: the pipeline sums microbatch gradients in float32, the reference
+    # rounds the whole batch's once: one bf16 step apart at most.
+    tol = dict(atol=2e-3, rtol=1e-2) if want.dtype == jnp.bfloat16 else TIGHT
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), **tol)

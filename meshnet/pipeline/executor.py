@@ -282,7 +282,7 @@ class Pipeline:
         return run_layer(layer, p, h, column, per_example), None
 
       columns = None if keys is None else jnp.swapaxes(keys[:, start:end], 0, 1)
-      x, _ = jax.lax.scan(body, x, (stacked, columns))
+      x, _ = jax.lax.scan(body, x, (stacked, columns), length=end - start)
     if k == self.num_virtual_stages - 1:
       return x
     x = x.reshape(b, -1)
