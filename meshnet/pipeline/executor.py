@@ -450,21 +450,21 @@ class Pipeline:
           # Stored now: the switches below read res_buf, and nothing writes it
           # after them in this round (else XLA copies the buffer).
           res_buf = store(res_buf, res_new, e["f_chunk"], e["f_res"])
+
+        def backward_op(p, branches):
+          """This round's ``p`` op ("b": backward, "w": weight half)."""
+          keys = (op_keys(e[f"{p}_micro"], e[f"{p}_chunk"] * S + d) if self.remat
+                  else zeros(key_shape, jnp.uint32))
+          return jax.lax.switch(e[f"{p}_branch"], branches, e[f"{p}_chunk"], e[f"{p}_micro"],
+                                res_buf, e[f"{p}_res"], cot_buf, e[f"{p}_cot"], keys)
+
         with jax.named_scope("pipeline_backward"):
-          bk = e["b_chunk"] * S + d
-          keys = op_keys(e["b_micro"], bk) if self.remat else zeros(key_shape, jnp.uint32)
-          out = jax.lax.switch(
-              e["b_branch"], b_branches, e["b_chunk"], e["b_micro"], res_buf, e["b_res"],
-              cot_buf, e["b_cot"], keys)
+          out = backward_op("b", b_branches)
           dflat, cot_out = (None, out) if split else out
           grad_chunk = e["b_chunk"]
         if split:
           with jax.named_scope("pipeline_weight_gradient"):
-            wk = e["w_chunk"] * S + d
-            keys = op_keys(e["w_micro"], wk) if self.remat else zeros(key_shape, jnp.uint32)
-            dflat = jax.lax.switch(
-                e["w_branch"], w_branches, e["w_chunk"], e["w_micro"], res_buf, e["w_res"],
-                cot_buf, e["w_cot"], keys)
+            dflat = backward_op("w", w_branches)
             grad_chunk = e["w_chunk"]
         grads = grads.at[0 if v == 1 else grad_chunk].add(dflat)
         with jax.named_scope("pipeline_send"):

@@ -117,9 +117,7 @@ def _encode(x: jax.Array) -> jax.Array:
   if x.dtype == jnp.bool_:
     return x.reshape(-1).astype(jnp.uint32)
   size = np.dtype(x.dtype).itemsize
-  if size == 4:
-    return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
-  if size > 4:  # [..., size / 4] words
+  if size >= 4:  # 8-byte types become [..., 2] words
     return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
   small = {1: jnp.uint8, 2: jnp.uint16}[size]
   return jax.lax.bitcast_convert_type(x, small).reshape(-1).astype(jnp.uint32)

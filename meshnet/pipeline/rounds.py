@@ -24,16 +24,9 @@ from __future__ import annotations
 import dataclasses
 
 from meshnet.errors import MeshnetError
-from meshnet.pipeline.schedules import B, F, W, Op, Schedule, _dependencies
+from meshnet.pipeline.schedules import B, F, W, Op, Schedule, _dependencies, op_costs
 
 KINDS = (F, B, W)
-
-
-def op_costs(schedule: Schedule) -> dict[str, float]:
-  """Time units of each op kind: F = 1, B = 2 (1 when the backward is
-  split), W = 1, per chunk (divided by ``v``)."""
-  v = schedule.virtual_stages
-  return {F: 1.0 / v, B: (1.0 if schedule.split_backward else 2.0) / v, W: 1.0 / v}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,10 +45,6 @@ class Rounds:
   @property
   def num_rounds(self) -> int:
     return len(self.ops)
-
-  def op(self, r: int, d: int, kind: str) -> Op | None:
-    """Device ``d``'s op of ``kind`` in round ``r``, or None."""
-    return next((op for op in self.ops[r][d] if op.kind == kind), None)
 
   def round_times(self) -> list[float]:
     """Each round's duration: its busiest device's sum of op costs."""

@@ -203,9 +203,16 @@ def validate(schedule: Schedule) -> None:
                 f"schedule {schedule.name!r}: stage {d} never runs {Op(kind, m, c)}")
 
 
+def op_costs(schedule: Schedule) -> dict[str, float]:
+  """Time units of each op kind: F = 1, B = 2 (1 when the backward is
+  split), W = 1, per chunk (divided by ``v``)."""
+  v = schedule.virtual_stages
+  return {F: 1.0 / v, B: (1.0 if schedule.split_backward else 2.0) / v, W: 1.0 / v}
+
+
 def _timed_bubble(schedule: Schedule) -> float:
   S, v = schedule.num_stages, schedule.virtual_stages
-  cost = {F: 1.0 / v, B: (1.0 if schedule.split_backward else 2.0) / v, W: 1.0 / v}
+  cost = op_costs(schedule)
   orders = [[row[d] for row in schedule.table if row[d] is not None] for d in range(S)]
   finish: dict[tuple[int, Op], float] = {}
   free = [0.0] * S
