@@ -36,6 +36,7 @@ def save_png(schedule: Schedule, path: str) -> str:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   from matplotlib.patches import Patch, Rectangle
+  from matplotlib.ticker import MaxNLocator
 
   S, T = schedule.num_stages, schedule.num_ticks
   fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * T + 1.5), 0.55 * S + 1.4))
@@ -50,6 +51,7 @@ def save_png(schedule: Schedule, path: str) -> str:
   ax.set_xlim(0, T)
   ax.set_ylim(S, 0)
   ax.set_yticks([d + 0.5 for d in range(S)], [f"stage {d}" for d in range(S)])
+  ax.xaxis.set_major_locator(MaxNLocator(integer=True))
   ax.set_xlabel("tick")
   ax.set_title(title(schedule), fontsize=9)
   kinds = ["F", "B", "W"] if schedule.split_backward else ["F", "B"]
