@@ -6,11 +6,13 @@ a training step is ``state, metrics = step(state, batch)``.
 """
 
 from meshnet import checkpoint, cli, collectives, data, losses, models, nn, pipeline, sharding, train
+from meshnet import fetch
 from meshnet.config import (
     Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, PipelineConfig, TrainConfig,
 )
-from meshnet.data import BatchSampler, Dataset, global_batch, load_dataset
-from meshnet.errors import MeshnetError, NonFiniteLossError, NonFiniteStateError
+from meshnet.data import BatchSampler, Dataset, default_data_dir, global_batch, load_dataset
+from meshnet.errors import DownloadError, MeshnetError, NonFiniteLossError, NonFiniteStateError
+from meshnet.fetch import fetch_mnist
 from meshnet.mesh import (
     AXES, DATA, FSDP, STAGE, TENSOR, describe_mesh, make_mesh, set_cpu_device_count,
 )
@@ -31,4 +33,5 @@ __all__ = [
     "losses", "make_eval_step", "make_grad_fn", "make_mesh", "make_optimizer",
     "make_pipeline", "make_train_step", "models", "nn", "pipeline", "sequential",
     "set_cpu_device_count", "sharding", "train",
+    "default_data_dir", "DownloadError", "fetch", "fetch_mnist",
 ]

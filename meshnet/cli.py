@@ -56,7 +56,9 @@ TRAIN_FLAGS: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
     "--activation": ("model", "activation", str, "hidden activation"),
     "--dropout": ("model", "dropout", float, "dropout rate when training"),
     "--dataset": ("data", "dataset", str, "xor, digits or mnist"),
-    "--data-dir": ("data", "data_dir", _optional_str, "directory of data files (mnist)"),
+    "--data-dir": ("data", "data_dir", _optional_str,
+                   "directory of data files (mnist; default: where `meshnet data fetch "
+                   "mnist` puts them)"),
     "--batch-size": ("data", "batch_size", int, "global batch size"),
     "--devices": ("mesh", "devices", _optional_int,
                   "simulate N CPU devices (CPU platform only; 'none': as JAX finds)"),
@@ -143,6 +145,29 @@ def _add_train_parser(subparsers) -> None:
                       "when this run saves its first step (CheckpointConfig.overwrite)")
 
 
+def _add_data_parser(subparsers) -> None:
+  from meshnet.fetch import ENV_MNIST_MIRROR, FETCHABLE, MNIST_MIRROR
+
+  data = subparsers.add_parser(
+      "data", help="download data sets (training never downloads)",
+      description="Data set files. `meshnet data fetch mnist` downloads MNIST once; "
+      "`meshnet train --dataset mnist` then reads it without --data-dir.")
+  actions = data.add_subparsers(dest="data_command", metavar="ACTION")
+  actions.required = True
+  fetch = actions.add_parser(
+      "fetch", help="download and verify a data set's files",
+      description="Download the data set's files (MD5-verified; resumes partial files, "
+      "skips verified ones) into --dir.")
+  fetch.add_argument("dataset", choices=FETCHABLE)
+  fetch.add_argument("--dir", default=None, metavar="DIR",
+                     help="where to put the files (default: $MESHNET_DATA_DIR/mnist, else "
+                     "$XDG_CACHE_HOME/meshnet/mnist or ~/.cache/meshnet/mnist: where "
+                     "meshnet train --dataset mnist looks without --data-dir)")
+  fetch.add_argument("--mirror", default=None, metavar="URL",
+                     help=f"base URL holding the files (default: ${ENV_MNIST_MIRROR}, else "
+                     f"{MNIST_MIRROR})")
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
   """The :class:`Config` that parsed ``meshnet train`` flags describe."""
   fields: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
@@ -167,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
   subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
   subparsers.required = True
   _add_train_parser(subparsers)
+  _add_data_parser(subparsers)
   launch = subparsers.add_parser(
       "launch", help="run a command in N local processes joined by jax.distributed",
       description="Start N processes on this host (like torchrun), each with the "
@@ -210,6 +236,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "train":
       from meshnet.train import run
       run(config_from_args(args))  # applies --devices before JAX starts
+    elif args.command == "data":
+      from meshnet.fetch import fetch_command
+      return fetch_command(args.dataset, args.dir, mirror=args.mirror)
     elif args.command == "launch":
       from meshnet.launch import launch
       command = args.command_args

@@ -135,7 +135,8 @@ class ModelConfig:
 class DataConfig:
   """Attributes:
     dataset: ``xor``, ``digits`` or ``mnist``.
-    data_dir: directory with files for file-based data sets (mnist).
+    data_dir: directory with files for file-based data sets (mnist); ``None``:
+      :func:`meshnet.data.default_data_dir`, where ``meshnet data fetch`` puts them.
     batch_size: global batch size, over all devices and processes.
   """
 

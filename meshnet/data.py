@@ -1,8 +1,9 @@
 """Data sets that need no download, a resumable batch sampler, global batches.
 
 * :func:`load_dataset` gives ``xor``, ``digits`` (scikit-learn's bundled 8x8
-  digits) and ``mnist`` (standard IDX files in a directory you point to;
-  meshnet never downloads at run time).
+  digits) and ``mnist`` (the standard IDX files, read from ``--data-dir`` or
+  :func:`default_data_dir`, where ``meshnet data fetch mnist`` puts them;
+  training never downloads).
 * :class:`BatchSampler` decides which examples form global batch ``i``: a
   permutation per epoch drawn from ``(seed, epoch)``, so the sequence depends
   only on the seed, never on the mesh or process count. Its ``position`` is
@@ -17,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import os
+import shlex
 import struct
 from typing import Iterator, Sequence
 
@@ -25,6 +27,7 @@ import numpy as np
 
 from meshnet.errors import MeshnetError
 
+ENV_DATA_DIR = "MESHNET_DATA_DIR"
 DIGITS_SPLIT_SEED = 0
 DIGITS_TEST_FRACTION = 0.2
 MNIST_FILES = {
@@ -85,6 +88,21 @@ def digits() -> Dataset:
   n_test = int(round(len(x) * DIGITS_TEST_FRACTION))
   test, train = order[:n_test], order[n_test:]
   return Dataset("digits", x[train], y[train], x[test], y[test], "cross_entropy", 10)
+
+
+def default_data_dir(dataset: str) -> str:
+  """The directory a file-based data set is read from when no ``data_dir``
+  (``--data-dir``) is given, and where ``meshnet data fetch`` puts it.
+
+  ``$MESHNET_DATA_DIR/<dataset>`` if that variable is set, else
+  ``$XDG_CACHE_HOME/meshnet/<dataset>``, else ``~/.cache/meshnet/<dataset>``.
+  Nothing is created here.
+  """
+  root = os.environ.get(ENV_DATA_DIR)
+  if not root:
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
+    root = os.path.join(cache, "meshnet")
+  return os.path.join(os.path.expanduser(root), dataset)
 
 
 def _find_idx_file(data_dir: str, stem: str) -> str | None:
@@ -165,8 +183,10 @@ def _mnist_labels(path: str, array: np.ndarray, num_classes: int) -> np.ndarray:
   return labels
 
 
-def mnist(data_dir: str | None) -> Dataset:
-  """MNIST from the four standard IDX files (raw or ``.gz``) in ``data_dir``.
+def mnist(data_dir: str | None = None) -> Dataset:
+  """MNIST from the four standard IDX files (raw or ``.gz``) in ``data_dir``
+  (default: :func:`default_data_dir` ``("mnist")``, where
+  ``meshnet data fetch mnist`` downloads them; this function never downloads).
 
   Images become ``[N, rows * cols]`` float32: uint8 images (as in the
   standard files) are scaled by 1/255 to [0, 1]; images stored as floats (or
@@ -174,24 +194,28 @@ def mnist(data_dir: str | None) -> Dataset:
   [0, 10).
 
   Raises:
-    MeshnetError: no ``data_dir``, or a file is missing (the message lists
-      the file names to put there) or malformed: not IDX, no examples, images
-      where labels belong or the other way round, labels outside [0, 10),
-      image and label counts that differ, or test images of another size
-      than the training images. The message names the file.
+    MeshnetError: a file is missing (the message lists the file names to put
+      there and the ``meshnet data fetch mnist`` command that downloads them)
+      or malformed: not IDX, no examples, images where labels belong or the
+      other way round, labels outside [0, 10), image and label counts that
+      differ, or test images of another size than the training images. The
+      message names the file.
   """
   names = ", ".join(f"{stem}.gz" for stem in MNIST_FILES.values())
-  if not data_dir:
-    raise MeshnetError(
-        f"dataset mnist reads local files: pass --data-dir DIR with {names} "
-        "(meshnet never downloads)"
-    )
-  paths = {key: _find_idx_file(data_dir, stem) for key, stem in MNIST_FILES.items()}
+  directory = os.path.expanduser(data_dir) if data_dir else default_data_dir("mnist")
+  paths = {key: _find_idx_file(directory, stem) for key, stem in MNIST_FILES.items()}
   missing = [MNIST_FILES[key] for key, path in paths.items() if path is None]
+  if missing and data_dir:
+    raise MeshnetError(
+        f"MNIST file {missing[0]}[.gz] not found in {data_dir}; put {names} there, or "
+        f"run `meshnet data fetch mnist --dir {shlex.quote(data_dir)}` to download them "
+        "(training never downloads)"
+    )
   if missing:
     raise MeshnetError(
-        f"MNIST file {missing[0]}[.gz] not found in {data_dir}; put {names} "
-        "there (meshnet never downloads)"
+        f"MNIST file {missing[0]}[.gz] not found in {directory} (the default data "
+        "directory); run `meshnet data fetch mnist` to download the files there "
+        f"(training never downloads), or pass --data-dir DIR with {names}"
     )
   arrays = {key: read_idx(path) for key, path in paths.items()}
   for key, array in arrays.items():
@@ -273,6 +297,11 @@ DATASETS: tuple[str, ...] = ("xor", "digits", "mnist")
 
 def load_dataset(name: str, data_dir: str | None = None) -> Dataset:
   """The built-in data set ``name`` (one of :data:`DATASETS`).
+
+  Args:
+    name: the data set.
+    data_dir: where file-based data sets (``mnist``) are read from; ``None``:
+      :func:`default_data_dir`.
 
   Raises:
     MeshnetError: unknown name, or mnist files missing.

@@ -36,3 +36,9 @@ class NonFiniteStateError(MeshnetError, FloatingPointError):
     if hint:
       message += f" ({hint})"
     super().__init__(message)
+
+
+class DownloadError(MeshnetError):
+  """``meshnet data fetch`` could not get a verified file: the server is
+  unreachable, the connection kept ending early, or the file's MD5 checksum is
+  not the expected one. The message names the URL or file and what to do."""
