@@ -53,13 +53,12 @@ def _set_open_line(stream: TextIO, bar: "Bar | None") -> None:
 class Bar:
   """A one-line progress bar over ``total`` units of work.
 
-  Draws ``LABEL  n/total [#####-------] NOTE  ETA 0:01:05``. On a terminal
+  Draws ``LABEL n/total [#####-------] NOTE  ETA 0:01:05``. On a terminal
   the line is redrawn in place; on anything else (a file, a pipe, CI) it
   writes a line at most every ``interval`` seconds (and, if it wrote any, a
   last one when done), so a long job still shows it is alive and a short
-  one stays quiet. The bar draws in whatever
-  process holds it: callers in a multi-process job enable it on process 0
-  only (:func:`is_main_process`).
+  one stays quiet. The bar draws in whatever process holds it: callers in a
+  multi-process job enable it on process 0 only (:func:`is_main_process`).
 
   Example::
 

@@ -18,15 +18,17 @@ any other ``eval_NAME``    ``eval/NAME``; any other number ``train/NAME``
 =========================  ===============================================
 
 ``step`` is the x axis and ``time`` the wall time, not scalars. Text
-summaries ``run/mesh`` and ``run/config`` and, for a pipelined run,
+summaries ``run/mesh`` and ``run/config`` (JSON) and, for a pipelined run,
 ``pipeline/schedule`` (the text grid) and the image ``pipeline/timeline``
-describe the run (:meth:`TensorBoardWriter.describe_run`).
+describe the run (:meth:`TensorBoardWriter.describe_run`), at the run's
+first step less one. TensorBoard's Text tab lists them with tensorboardX's
+suffix: ``run/mesh/text_summary``.
 
 Events reach the disk within ``flush_secs`` (default 2 s), so
 ``tensorboard --logdir DIR`` shows a run live. A resumed run writes a new
 event file into the same directory and its curves continue the earlier
 ones: the writer drops the events of steps after the checkpoint it resumed
-from from the earlier files (the stopped run wrote them before it was
+from out of the earlier files (the stopped run wrote them before it was
 stopped, and they are run again), and marks the restart in the new file
 (TensorBoard's ``purge_step``), so every step appears once.
 """
@@ -140,11 +142,6 @@ class TensorBoardWriter:
       raise MeshnetError(f"cannot write TensorBoard events to {logdir} "
                          f"({e.strerror or type(e).__name__}); choose another "
                          "--tensorboard DIR") from None
-
-  @property
-  def active(self) -> bool:
-    """Whether this writer writes (a directory was given; process 0)."""
-    return self._writer is not None
 
   def write(self, record: Mapping[str, Any]) -> None:
     """Writes every number of ``record`` except ``step``/``time`` as a scalar
