@@ -33,6 +33,7 @@ import optax  # noqa: E402
 
 import meshnet  # noqa: E402
 from meshnet.checkpoint import Checkpointer, to_logical  # noqa: E402
+from meshnet.metrics import Bar  # noqa: E402
 
 WIDTHS = [784, 2048, 2048, 1024, 10]
 
@@ -48,6 +49,7 @@ def main(argv=None) -> int:
   tree = to_logical(state)
   nbytes = sum(leaf.nbytes for leaf in jax.tree.leaves(tree))
   root = tempfile.mkdtemp(prefix="meshnet-bench-", dir=args.dir)
+  bar = Bar(2 * args.repeats + 1, label="checkpoint: writes", interval=0)  # on stderr
   try:
     checkpointer = Checkpointer(os.path.join(root, "ckpt"), keep=2, log=lambda _: None)
     blocked, full = [], []
@@ -60,6 +62,7 @@ def main(argv=None) -> int:
       if i:
         blocked.append(t_blocked)
         full.append(t_full)
+      bar.advance(note="meshnet save" + (" (warm-up)" if not i else ""))
     checkpointer.close()
 
     host = [np.asarray(leaf) for leaf in jax.tree.leaves(jax.device_get(tree))]
@@ -71,7 +74,9 @@ def main(argv=None) -> int:
       for j, array in enumerate(host):
         np.save(os.path.join(folder, f"{j}.npy"), array)
       numpy_times.append(time.perf_counter() - start)
+      bar.advance(note="np.save")
   finally:
+    bar.close()
     shutil.rmtree(root, ignore_errors=True)
 
   mb = nbytes / 1e6

@@ -158,11 +158,16 @@ def main(argv=None) -> int:
     import torch
   except ImportError:
     raise SystemExit("this benchmark compares with PyTorch: pip install torch==2.13.0")
+  from meshnet.metrics import Bar
+
   ours, theirs = {}, {}
-  for _ in range(args.pairs):  # alternate, keep each one's best: the machine is noisy
+  bar = Bar(2 * args.pairs, label="ddp: runs of 2 processes", interval=0)  # on stderr
+  for i in range(args.pairs):  # alternate, keep each one's best: the machine is noisy
     for kind, best in (("meshnet", ours), ("torch", theirs)):
       for batch, rate in _run_pair(kind, args.steps, args.rounds).items():
         best[batch] = max(best.get(batch, 0.0), rate)
+      bar.advance(note=f"{kind} run {i + 1}/{args.pairs}")
+  bar.close()
   import jax
   print(f"jax {jax.__version__}, torch {torch.__version__}; 2 processes x 1 CPU device, "
         f"gloo; MLP {WIDTHS}, Adam; {args.steps} steps, best of {args.rounds} rounds "

@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import meshnet  # noqa: E402
+from meshnet.metrics import Bar  # noqa: E402
 from meshnet.sharding import batch_sharding  # noqa: E402
 from meshnet.train import max_steps_in_flight  # noqa: E402
 
@@ -76,16 +77,21 @@ def main(argv=None):
   args = parser.parse_args(argv)
   names = ["combined", "packed", "1 device"]
   rows = []
-  for batch_size in (256, 1024):
+  batch_sizes = (256, 1024)
+  bar = Bar(len(batch_sizes) * args.rounds * len(names), label="dp_step: cases",
+            interval=0)  # on stderr; stdout keeps the table only
+  for batch_size in batch_sizes:
     setups = {name: list(_variant(name, batch_size)) for name in names}
     best = {name: float("inf") for name in names}
-    for _ in range(args.rounds):
+    for r in range(args.rounds):
       for name in names:
         step, state, batch, max_in_flight = setups[name]
         seconds, setups[name][1] = _time(step, state, batch, args.steps, max_in_flight)
         best[name] = min(best[name], seconds)
+        bar.advance(note=f"batch {batch_size}, {name}, round {r + 1}")
     rate = {name: batch_size * args.steps / best[name] for name in names}
     rows.append((batch_size, rate))
+  bar.close()
   header = ("| global batch | combined samples/s | packed samples/s | 1 device samples/s "
             "| combined / packed | combined / 1 device |")
   lines = [header, "| --- | --- | --- | --- | --- | --- |"]

@@ -33,6 +33,7 @@ import optax  # noqa: E402
 
 import meshnet  # noqa: E402
 from meshnet import losses  # noqa: E402
+from meshnet.metrics import Bar  # noqa: E402
 from meshnet.model import apply_train  # noqa: E402
 
 
@@ -78,17 +79,19 @@ def _pipeline_variants(batch_size: int):
           "pipeline step, stacked update": lambda: stacked_step(stacked, opt_state, batch)[0]}
 
 
-def _best_ms(variants, steps: int, rounds: int) -> dict[str, float]:
-  for fn in variants.values():
+def _best_ms(variants, steps: int, rounds: int, bar: Bar) -> dict[str, float]:
+  for name, fn in variants.items():
     jax.block_until_ready(fn())  # compile
+    bar.advance(note=f"{name}: compiled")
   best = {name: float("inf") for name in variants}
-  for _ in range(rounds):
+  for r in range(rounds):
     for name, fn in variants.items():
       start = time.perf_counter()
       for _ in range(steps):
         out = fn()
       jax.block_until_ready(out)
       best[name] = min(best[name], 1e3 * (time.perf_counter() - start) / steps)
+      bar.advance(note=f"{name}: round {r + 1}")
   return best
 
 
@@ -99,8 +102,11 @@ def main() -> None:
   args = parser.parse_args()
   print("| what | new ms | old ms | new / old |")
   print("| --- | --- | --- | --- |")
+  # 2 comparisons x 2 variants, each compiled once and timed `rounds` times.
+  bar = Bar(2 * 2 * (1 + args.rounds), label="exactness_costs: cases", interval=0)
   for variants in (_dropout_variants(1024), _pipeline_variants(512)):
-    ms = _best_ms(variants, args.steps, args.rounds)
+    ms = _best_ms(variants, args.steps, args.rounds, bar)
+    bar.close()
     (new, new_ms), (old, old_ms) = ms.items()
     print(f"| {new} vs {old.split(', ')[-1]} | {new_ms:.2f} | {old_ms:.2f} | "
           f"{new_ms / old_ms:.2f} |")

@@ -85,9 +85,15 @@ def main(argv=None) -> int:
   port = _free_port()
   command = [sys.executable, __file__, "--iters", str(args.iters), "--rounds",
              str(args.rounds), "--port", str(port), "--worker"]
+  # Progress on stderr (the workers' own stderr, gloo's chatter, is dropped).
+  print(f"gloo_exchange: 2 worker processes: joining, compiling, then {args.rounds} rounds "
+        f"x {args.iters} exchanges of each kind ...", file=sys.stderr, flush=True)
+  began = time.perf_counter()
   procs = [subprocess.Popen(command + [str(i)], stderr=subprocess.DEVNULL)
            for i in range(2)]
   codes = [p.wait(timeout=600) for p in procs]
+  print(f"gloo_exchange: workers done in {time.perf_counter() - began:.0f} s (exit codes "
+        f"{codes})", file=sys.stderr, flush=True)
   return max(codes)
 
 

@@ -33,6 +33,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import meshnet  # noqa: E402
+from meshnet.metrics import Bar  # noqa: E402
 from meshnet.sharding import batch_sharding  # noqa: E402
 
 WIDTHS = [784, 512, 384, 256, 192, 128, 96, 64, 10]
@@ -111,7 +112,10 @@ def main(argv=None) -> int:
   mesh = meshnet.make_mesh(stage=STAGES, devices=jax.devices()[:STAGES])
   key = jax.random.key(1)
   rows = []
-  for M in (4, 8, 16):
+  microbatches = (4, 8, 16)
+  bar = Bar(len(microbatches) * (1 + len(SCHEDULES)), label="pipeline: cases",
+            interval=0)  # on stderr; stdout keeps the table only
+  for M in microbatches:
     B = MICRO * M
     x = rng.random((B, WIDTHS[0]), np.float32)
     y = rng.integers(0, 10, B).astype(np.int32)
@@ -124,6 +128,7 @@ def main(argv=None) -> int:
     rows.append(("unpipelined, 1 device", M, 1.0,
                  ref_compiled.memory_analysis().temp_size_in_bytes / 2**20, ref_ms,
                  float("nan"), 0))
+    bar.advance(note=f"M={M} unpipelined")
     for name, v in SCHEDULES:
       pipe = meshnet.make_pipeline(model, mesh, (WIDTHS[0],), schedule=name,
                                    microbatches=M, virtual_stages=v)
@@ -136,6 +141,8 @@ def main(argv=None) -> int:
       label = f"{name} (v={v})" if v > 1 else name
       rows.append((label, M, flops / ref_flops, temp, ms, pipe.schedule.bubble,
                    pipe.schedule.num_ticks))
+      bar.advance(note=f"M={M} {label}")
+  bar.close()
   print(f"jax {jax.__version__}, MLP {WIDTHS}, S={STAGES} simulated CPU devices, "
         f"microbatch {MICRO}, best of {args.rounds} rounds x {args.iters}")
   print("| schedule | M | flops / unpipelined | temp MiB per device | ms per gradient "

@@ -167,10 +167,16 @@ def main(argv=None) -> None:
           [sys.executable, __file__, "--worker", "--out", out] + (argv or sys.argv[1:]),
           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
           preexec_fn=lambda rank=rank: os.sched_setaffinity(0, {cpus[rank % len(cpus)]})))
+    # Progress on stderr: the workers report nothing until they are done.
+    print(f"pipeline_profile: 2 pinned worker processes: compiling, warming up, tracing "
+          f"{args.steps} steps ...", file=sys.stderr, flush=True)
+    began = time.perf_counter()
     for proc in procs:
       _, err = proc.communicate(timeout=1200)
       if proc.returncode:
         sys.exit(f"worker failed:\n{err[-3000:]}")
+    print(f"pipeline_profile: workers done in {time.perf_counter() - began:.0f} s",
+          file=sys.stderr, flush=True)
     splits = [json.load(open(os.path.join(out, f"split{r}.json"))) for r in range(2)]
   print(f"{args.schedule}, M={args.microbatches}, MLP {args.widths}, batch {args.batch}, "
         f"stage=2 over 2 pinned processes{' (remat)' if args.remat else ''}: ms per step\n")

@@ -367,13 +367,18 @@ def _best_times(groups: dict[str, _Group], plan: list[tuple[str, str]], steps: i
                 rounds: int) -> dict[tuple[str, str], float]:
   """Runs ``plan`` (``(group, key)`` in order) ``rounds`` times; the best
   seconds per step of each entry."""
+  from meshnet.metrics import Bar
+
   best: dict[tuple[str, str], float] = {}
-  for r in range(rounds):
-    began = time.perf_counter()
-    for entry in plan:
-      seconds = groups[entry[0]].time(entry[1], steps) / steps
-      best[entry] = min(best.get(entry, math.inf), seconds)
-    _progress(f"round {r + 1}/{rounds} took {time.perf_counter() - began:.0f} s")
+  # On a terminal a bar over every timed case; elsewhere a line every 10 s.
+  with Bar(rounds * len(plan), label="scaling: timed cases") as bar:
+    for r in range(rounds):
+      began = time.perf_counter()
+      for entry in plan:
+        seconds = groups[entry[0]].time(entry[1], steps) / steps
+        best[entry] = min(best.get(entry, math.inf), seconds)
+        bar.advance(note=f"round {r + 1}: {entry[0]} {entry[1]}")
+      bar.message(f"scaling: round {r + 1}/{rounds} took {time.perf_counter() - began:.0f} s")
   return best
 
 
@@ -391,6 +396,8 @@ def _measure(specs: dict[str, tuple[str, int, object]], plan: list[tuple[str, st
   try:
     for name, (kind, world, work) in specs.items():
       groups[name] = _Group(kind, world, work)
+    _progress(f"{', '.join(g.name for g in groups.values())}: started; compiling and "
+              "warming up ...")
     began = time.perf_counter()
     losses = {name: group.ready() for name, group in groups.items()}
     _progress(f"{', '.join(g.name for g in groups.values())}: compiled and warmed up in "

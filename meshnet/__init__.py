@@ -19,9 +19,11 @@ from meshnet.mesh import (
 from meshnet.model import Model, sequential
 from meshnet.pipeline import make_pipeline
 from meshnet.optim import make_optimizer
+from meshnet.plot import plot_metrics
 from meshnet.step import (
     TrainState, init_train_state, make_eval_step, make_grad_fn, make_train_step,
 )
+from meshnet.tensorboard import TensorBoardWriter
 
 __version__ = "0.1.0"
 
@@ -31,7 +33,7 @@ __all__ = [
     "OptimConfig", "PipelineConfig", "STAGE", "TENSOR", "TrainConfig", "TrainState", "collectives",
     "data", "describe_mesh", "global_batch", "init_train_state", "load_dataset",
     "losses", "make_eval_step", "make_grad_fn", "make_mesh", "make_optimizer",
-    "make_pipeline", "make_train_step", "models", "nn", "pipeline", "sequential",
-    "set_cpu_device_count", "sharding", "train",
+    "make_pipeline", "make_train_step", "models", "nn", "pipeline", "plot_metrics", "sequential",
+    "set_cpu_device_count", "sharding", "TensorBoardWriter", "train",
     "default_data_dir", "DownloadError", "fetch", "fetch_mnist",
 ]

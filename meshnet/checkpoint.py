@@ -38,6 +38,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from typing import Any, Callable, Iterator
 
 import jax
@@ -551,7 +552,7 @@ class Checkpointer:
                              "the same settings, or start afresh with another "
                              "--checkpoint-dir or --overwrite")
         try:
-          restored = self._restore(step, abstract)
+          restored = self._timed_restore(step, abstract)
         except Exception as e:  # noqa: BLE001 - whatever Orbax raised: report, try older
           if "tree structures do not match" in str(e):  # a valid step of another run
             raise MeshnetError(f"checkpoint {step} in {self.directory} holds a state of "
@@ -567,6 +568,19 @@ class Checkpointer:
       return None
     finally:
       self._set_aside_failed(bad)
+
+  def _timed_restore(self, step: int, abstract: Any) -> dict[str, Any]:
+    """:meth:`_restore`, saying what it reads before and how long it took after
+    (a large state takes a while)."""
+    nbytes = sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
+                 for a in jax.tree.leaves(abstract))
+    self.log(f"restoring checkpoint {step} ({_megabytes(nbytes)}) from {self.directory}")
+    began = time.perf_counter()
+    restored = self._restore(step, abstract)
+    seconds = time.perf_counter() - began
+    self.log(f"restored checkpoint {step} in {seconds:.1f}s "
+             f"({nbytes / 1e6 / max(seconds, 1e-9):,.0f} MB/s)")
+    return restored
 
   def _restore(self, step: int, abstract: Any) -> dict[str, Any]:
     """Orbax's restore of ``step``'s state, with signals held back, tried a
@@ -619,6 +633,10 @@ class Checkpointer:
       self.close()
     except Exception as e:  # noqa: BLE001 - keep the run's own exception
       self.log(f"the checkpoint save in flight in {self.directory} failed: {_first_line(e)}")
+
+
+def _megabytes(nbytes: int) -> str:
+  return f"{nbytes / 1e6:,.1f} MB" if nbytes >= 1e5 else f"{nbytes / 1e3:,.1f} kB"
 
 
 def _is_step_dir(path: epath.Path) -> bool:

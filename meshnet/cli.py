@@ -91,6 +91,9 @@ TRAIN_FLAGS: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
     "--log-every": ("train", "log_every", int, "log every N steps"),
     "--metrics-file": ("train", "metrics_file", _optional_str, "JSON-lines metrics file"),
     "--eval-batch-size": ("train", "eval_batch_size", int, "evaluation batch size"),
+    "--tensorboard": ("train", "tensorboard", _optional_str,
+                      "write TensorBoard event files into this directory "
+                      "(view: tensorboard --logdir DIR)"),
 }
 _SECTIONS = {"mesh": MeshConfig, "model": ModelConfig, "data": DataConfig,
              "optim": OptimConfig, "pipeline": PipelineConfig,
@@ -215,7 +218,23 @@ def build_parser() -> argparse.ArgumentParser:
   inspect.add_argument("dir", help="checkpoint directory")
   inspect.add_argument("--digest", action="store_true", help="print a digest of the values")
   inspect.add_argument("--step", type=int, default=None, help="which checkpoint")
+  _add_plot_parser(subparsers)
   return parser
+
+
+def _add_plot_parser(subparsers) -> None:
+  plot = subparsers.add_parser(
+      "plot", help="draw loss and accuracy curves of metrics files into a PNG",
+      description="Draw the loss (train and eval) and eval accuracy curves of one or more "
+      "JSON-lines files written by meshnet train --metrics-file, each run labelled, on one "
+      "figure. Example: meshnet plot runs/a.jsonl runs/b.jsonl -o loss.png")
+  plot.add_argument("files", nargs="+", metavar="METRICS.jsonl", help="metrics files")
+  plot.add_argument("-o", "--output", default="loss.png",
+                    help="the picture to write (.png; .pdf and .svg work too)")
+  plot.add_argument("--labels", type=lambda text: [s.strip() for s in text.split(",")],
+                    default=None, metavar="A,B,...",
+                    help="one legend name per file (default: the file names)")
+  plot.add_argument("--title", default=None, help="a title over the panels")
 
 
 class _Terminated(KeyboardInterrupt):
@@ -248,6 +267,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.command == "inspect":
       from meshnet.checkpoint import describe
       print(describe(args.dir, with_digest=args.digest, step=args.step))
+    elif args.command == "plot":
+      from meshnet.plot import plot_metrics
+      plot_metrics(args.files, args.output, labels=args.labels, title=args.title)
+      print(f"wrote {args.output}")
     return 0
   except MeshnetError as e:
     print(f"meshnet: error: {e}", file=sys.stderr)

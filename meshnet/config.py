@@ -274,7 +274,9 @@ class TrainConfig:
     log_every: log (progress, metrics file) every this many steps.
     metrics_file: JSON-lines file for metrics (``None``: none written).
     eval_batch_size: examples per evaluation batch.
-    progress: draw the progress bar.
+    progress: draw the progress bars (training, evaluation).
+    tensorboard: directory for TensorBoard event files (``None``: none
+      written); see :mod:`meshnet.tensorboard`.
   """
 
   steps: int | None = None
@@ -285,6 +287,7 @@ class TrainConfig:
   metrics_file: str | None = None
   eval_batch_size: int = 1024
   progress: bool = True
+  tensorboard: str | None = None
 
   def __post_init__(self):
     _check_optional_int("train.steps", self.steps, 1, "to run train.epochs epochs")

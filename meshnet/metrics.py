@@ -1,4 +1,4 @@
-"""Progress bar and JSON-lines metrics, written by process 0 only."""
+"""Progress bars and JSON-lines metrics, written by process 0 only."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import math
 import os
 import sys
 import time
+import weakref
 from typing import Any, TextIO
 
 import jax
@@ -26,8 +27,148 @@ def _clock(seconds: float) -> str:
   return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+# The bar whose line is still open (drawn in place, no newline yet) on each
+# stream, so that another bar or a message starts below it instead of
+# overwriting it.
+_open_lines: "weakref.WeakKeyDictionary[TextIO, Bar]" = weakref.WeakKeyDictionary()
+
+
+def _open_line(stream: TextIO) -> "Bar | None":
+  try:
+    return _open_lines.get(stream)
+  except TypeError:  # a stream that takes no weak references
+    return None
+
+
+def _set_open_line(stream: TextIO, bar: "Bar | None") -> None:
+  try:
+    if bar is None:
+      _open_lines.pop(stream, None)
+    else:
+      _open_lines[stream] = bar
+  except TypeError:
+    pass
+
+
+class Bar:
+  """A one-line progress bar over ``total`` units of work.
+
+  Draws ``LABEL n/total [#####-------] NOTE  ETA 0:01:05``. On a terminal
+  the line is redrawn in place; on anything else (a file, a pipe, CI) it
+  writes a line at most every ``interval`` seconds (and, if it wrote any, a
+  last one when done), so a long job still shows it is alive and a short
+  one stays quiet. The bar draws in whatever process holds it: callers in a
+  multi-process job enable it on process 0 only (:func:`is_main_process`).
+
+  Example::
+
+    with Bar(len(cases), label="cases") as bar:
+      for case in cases:
+        run(case)
+        bar.advance(note=case.name)
+
+  Args:
+    total: units of work (steps, batches, cases); ``>= 0``.
+    label: what is counted, printed first.
+    stream: where to draw (default: ``sys.stderr`` at creation time).
+    enabled: draw at all; a disabled bar ignores every call but
+      :meth:`message`.
+    width: characters of the bar itself.
+    interval: seconds between lines when ``stream`` is not a terminal; 0
+      writes a line on every update.
+  """
+
+  def __init__(self, total: int, *, label: str = "", stream: TextIO | None = None,
+               enabled: bool = True, width: int = 24, interval: float = 10.0):
+    self.total = max(int(total), 0)
+    self.label = label
+    self.stream = stream or sys.stderr
+    self.enabled = enabled
+    self.width = width
+    self.interval = interval
+    self.done = 0
+    self._inline = _isatty(self.stream)
+    self._started = time.perf_counter()
+    self._last_line = self._started
+    self._lines = 0  # written off a terminal
+
+  def update(self, done: int, note: str = "", *, eta: float | None = None) -> None:
+    """Shows ``done`` of ``total`` units finished.
+
+    Args:
+      done: units finished so far.
+      note: text after the bar (e.g. ``loss 0.1234``).
+      eta: seconds left; by default from the mean time per unit so far.
+    """
+    self.done = done
+    if not self.enabled:
+      return
+    now = time.perf_counter()
+    if not self._inline:  # a line when due; the last one only after earlier ones
+      finished = done >= self.total and self._lines > 0
+      if now - self._last_line < self.interval and not finished:
+        return
+      self._lines += 1
+    self._last_line = now
+    if eta is None:
+      eta = (self.total - done) * (now - self._started) / done if done else math.inf
+    self._draw(self.render(done, note, eta))
+
+  def advance(self, n: int = 1, note: str = "") -> None:
+    """Shows ``n`` more units finished."""
+    self.update(self.done + n, note)
+
+  def render(self, done: int, note: str, eta: float) -> str:
+    """The bar's text for ``done`` units (no newline)."""
+    filled = int(self.width * min(done, self.total) / max(self.total, 1))
+    bar = "#" * filled + "-" * (self.width - filled)
+    label = f"{self.label} " if self.label else ""
+    note = f"{note}  " if note else ""
+    return (f"{label}{done:>{len(str(self.total))}}/{self.total} [{bar}] "
+            f"{note}ETA {_clock(eta)}")
+
+  def _draw(self, line: str) -> None:
+    if not self._inline:
+      self.stream.write(line + "\n")
+    else:
+      if _open_line(self.stream) not in (None, self):
+        self.stream.write("\n")  # keep the other bar's last line
+      self.stream.write("\r" + line + "\x1b[K")
+      _set_open_line(self.stream, self)
+    self.stream.flush()
+
+  def message(self, text: str) -> None:
+    """Prints ``text`` on its own line below any bar drawn in place (also
+    when this bar is disabled)."""
+    if _open_line(self.stream) is not None:
+      self.stream.write("\n")
+      _set_open_line(self.stream, None)
+    self.stream.write(text + "\n")
+    self.stream.flush()
+
+  def close(self, *, clear: bool = False) -> None:
+    """Ends the bar's line: kept on screen, or erased with ``clear``."""
+    if _open_line(self.stream) is self:
+      self.stream.write("\r\x1b[K" if clear else "\n")
+      self.stream.flush()
+      _set_open_line(self.stream, None)
+
+  def __enter__(self) -> "Bar":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def _isatty(stream: TextIO) -> bool:
+  try:
+    return stream.isatty()
+  except (AttributeError, ValueError):  # no isatty, or closed
+    return False
+
+
 class Progress:
-  """A one-line progress bar: step, loss, samples/s and ETA.
+  """The training loop's bar: step, loss, samples/s and ETA.
 
   On a terminal the line is redrawn in place; otherwise (files, CI, notebooks
   capturing output) each update is a new line. Only process 0 draws.
@@ -41,45 +182,25 @@ class Progress:
   def __init__(self, total: int, *, stream: TextIO | None = None, enabled: bool = True,
                width: int = 24):
     self.total = total
-    self.stream = stream or sys.stderr
     self.main = is_main_process()
     self.enabled = enabled and self.main
-    self.width = width
-    self._inline = self.stream.isatty()
-    self._drawn = False
+    self._bar = Bar(total, label="step", stream=stream, enabled=self.enabled, width=width,
+                    interval=0)
+    self.stream = self._bar.stream
 
   def update(self, step: int, *, loss: float, samples_per_sec: float,
              seconds_per_step: float) -> None:
-    if not self.enabled:
-      return
-    done = int(self.width * step / max(self.total, 1))
-    bar = "#" * done + "-" * (self.width - done)
-    eta = (self.total - step) * seconds_per_step
-    line = (f"step {step:>{len(str(self.total))}}/{self.total} [{bar}] "
-            f"loss {loss:.4f}  {samples_per_sec:,.0f} samples/s  ETA {_clock(eta)}")
-    if self._inline:
-      self.stream.write("\r" + line + "\x1b[K")
-    else:
-      self.stream.write(line + "\n")
-    self.stream.flush()
-    self._drawn = True
+    self._bar.update(step, f"loss {loss:.4f}  {samples_per_sec:,.0f} samples/s",
+                     eta=(self.total - step) * seconds_per_step)
 
   def message(self, text: str) -> None:
     """Prints ``text`` on its own line without breaking the bar (process 0
     only; printed even when the bar is turned off)."""
-    if not self.main:
-      return
-    if self._inline and self._drawn:
-      self.stream.write("\n")
-    self.stream.write(text + "\n")
-    self.stream.flush()
-    self._drawn = False
+    if self.main:
+      self._bar.message(text)
 
   def close(self) -> None:
-    if self.enabled and self._inline and self._drawn:
-      self.stream.write("\n")
-      self.stream.flush()
-    self._drawn = False
+    self._bar.close()
 
 
 def check_metrics_file(path: str | None) -> None:

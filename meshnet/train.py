@@ -24,7 +24,7 @@ from meshnet.errors import MeshnetError, NonFiniteLossError, NonFiniteStateError
 from meshnet.mesh import (
     DATA, STAGE, axis_size, describe_mesh, make_mesh, select_devices, set_cpu_device_count,
 )
-from meshnet.metrics import MetricsWriter, Progress, check_metrics_file, is_main_process
+from meshnet.metrics import Bar, MetricsWriter, Progress, check_metrics_file, is_main_process
 from meshnet.model import Model, Params
 from meshnet.optim import make_optimizer, make_schedule
 from meshnet.pipeline import make_pipeline
@@ -33,6 +33,7 @@ from meshnet.sharding import batch_sharding
 from meshnet.step import (
     TrainState, check_batch_size, init_train_state, make_eval_step, make_train_step,
 )
+from meshnet.tensorboard import TensorBoardWriter, check_logdir
 
 
 class RunResult(NamedTuple):
@@ -57,13 +58,14 @@ class RunResult(NamedTuple):
 
 def evaluate(
     eval_step: Callable, params: Params, x: np.ndarray, y: np.ndarray,
-    mesh: jax.sharding.Mesh, batch_size: int,
+    mesh: jax.sharding.Mesh, batch_size: int, *, progress: bool = False,
 ) -> dict[str, float]:
   """Mean loss (and accuracy) of ``params`` on ``(x, y)``, over the mesh.
 
   The examples are cut into batches of ``batch_size`` rounded up to a
   multiple of the ``data`` axis; the last batch is padded and the padding
-  masked out, so every example counts exactly once.
+  masked out, so every example counts exactly once. With ``progress``, an
+  evaluation of several batches draws a bar on process 0 (erased when done).
 
   Returns:
     ``{"eval_loss": ..., "eval_accuracy": ...}`` (accuracy only when the
@@ -73,6 +75,8 @@ def evaluate(
   batch_size = -(-min(batch_size, len(x)) // data) * data
   sharding = batch_sharding(mesh)
   totals: dict[str, float] = {}
+  batches = -(-len(x) // batch_size)
+  bar = Bar(batches, label="eval", enabled=progress and batches > 1 and is_main_process())
   for start in range(0, len(x), batch_size):
     stop = min(start + batch_size, len(x))
     indices = np.arange(start, start + batch_size) % len(x)
@@ -81,6 +85,8 @@ def evaluate(
     (mb,) = global_batch((mask,), np.arange(batch_size), sharding)
     for name, value in jax.device_get(eval_step(params, (xb, yb), mb)).items():
       totals[name] = totals.get(name, 0.0) + float(value)
+    bar.advance()
+  bar.close(clear=True)
   result = {"eval_loss": totals["loss_sum"] / totals["count"]}
   if "correct" in totals:
     result["eval_accuracy"] = totals["correct"] / totals["count"]
@@ -169,6 +175,7 @@ def run(
       NaN or infinite (names the step); nothing from that step is saved.
   """
   check_metrics_file(config.train.metrics_file)
+  check_logdir(config.train.tensorboard)
   if config.mesh.devices is not None:
     try:  # before initialize(): the count of CPU devices this process brings
       set_cpu_device_count(config.mesh.devices)
@@ -252,6 +259,9 @@ def run(
     state, first_step = _resume(checkpointer, config, state, sampler, total, say)
     writer = cleanup.enter_context(MetricsWriter(
         tc.metrics_file, resumed_from=first_step - 1 if first_step > 1 else None))
+    board = cleanup.enter_context(TensorBoardWriter(
+        tc.tensorboard, resumed_from=first_step - 1 if first_step > 1 else None))
+    board.describe_run(mesh=mesh, config=config, pipeline=pipeline, step=first_step - 1)
     stop = cleanup.enter_context(_StopSignals(enabled=checkpointer is not None))
     started = time.perf_counter()
     batch = next_batch() if first_step <= total else None
@@ -286,6 +296,7 @@ def run(
             "samples_per_sec": batch_size * len(pending) / elapsed,
         }
         writer.write(record)
+        board.write(record)
         history.append(record)
         progress.update(step, loss=record["loss"],
                         samples_per_sec=record["samples_per_sec"],
@@ -303,15 +314,20 @@ def run(
         break
       if eval_step is not None and (step % tc.eval_every == 0 or step == total):
         last_eval = evaluate(eval_step, state.params, dataset.x_test,
-                             dataset.y_test, mesh, tc.eval_batch_size)
+                             dataset.y_test, mesh, tc.eval_batch_size,
+                             progress=tc.progress)
         record = {"step": step, **last_eval}
         writer.write(record)
+        board.write(record)
         history.append(record)
         say(_format_eval(step, last_eval))
         window_start = time.perf_counter()  # evaluation time is not training time
   progress.close()
   if is_main_process() and tc.metrics_file:
     say(f"metrics written to {tc.metrics_file}")
+  if is_main_process() and tc.tensorboard:
+    say(f"TensorBoard events written to {tc.tensorboard} (view: tensorboard --logdir "
+        f"{tc.tensorboard})")
   return RunResult(state, last_eval, history, state.params, interrupted)
 
 

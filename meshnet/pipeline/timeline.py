@@ -7,9 +7,12 @@ microbatch (and ``.c`` the chunk when there are several), idle cells are
 
 from __future__ import annotations
 
+import numpy as np
+
 from meshnet.pipeline.schedules import Schedule
 
 _COLOURS = {"F": "#4c9be8", "B": "#e8874c", "W": "#5cb85c"}
+_DPI = 110
 
 
 def title(schedule: Schedule) -> str:
@@ -29,17 +32,18 @@ def text(schedule: Schedule) -> str:
   return "\n".join(lines)
 
 
-def save_png(schedule: Schedule, path: str) -> str:
-  """Draws the schedule to ``path`` (PNG): one coloured box per op."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+def _figure(schedule: Schedule):
+  """The schedule drawn on a matplotlib ``Figure`` (Agg canvas; pyplot and
+  its global backend are not touched)."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
   from matplotlib.patches import Patch, Rectangle
   from matplotlib.ticker import MaxNLocator
 
   S, T = schedule.num_stages, schedule.num_ticks
-  fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * T + 1.5), 0.55 * S + 1.4))
+  fig = Figure(figsize=(max(6.0, 0.32 * T + 1.5), 0.55 * S + 1.4), dpi=_DPI)
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot()
   for t, row in enumerate(schedule.table):
     for d, op in enumerate(row):
       if op is None:
@@ -61,6 +65,20 @@ def save_png(schedule: Schedule, path: str) -> str:
             [Patch(color="#f2f2f2", label="idle")], loc="upper left",
             bbox_to_anchor=(1.0, 1.0), fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  return fig
+
+
+def save_png(schedule: Schedule, path: str) -> str:
+  """Draws the schedule to ``path`` (PNG): one coloured box per op."""
+  _figure(schedule).savefig(path, dpi=_DPI)
   return path
+
+
+def image(schedule: Schedule) -> np.ndarray:
+  """The picture :func:`save_png` draws, as pixels: ``uint8 [H, W, 3]`` RGB.
+
+  Nothing is written to disk (used for TensorBoard image summaries).
+  """
+  fig = _figure(schedule)
+  fig.canvas.draw()
+  return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
