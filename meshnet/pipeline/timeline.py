@@ -31,14 +31,14 @@ def text(schedule: Schedule) -> str:
 
 def save_png(schedule: Schedule, path: str) -> str:
   """Draws the schedule to ``path`` (PNG): one coloured box per op."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  # A bare Figure, not pyplot: the caller's backend (a notebook's inline
+  # plots) is left as it was.
+  from matplotlib.figure import Figure
   from matplotlib.patches import Patch, Rectangle
 
   S, T = schedule.num_stages, schedule.num_ticks
-  fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * T + 1.5), 0.55 * S + 1.4))
+  fig = Figure(figsize=(max(6.0, 0.32 * T + 1.5), 0.55 * S + 1.4))
+  ax = fig.subplots()
   for t, row in enumerate(schedule.table):
     for d, op in enumerate(row):
       if op is None:
@@ -60,5 +60,4 @@ def save_png(schedule: Schedule, path: str) -> str:
             bbox_to_anchor=(1.0, 1.0), fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)
   return path
