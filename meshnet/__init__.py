@@ -5,11 +5,14 @@ is mesh axes (:func:`make_mesh`: ``data``, ``fsdp``, ``stage``, ``tensor``);
 a training step is ``state, metrics = step(state, batch)``.
 """
 
-from meshnet import checkpoint, cli, collectives, data, losses, models, nn, pipeline, sharding, train
+from meshnet import (
+    checkpoint, cli, collectives, data, distributed, losses, models, nn, pipeline, sharding, train,
+)
 from meshnet.config import (
     Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, PipelineConfig, TrainConfig,
 )
 from meshnet.data import BatchSampler, Dataset, global_batch, load_dataset
+from meshnet.distributed import initialize
 from meshnet.errors import MeshnetError, NonFiniteLossError, NonFiniteStateError
 from meshnet.mesh import (
     AXES, DATA, FSDP, STAGE, TENSOR, describe_mesh, make_mesh, set_cpu_device_count,
@@ -27,7 +30,8 @@ __all__ = [
     "AXES", "BatchSampler", "checkpoint", "Config", "DATA", "DataConfig", "Dataset", "FSDP",
     "MeshConfig", "MeshnetError", "Model", "ModelConfig", "NonFiniteLossError", "NonFiniteStateError",
     "OptimConfig", "PipelineConfig", "STAGE", "TENSOR", "TrainConfig", "TrainState", "collectives",
-    "data", "describe_mesh", "global_batch", "init_train_state", "load_dataset",
+    "data", "describe_mesh", "distributed", "global_batch", "init_train_state", "initialize",
+    "load_dataset",
     "losses", "make_eval_step", "make_grad_fn", "make_mesh", "make_optimizer",
     "make_pipeline", "make_train_step", "models", "nn", "pipeline", "sequential",
     "set_cpu_device_count", "sharding", "train",
