@@ -5,12 +5,15 @@ is mesh axes (:func:`make_mesh`: ``data``, ``fsdp``, ``stage``, ``tensor``);
 a training step is ``state, metrics = step(state, batch)``.
 """
 
-from meshnet import checkpoint, cli, collectives, data, losses, models, nn, pipeline, sharding, train
-from meshnet import fetch
+from meshnet import (
+    checkpoint, cli, collectives, data, distributed, fetch, losses, models, nn, pipeline, sharding,
+    train,
+)
 from meshnet.config import (
     Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, PipelineConfig, TrainConfig,
 )
 from meshnet.data import BatchSampler, Dataset, default_data_dir, global_batch, load_dataset
+from meshnet.distributed import initialize
 from meshnet.errors import DownloadError, MeshnetError, NonFiniteLossError, NonFiniteStateError
 from meshnet.fetch import fetch_mnist
 from meshnet.mesh import (
@@ -31,7 +34,8 @@ __all__ = [
     "AXES", "BatchSampler", "checkpoint", "Config", "DATA", "DataConfig", "Dataset", "FSDP",
     "MeshConfig", "MeshnetError", "Model", "ModelConfig", "NonFiniteLossError", "NonFiniteStateError",
     "OptimConfig", "PipelineConfig", "STAGE", "TENSOR", "TrainConfig", "TrainState", "collectives",
-    "data", "describe_mesh", "global_batch", "init_train_state", "load_dataset",
+    "data", "describe_mesh", "distributed", "global_batch", "init_train_state", "initialize",
+    "load_dataset",
     "losses", "make_eval_step", "make_grad_fn", "make_mesh", "make_optimizer",
     "make_pipeline", "make_train_step", "models", "nn", "pipeline", "plot_metrics", "sequential",
     "set_cpu_device_count", "sharding", "TensorBoardWriter", "train",

@@ -96,6 +96,7 @@ def test_launch_prefixes_output_and_returns_the_failing_code():
 
 
 def test_initialize_is_a_no_op_for_one_process(monkeypatch):
+  assert meshnet.initialize is initialize  # as the README writes it: meshnet.initialize()
   for name in ("MESHNET_COORDINATOR", "MESHNET_NUM_PROCESSES", "MESHNET_PROCESS_ID",
                "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES"):
     monkeypatch.delenv(name, raising=False)

@@ -313,6 +313,21 @@ def test_timeline_text_and_png(tmp_path):
   assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
 
 
+def test_timeline_png_leaves_the_callers_matplotlib_backend(tmp_path):
+  """Drawing a timeline in a notebook must not turn its inline plots off
+  (pyplot's backend switched to Agg did)."""
+  import matplotlib
+
+  before = matplotlib.get_backend()
+  matplotlib.use("svg")
+  try:
+    meshnet.pipeline.save_png(make_schedule("1f1b", 2, 4), str(tmp_path / "t.png"))
+    assert matplotlib.get_backend() == "svg"
+  finally:
+    matplotlib.use(before)
+  assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_identical_blocks_share_one_branch_whatever_the_depth(digits):
   """Middle stages of identical blocks compile to one branch, and a stage's
   identical blocks to one scan, so the program does not grow with depth or
