@@ -62,7 +62,9 @@ TRAIN_FLAGS: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
                   "simulate N CPU devices (CPU platform only; 'none': as JAX finds)"),
     "--optimizer": ("optim", "optimizer", str, "sgd, momentum, adam or adamw"),
     "--lr": ("optim", "lr", float, "peak learning rate"),
-    "--weight-decay": ("optim", "weight_decay", float, "weight decay"),
+    "--weight-decay": ("optim", "weight_decay", float,
+                       "weight decay: L2 term added to the gradient for sgd, momentum and "
+                       "adam (PyTorch's weight_decay); decoupled for adamw"),
     "--momentum": ("optim", "momentum", float, "momentum (optimizer momentum)"),
     "--lr-schedule": ("optim", "lr_schedule", str, "constant or warmup_cosine"),
     "--warmup-steps": ("optim", "warmup_steps", int, "warmup steps (warmup_cosine)"),
@@ -90,6 +92,25 @@ TRAIN_FLAGS: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
     "--metrics-file": ("train", "metrics_file", _optional_str, "JSON-lines metrics file"),
     "--eval-batch-size": ("train", "eval_batch_size", int, "evaluation batch size"),
 }
+# Flags whose default fits the data set (meshnet.defaults.resolve_defaults).
+_FITTED = {
+    "hidden": "256,128, or the data set's recipe",
+    "activation": "relu, or the data set's recipe",
+    "batch_size": "min(128, training examples), a multiple of what the mesh needs",
+    "lr": "0.001, or the data set's recipe",
+    "epochs": "20, or the data set's recipe",
+}
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+  """Shows defaults, except a ``None`` one (the help says what it means)."""
+
+  def _get_help_string(self, action):
+    if action.default is None:
+      return action.help
+    return super()._get_help_string(action)
+
+
 _SECTIONS = {"mesh": MeshConfig, "model": ModelConfig, "data": DataConfig,
              "optim": OptimConfig, "pipeline": PipelineConfig,
              "checkpoint": CheckpointConfig, "train": TrainConfig}
@@ -113,17 +134,23 @@ def _add_train_parser(subparsers) -> None:
   parser = subparsers.add_parser(
       "train", help="train a model (defaults: MLP on digits, 8 simulated CPU devices)",
       description="Train a model data-parallel over a device mesh. Every flag is a "
-      "field of meshnet.Config.",
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+      "field of meshnet.Config. Settings not given fit the data set: the batch is at "
+      "most its size, the mesh narrows to what the batch can be split over, and a data "
+      "set's recipe (xor) sets what it needs; each adjusted default is printed.",
+      formatter_class=_HelpFormatter,
   )
-  parser.add_argument("--mesh", default="data=-1", metavar="AXIS=N,...",
-                      help="mesh axis sizes over data,fsdp,stage,tensor; -1 = the rest")
+  parser.add_argument("--mesh", default=None, metavar="AXIS=N,...",
+                      help="mesh axis sizes over data,fsdp,stage,tensor; -1 = the rest "
+                      "(default: data over every device, or as many as the batch can be "
+                      "split over)")
   for flag, (section, field, parse, help_text) in TRAIN_FLAGS.items():
     default = getattr(_SECTIONS[section](), field)
     if flag == "--devices":  # meshnet launch says how many devices each process has
       default = int(os.environ.get(ENV_DEVICES_PER_PROCESS) or CLI_DEFAULT_DEVICES)
     if isinstance(default, tuple):
       default = ",".join(map(str, default))
+    if default is None and field in _FITTED:
+      help_text = f"{help_text} (default: {_FITTED[field]})"
     parser.add_argument(flag, type=parse, default=default, dest=_dest(flag),
                         help=help_text)
   parser.add_argument("--no-progress", action="store_true",
@@ -153,7 +180,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
   fields["checkpoint"]["overwrite"] = args.overwrite
   fields["optim"]["deterministic"] = args.deterministic
   fields["pipeline"]["remat"] = args.remat
-  mesh = MeshConfig.parse(args.mesh, devices=fields["mesh"].pop("devices"))
+  devices = fields["mesh"].pop("devices")
+  mesh = (MeshConfig.parse(args.mesh, devices=devices) if args.mesh is not None
+          else MeshConfig(devices=devices))
   return Config(
       mesh=mesh,
       **{name: cls(**fields[name]) for name, cls in _SECTIONS.items() if name != "mesh"},
