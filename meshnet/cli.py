@@ -14,11 +14,12 @@ import sys
 import threading
 from typing import Any, Callable, Sequence
 
+from meshnet import noise
 from meshnet.config import (
     CheckpointConfig, Config, DataConfig, MeshConfig, ModelConfig, OptimConfig,
     PipelineConfig, TrainConfig,
 )
-from meshnet.distributed import ENV_DEVICES_PER_PROCESS
+from meshnet.distributed import ENV_DEVICES_PER_PROCESS, multi_process_requested
 from meshnet.errors import MeshnetError
 
 # The command simulates 8 CPU devices unless told otherwise (a no-op for the
@@ -168,6 +169,15 @@ def _add_train_parser(subparsers) -> None:
   parser.add_argument("--overwrite", action="store_true",
                       help="replace the checkpoints already in --checkpoint-dir, deleted "
                       "when this run saves its first step (CheckpointConfig.overwrite)")
+  _add_verbose(parser)
+
+
+def _add_verbose(parser: argparse.ArgumentParser) -> None:
+  """``--verbose``: the command's output only, not a field of Config."""
+  parser.add_argument("--verbose", action="store_true", default=noise.verbose_from_env(),
+                      help="show the libraries' own output too: gloo's connection lines, "
+                      "C++ and absl warnings (default: hidden; also "
+                      f"{noise.ENV_VERBOSE}=1)")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -209,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
   launch.add_argument("--cpus-per-process", type=int, default=None, metavar="K",
                       help="pin each process to K cores of its own and set OMP_NUM_THREADS "
                       "etc. to K (default: no pinning)")
+  _add_verbose(launch)
   launch.add_argument("command_args", nargs=argparse.REMAINDER, metavar="-- CMD",
                       help="the command each process runs")
   inspect = subparsers.add_parser(
@@ -219,6 +230,15 @@ def build_parser() -> argparse.ArgumentParser:
   inspect.add_argument("--digest", action="store_true", help="print a digest of the values")
   inspect.add_argument("--step", type=int, default=None, help="which checkpoint")
   return parser
+
+
+def _quiet(verbose: bool) -> None:
+  """Third-party noise off the terminal unless ``verbose`` (:mod:`meshnet.noise`):
+  C++ and absl logs from ERROR up; a process of several started by hand
+  (not by ``meshnet launch``, which filters its children) filters its stdout."""
+  noise.quiet_logs(verbose)
+  if not verbose and multi_process_requested() and not os.environ.get(noise.ENV_FILTERED):
+    noise.filter_stdout()
 
 
 class _Terminated(KeyboardInterrupt):
@@ -238,13 +258,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     if args.command == "train":
       from meshnet.train import run
+      _quiet(args.verbose)
       run(config_from_args(args))  # applies --devices before JAX starts
     elif args.command == "launch":
       from meshnet.launch import launch
       command = args.command_args
       command = command[1:] if command and command[0] == "--" else command
       return launch(args.num_processes, command, devices_per_process=args.devices_per_process,
-                    cpus_per_process=args.cpus_per_process)
+                    cpus_per_process=args.cpus_per_process, verbose=args.verbose)
     elif args.command == "inspect":
       from meshnet.checkpoint import describe
       print(describe(args.dir, with_digest=args.digest, step=args.step))
