@@ -10,6 +10,7 @@ from meshnet.config import (
     Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, PipelineConfig, TrainConfig,
 )
 from meshnet.data import BatchSampler, Dataset, global_batch, load_dataset
+from meshnet.defaults import resolve_defaults
 from meshnet.errors import MeshnetError, NonFiniteLossError, NonFiniteStateError
 from meshnet.mesh import (
     AXES, DATA, FSDP, STAGE, TENSOR, describe_mesh, make_mesh, set_cpu_device_count,
@@ -29,6 +30,7 @@ __all__ = [
     "OptimConfig", "PipelineConfig", "STAGE", "TENSOR", "TrainConfig", "TrainState", "collectives",
     "data", "describe_mesh", "global_batch", "init_train_state", "load_dataset",
     "losses", "make_eval_step", "make_grad_fn", "make_mesh", "make_optimizer",
-    "make_pipeline", "make_train_step", "models", "nn", "pipeline", "sequential",
+    "make_pipeline", "make_train_step", "models", "nn", "pipeline", "resolve_defaults",
+    "sequential",
     "set_cpu_device_count", "sharding", "train",
 ]

@@ -174,58 +174,73 @@ def resolve_defaults(config: Config, dataset, n_devices: int, *, processes: int 
     MeshnetError: a mesh that does not fit ``n_devices``, or a data set too
       small to split over the mesh that was given.
   """
-  recipe = RECIPES.get(dataset.name, {})
   inherited = _inheritable(saved, config) if config.checkpoint.resume else {}
+  values, notes = _fill_fields(config, dataset.name, inherited, builds_model)
+  mesh, batch, fit_notes = _fit_batch_and_mesh(
+      config, len(dataset.x_train), dataset.name, n_devices, processes,
+      inherited.get("data.batch_size"))
+  values["data.batch_size"] = batch
+  sections: dict[str, dict[str, Any]] = {}
+  for field, value in values.items():
+    section, name = field.split(".")
+    sections.setdefault(section, {})[name] = value
+  config = dataclasses.replace(
+      config, mesh=mesh,
+      **{name: dataclasses.replace(getattr(config, name), **fields)
+         for name, fields in sections.items()})
+  return Resolved(config, notes + fit_notes)
+
+
+def _fill_fields(config: Config, name: str, inherited: dict[str, Any], builds_model: bool
+                 ) -> tuple[dict[str, Any], list[str]]:
+  """Every field of :data:`DEFAULTS` but the batch: its value (given, the
+  checkpoint's, the recipe's or the default), with a note for each that was
+  not given and differs from the default (and matters to this run)."""
+  recipe = RECIPES.get(name, {})
   values: dict[str, Any] = {}
   notes: list[str] = []
   for field, default in DEFAULTS.items():
     value = _get(config, field)
-    if value is not None or field == "data.batch_size":
-      values[field] = value
-      continue
-    if field in inherited:
-      value, why = inherited[field], "the checkpoint's"
-    else:
-      value, why = recipe.get(field, default), f"{dataset.name} recipe"
+    if field == "data.batch_size":
+      continue  # fitted to the mesh: _fit_batch_and_mesh
+    if value is None:
+      if field in inherited:
+        value, why = inherited[field], "the checkpoint's"
+      else:
+        value, why = recipe.get(field, default), f"{name} recipe"
+      shown = builds_model or not field.startswith("model.")
+      applies = field != "train.epochs" or config.train.steps is None
+      if value != default and shown and applies:
+        notes.append(f"{_LABELS[field]} {_show(value)} ({why}; default {_show(default)})")
     values[field] = value
-    shown = builds_model or not field.startswith("model.")
-    applies = field != "train.epochs" or config.train.steps is None
-    if value != default and shown and applies:
-      notes.append(f"{_LABELS[field]} {_show(value)} ({why}; default {_show(default)})")
+  return values, notes
 
-  mesh_config, batch, mesh_note = config.mesh, values["data.batch_size"], None
-  if batch is None:
-    batch = inherited.get("data.batch_size")
-  axes = resolve_axis_sizes(n_devices, **mesh_config.axes())
+
+def _fit_batch_and_mesh(config: Config, n_train: int, name: str, n_devices: int,
+                        processes: int, inherited_batch: int | None
+                        ) -> tuple[MeshConfig, int, list[str]]:
+  """The mesh with concrete sizes (the default one narrowed to what the batch
+  can be split over), the global batch, and their notes (the batch's first:
+  the mesh is fitted to it)."""
+  mesh, notes = config.mesh, []
+  batch = config.data.batch_size if config.data.batch_size is not None else inherited_batch
+  axes = resolve_axis_sizes(n_devices, **mesh.axes())  # a given mesh must fit exactly
   parts, what = _micro_steps(config, axes)
-  n_train = len(dataset.x_train)
-  if mesh_config.is_default:
+  narrowed = False
+  if mesh.is_default:
     data = _fit_default_mesh(batch, n_train, n_devices, parts, processes)
-    if data != n_devices:
-      examples = batch if batch is not None else min(DEFAULTS["data.batch_size"], n_train)
-      mesh_note = (f"mesh data={data} on {data} of the {n_devices} devices (a batch of "
-                   f"{examples} cannot be split over {n_devices}; default data={n_devices})")
+    narrowed = data != n_devices
     axes = {axis: 1 for axis in AXES} | {DATA: data}
-    mesh_config = dataclasses.replace(
-        mesh_config, **axes,
-        devices=data if data != n_devices else mesh_config.devices)
+    mesh = dataclasses.replace(mesh, **axes, devices=data if narrowed else mesh.devices)
   else:
-    mesh_config = dataclasses.replace(mesh_config, **axes)
-  if values["data.batch_size"] is None:
-    batch = _default_batch(batch, n_train, axes[DATA], parts, what, dataset.name, notes)
-  values["data.batch_size"] = batch
-  if mesh_note:  # after the batch's note: the mesh was fitted to the batch
-    notes.append(mesh_note)
-
-  sections = {name: {} for name in ("model", "optim", "train", "data")}
-  for field, value in values.items():
-    section, name = field.split(".")
-    sections[section][name] = value
-  config = dataclasses.replace(
-      config, mesh=mesh_config,
-      **{name: dataclasses.replace(getattr(config, name), **fields)
-         for name, fields in sections.items()})
-  return Resolved(config, notes)
+    mesh = dataclasses.replace(mesh, **axes)
+  if config.data.batch_size is None:
+    batch = _default_batch(batch, n_train, axes[DATA], parts, what, name, notes)
+  if narrowed:
+    notes.append(f"mesh data={axes[DATA]} on {axes[DATA]} of the {n_devices} devices (a "
+                 f"batch of {batch} cannot be split over {n_devices}; default "
+                 f"data={n_devices})")
+  return mesh, batch, notes
 
 
 def _default_batch(inherited: int | None, n_train: int, data: int, parts: int, what: str,

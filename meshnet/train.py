@@ -171,6 +171,10 @@ def run(
 ) -> RunResult:
   """Trains as ``config`` says; returns the final state and metrics.
 
+  Fields of ``config`` left ``None`` (not given) are filled for the data set
+  and the devices first (:func:`~meshnet.defaults.resolve_defaults`), as
+  ``meshnet train`` does; each adjusted default is logged as one line.
+
   Args:
     config: the run's configuration.
     model: a model to use instead of ``config.model`` (any
