@@ -13,6 +13,7 @@ from meshnet.config import (
     Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, PipelineConfig, TrainConfig,
 )
 from meshnet.data import BatchSampler, Dataset, default_data_dir, global_batch, load_dataset
+from meshnet.defaults import resolve_defaults
 from meshnet.distributed import initialize
 from meshnet.errors import DownloadError, MeshnetError, NonFiniteLossError, NonFiniteStateError
 from meshnet.fetch import fetch_mnist
@@ -37,7 +38,7 @@ __all__ = [
     "data", "describe_mesh", "distributed", "global_batch", "init_train_state", "initialize",
     "load_dataset",
     "losses", "make_eval_step", "make_grad_fn", "make_mesh", "make_optimizer",
-    "make_pipeline", "make_train_step", "models", "nn", "pipeline", "plot_metrics", "sequential",
-    "set_cpu_device_count", "sharding", "TensorBoardWriter", "train",
-    "default_data_dir", "DownloadError", "fetch", "fetch_mnist",
+    "make_pipeline", "make_train_step", "models", "nn", "pipeline", "plot_metrics",
+    "resolve_defaults", "sequential", "set_cpu_device_count", "sharding", "TensorBoardWriter",
+    "train", "default_data_dir", "DownloadError", "fetch", "fetch_mnist",
 ]

@@ -675,6 +675,26 @@ def list_checkpoints(directory: str | os.PathLike) -> list[dict[str, Any]]:
   return sorted(rows, key=lambda r: r["step"])
 
 
+def saved_config(directory: str | os.PathLike) -> dict[str, Any] | None:
+  """``Config.to_dict()`` of the newest step in ``directory`` whose meta reads;
+  ``None`` when there is none (no directory, no checkpoint, unreadable
+  metas: resuming reports those). Cheap: reads JSON only."""
+  try:
+    path = checkpoint_path(directory)
+    if not path.is_dir():
+      return None
+    steps = sorted((int(p.name) for p in _step_dirs(path)), reverse=True)
+  except (OSError, ImportError, MeshnetError):
+    return None
+  for step in steps:
+    try:
+      config = read_meta(path / str(step)).get("config")
+    except MeshnetError:
+      continue
+    return config if isinstance(config, dict) else None
+  return None
+
+
 def load_params(directory: str | os.PathLike, step: int) -> Any:
   """The parameters (logical layout) of checkpoint ``step``, on one device."""
   path = checkpoint_path(directory) / str(step) / "state"

@@ -14,11 +14,12 @@ import sys
 import threading
 from typing import Any, Callable, Sequence
 
+from meshnet import noise
 from meshnet.config import (
     CheckpointConfig, Config, DataConfig, MeshConfig, ModelConfig, OptimConfig,
     PipelineConfig, TrainConfig,
 )
-from meshnet.distributed import ENV_DEVICES_PER_PROCESS
+from meshnet.distributed import ENV_DEVICES_PER_PROCESS, multi_process_requested
 from meshnet.errors import MeshnetError
 
 # The command simulates 8 CPU devices unless told otherwise (a no-op for the
@@ -64,7 +65,9 @@ TRAIN_FLAGS: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
                   "simulate N CPU devices (CPU platform only; 'none': as JAX finds)"),
     "--optimizer": ("optim", "optimizer", str, "sgd, momentum, adam or adamw"),
     "--lr": ("optim", "lr", float, "peak learning rate"),
-    "--weight-decay": ("optim", "weight_decay", float, "weight decay"),
+    "--weight-decay": ("optim", "weight_decay", float,
+                       "weight decay: L2 term added to the gradient for sgd, momentum and "
+                       "adam (PyTorch's weight_decay); decoupled for adamw"),
     "--momentum": ("optim", "momentum", float, "momentum (optimizer momentum)"),
     "--lr-schedule": ("optim", "lr_schedule", str, "constant or warmup_cosine"),
     "--warmup-steps": ("optim", "warmup_steps", int, "warmup steps (warmup_cosine)"),
@@ -95,6 +98,25 @@ TRAIN_FLAGS: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
                       "write TensorBoard event files into this directory "
                       "(view: tensorboard --logdir DIR)"),
 }
+# Flags whose default fits the data set (meshnet.defaults.resolve_defaults).
+_FITTED = {
+    "hidden": "256,128, or the data set's recipe",
+    "activation": "relu, or the data set's recipe",
+    "batch_size": "min(128, training examples), a multiple of what the mesh needs",
+    "lr": "0.001, or the data set's recipe",
+    "epochs": "20, or the data set's recipe",
+}
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+  """Shows defaults, except a ``None`` one (the help says what it means)."""
+
+  def _get_help_string(self, action):
+    if action.default is None:
+      return action.help
+    return super()._get_help_string(action)
+
+
 _SECTIONS = {"mesh": MeshConfig, "model": ModelConfig, "data": DataConfig,
              "optim": OptimConfig, "pipeline": PipelineConfig,
              "checkpoint": CheckpointConfig, "train": TrainConfig}
@@ -118,17 +140,23 @@ def _add_train_parser(subparsers) -> None:
   parser = subparsers.add_parser(
       "train", help="train a model (defaults: MLP on digits, 8 simulated CPU devices)",
       description="Train a model data-parallel over a device mesh. Every flag is a "
-      "field of meshnet.Config.",
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+      "field of meshnet.Config. Settings not given fit the data set: the batch is at "
+      "most its size, the mesh narrows to what the batch can be split over, and a data "
+      "set's recipe (xor) sets what it needs; each adjusted default is printed.",
+      formatter_class=_HelpFormatter,
   )
-  parser.add_argument("--mesh", default="data=-1", metavar="AXIS=N,...",
-                      help="mesh axis sizes over data,fsdp,stage,tensor; -1 = the rest")
+  parser.add_argument("--mesh", default=None, metavar="AXIS=N,...",
+                      help="mesh axis sizes over data,fsdp,stage,tensor; -1 = the rest "
+                      "(default: data over every device, or as many as the batch can be "
+                      "split over)")
   for flag, (section, field, parse, help_text) in TRAIN_FLAGS.items():
     default = getattr(_SECTIONS[section](), field)
     if flag == "--devices":  # meshnet launch says how many devices each process has
       default = int(os.environ.get(ENV_DEVICES_PER_PROCESS) or CLI_DEFAULT_DEVICES)
     if isinstance(default, tuple):
       default = ",".join(map(str, default))
+    if default is None and field in _FITTED:
+      help_text = f"{help_text} (default: {_FITTED[field]})"
     parser.add_argument(flag, type=parse, default=default, dest=_dest(flag),
                         help=help_text)
   parser.add_argument("--no-progress", action="store_true",
@@ -146,6 +174,15 @@ def _add_train_parser(subparsers) -> None:
   parser.add_argument("--overwrite", action="store_true",
                       help="replace the checkpoints already in --checkpoint-dir, deleted "
                       "when this run saves its first step (CheckpointConfig.overwrite)")
+  _add_verbose(parser)
+
+
+def _add_verbose(parser: argparse.ArgumentParser) -> None:
+  """``--verbose``: the command's output only, not a field of Config."""
+  parser.add_argument("--verbose", action="store_true", default=noise.verbose_from_env(),
+                      help="show the libraries' own output too: gloo's connection lines, "
+                      "C++ and absl warnings (default: hidden; also "
+                      f"{noise.ENV_VERBOSE}=1)")
 
 
 def _add_data_parser(subparsers) -> None:
@@ -181,7 +218,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
   fields["checkpoint"]["overwrite"] = args.overwrite
   fields["optim"]["deterministic"] = args.deterministic
   fields["pipeline"]["remat"] = args.remat
-  mesh = MeshConfig.parse(args.mesh, devices=fields["mesh"].pop("devices"))
+  devices = fields["mesh"].pop("devices")
+  mesh = (MeshConfig.parse(args.mesh, devices=devices) if args.mesh is not None
+          else MeshConfig(devices=devices))
   return Config(
       mesh=mesh,
       **{name: cls(**fields[name]) for name, cls in _SECTIONS.items() if name != "mesh"},
@@ -209,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
   launch.add_argument("--cpus-per-process", type=int, default=None, metavar="K",
                       help="pin each process to K cores of its own and set OMP_NUM_THREADS "
                       "etc. to K (default: no pinning)")
+  _add_verbose(launch)
   launch.add_argument("command_args", nargs=argparse.REMAINDER, metavar="-- CMD",
                       help="the command each process runs")
   inspect = subparsers.add_parser(
@@ -237,6 +277,15 @@ def _add_plot_parser(subparsers) -> None:
   plot.add_argument("--title", default=None, help="a title over the panels")
 
 
+def _quiet(verbose: bool) -> None:
+  """Third-party noise off the terminal unless ``verbose`` (:mod:`meshnet.noise`):
+  C++ and absl logs from ERROR up; a process of several started by hand
+  (not by ``meshnet launch``, which filters its children) filters its stdout."""
+  noise.quiet_logs(verbose)
+  if not verbose and multi_process_requested() and not os.environ.get(noise.ENV_FILTERED):
+    noise.filter_stdout()
+
+
 class _Terminated(KeyboardInterrupt):
   """SIGTERM outside the training loop (which saves a checkpoint instead)."""
 
@@ -254,6 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     if args.command == "train":
       from meshnet.train import run
+      _quiet(args.verbose)
       run(config_from_args(args))  # applies --devices before JAX starts
     elif args.command == "data":
       from meshnet.fetch import fetch_command
@@ -263,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       command = args.command_args
       command = command[1:] if command and command[0] == "--" else command
       return launch(args.num_processes, command, devices_per_process=args.devices_per_process,
-                    cpus_per_process=args.cpus_per_process)
+                    cpus_per_process=args.cpus_per_process, verbose=args.verbose)
     elif args.command == "inspect":
       from meshnet.checkpoint import describe
       print(describe(args.dir, with_digest=args.digest, step=args.step))

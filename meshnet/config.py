@@ -18,7 +18,7 @@ import numbers
 from typing import Any, Callable
 
 from meshnet.errors import MeshnetError
-from meshnet.mesh import AXES, check_axis_sizes
+from meshnet.mesh import AXES, DATA, check_axis_sizes
 from meshnet.pipeline.schedules import SCHEDULES
 
 _MAX_SEED = 2**63 - 1
@@ -56,31 +56,53 @@ GRAD_TRANSPORTS = ("xla", "shm")
 class MeshConfig:
   """Mesh axis sizes (one may be -1: the rest of the devices).
 
+  An axis left at ``None`` was not given: it is 1, except ``data``, which
+  takes the devices the other axes leave (unless another axis is -1). With
+  every axis ``None`` the mesh is the default one, data parallelism over
+  every device, which a run narrows to fewer devices when the global batch
+  is too small to split over all of them
+  (:func:`meshnet.defaults.resolve_defaults`); a mesh that was given is
+  used as it is.
+
   Attributes:
-    data, fsdp, stage, tensor: axis sizes (see :mod:`meshnet.mesh`).
+    data, fsdp, stage, tensor: axis sizes (see :mod:`meshnet.mesh`), or
+      ``None`` (not given).
     devices: on the CPU platform, run on this many (simulated) devices; see
       :func:`meshnet.mesh.select_devices`. ``None`` uses every device JAX has.
   """
 
-  data: int = -1
-  fsdp: int = 1
-  stage: int = 1
-  tensor: int = 1
+  data: int | None = None
+  fsdp: int | None = None
+  stage: int | None = None
+  tensor: int | None = None
   devices: int | None = None
 
   def __post_init__(self):
-    check_axis_sizes(**self.axes())
+    check_axis_sizes(**{axis: size for axis in AXES
+                        if (size := getattr(self, axis)) is not None})
     _check_optional_int("mesh.devices", self.devices, 1, "for every device JAX has")
 
+  @property
+  def is_default(self) -> bool:
+    """No axis was given: data parallelism over every device (or fewer, to
+    fit a small batch)."""
+    return all(getattr(self, axis) is None for axis in AXES)
+
   def axes(self) -> dict[str, int]:
-    return {axis: getattr(self, axis) for axis in AXES}
+    """The sizes as :func:`meshnet.mesh.make_mesh` takes them: an axis not
+    given is 1, ``data`` -1 (the rest) unless another axis is -1."""
+    given = {axis: getattr(self, axis) for axis in AXES}
+    rest = 1 if -1 in given.values() else -1
+    return {axis: size if size is not None else (rest if axis == DATA else 1)
+            for axis, size in given.items()}
 
   @classmethod
   def parse(cls, text: str, devices: int | None = None) -> "MeshConfig":
     """``"data=4,stage=2"`` -> ``MeshConfig(data=4, stage=2)``.
 
-    Absent axes are 1, except ``data``, which takes the devices the other axes
-    leave (``-1``) unless another axis is -1.
+    Absent axes are left ``None`` (not given): 1, except ``data``, which
+    takes the devices the other axes leave unless another axis is -1 (see
+    :meth:`axes`). An empty text is the default mesh.
     """
     sizes: dict[str, int] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
@@ -99,9 +121,7 @@ class MeshConfig:
         sizes[name] = int(value)
       except ValueError:
         raise MeshnetError(f"mesh size {value!r} for {name} is not an integer") from None
-    if "data" not in sizes and -1 not in sizes.values():
-      sizes["data"] = -1  # data parallelism over the devices the others leave
-    return cls(**{axis: sizes.get(axis, 1) for axis in AXES}, devices=devices)
+    return cls(**sizes, devices=devices)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,19 +131,22 @@ class ModelConfig:
   Attributes:
     name: model name (``mlp``).
     hidden: hidden layer widths; input and output sizes come from the data.
-    activation: hidden activation.
+      ``None``: the data set's recipe, else ``(256, 128)``
+      (:func:`meshnet.defaults.resolve_defaults`).
+    activation: hidden activation; ``None``: the data set's recipe, else
+      ``relu``.
     dropout: dropout rate after each hidden activation when training.
   """
 
   name: str = "mlp"
-  hidden: tuple[int, ...] = (256, 128)
-  activation: str = "relu"
+  hidden: tuple[int, ...] | None = None
+  activation: str | None = None
   dropout: float = 0.0
 
   def __post_init__(self):
     hidden = self.hidden
-    if not isinstance(hidden, (tuple, list)) or not all(
-        _is_int(w) and w >= 1 for w in hidden):
+    if hidden is not None and (not isinstance(hidden, (tuple, list)) or not all(
+        _is_int(w) and w >= 1 for w in hidden)):
       raise MeshnetError(
           f"model.hidden={hidden!r} must be widths >= 1, e.g. (256, 128) "
           "(--hidden 256,128)"
@@ -138,14 +161,18 @@ class DataConfig:
     data_dir: directory with files for file-based data sets (mnist); ``None``:
       :func:`meshnet.data.default_data_dir`, where ``meshnet data fetch`` puts them.
     batch_size: global batch size, over all devices and processes.
+      ``None``: the smaller of 128 and the training set, rounded down to a
+      multiple of what the mesh splits it into
+      (:func:`meshnet.defaults.resolve_defaults`).
   """
 
   dataset: str = "digits"
   data_dir: str | None = None
-  batch_size: int = 128
+  batch_size: int | None = None
 
   def __post_init__(self):
-    _check_int("data.batch_size", self.batch_size, 1)
+    _check_optional_int("data.batch_size", self.batch_size, 1,
+                        "to fit the data set and the mesh")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,9 +181,11 @@ class OptimConfig:
 
   Attributes:
     optimizer: ``sgd``, ``momentum``, ``adam`` or ``adamw``.
-    lr: peak learning rate.
-    weight_decay: decoupled weight decay (adamw) or L2 added to the
-      gradient (sgd, momentum); adam refuses it (use adamw).
+    lr: peak learning rate; ``None``: the data set's recipe, else 1e-3.
+    weight_decay: for ``sgd``, ``momentum`` and ``adam``, the L2 term
+      ``weight_decay * param`` added to the (clipped) gradient before the
+      optimizer, as PyTorch's ``weight_decay``; for ``adamw``, decoupled
+      decay (``optax.adamw``, PyTorch's ``AdamW``).
     momentum: momentum coefficient for ``momentum``.
     lr_schedule: ``constant`` or ``warmup_cosine`` (linear warmup over
       ``warmup_steps``, then cosine decay to 0 at the last step).
@@ -172,7 +201,7 @@ class OptimConfig:
   """
 
   optimizer: str = "adam"
-  lr: float = 1e-3
+  lr: float | None = None
   weight_decay: float = 0.0
   momentum: float = 0.9
   lr_schedule: str = "constant"
@@ -183,7 +212,9 @@ class OptimConfig:
   grad_transport: str = "xla"
 
   def __post_init__(self):
-    _check_float("optim.lr", self.lr, "> 0", lambda v: v > 0)
+    if self.lr is not None:
+      _check_float("optim.lr", self.lr, "> 0", lambda v: v > 0,
+                   " (or None for the data set's default)")
     _check_float("optim.weight_decay", self.weight_decay, ">= 0", lambda v: v >= 0)
     _check_float("optim.momentum", self.momentum, "in [0, 1)", lambda v: 0 <= v < 1)
     _check_int("optim.warmup_steps", self.warmup_steps, 0)
@@ -267,7 +298,8 @@ class TrainConfig:
 
   Attributes:
     steps: optimizer steps to run; ``None`` runs ``epochs`` epochs.
-    epochs: epochs to run when ``steps`` is ``None``.
+    epochs: epochs to run when ``steps`` is ``None``; ``None``: the data
+      set's recipe, else 20.
     seed: seed for initialisation, shuffling and dropout.
     eval_every: evaluate on the test split every this many steps and at the
       end; 0 turns evaluation off.
@@ -280,7 +312,7 @@ class TrainConfig:
   """
 
   steps: int | None = None
-  epochs: int = 20
+  epochs: int | None = None
   seed: int = 0
   eval_every: int = 100
   log_every: int = 10
@@ -291,7 +323,7 @@ class TrainConfig:
 
   def __post_init__(self):
     _check_optional_int("train.steps", self.steps, 1, "to run train.epochs epochs")
-    _check_int("train.epochs", self.epochs, 1)
+    _check_optional_int("train.epochs", self.epochs, 1, "for the data set's default")
     if not _is_int(self.seed) or not 0 <= self.seed <= _MAX_SEED:
       raise MeshnetError(f"train.seed={self.seed!r} must be an integer in [0, 2**63)")
     _check_int("train.eval_every", self.eval_every, 0, " (0 turns evaluation off)")
@@ -301,7 +333,12 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """Everything a training run needs."""
+  """Everything a training run needs.
+
+  Fields left at ``None`` were not given; :func:`meshnet.train.run` fills
+  them for the data set and the devices
+  (:func:`meshnet.defaults.resolve_defaults`) and says which it adjusted.
+  """
 
   mesh: MeshConfig = MeshConfig()
   model: ModelConfig = ModelConfig()

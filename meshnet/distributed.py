@@ -42,6 +42,19 @@ def _cluster_detected() -> bool:
   return bool(hosts and "," in env.get("TPU_WORKER_HOSTNAMES", ""))
 
 
+def multi_process_requested() -> bool:
+  """Whether this process was started as one of several: ``MESHNET_*``
+  variables for more than one process, or a SLURM / Open MPI / TPU pod job
+  of several (what :func:`initialize` joins). Reads the environment only."""
+  try:
+    count = _env_int(ENV_NUM_PROCESSES)
+  except MeshnetError:
+    return False  # initialize() reports it
+  if count is not None:
+    return count > 1
+  return _cluster_detected()
+
+
 def _env_int(name: str) -> int | None:
   value = os.environ.get(name)
   if value in (None, ""):

@@ -6,8 +6,9 @@ Each process gets ``MESHNET_COORDINATOR`` (a free local port),
 simulated CPU device per process, like one GPU per torchrun rank; ignored on
 accelerators). ``--cpus-per-process K`` pins process ``i`` to its own ``K``
 cores (``sched_setaffinity``) and sets the math libraries' thread counts
-(``OMP_NUM_THREADS`` ...) to ``K``, as torchrun sets ``OMP_NUM_THREADS``. Output lines are prefixed with ``[i]``. SIGINT and SIGTERM are
-forwarded to every process. When a process fails, the others are stopped
+(``OMP_NUM_THREADS`` ...) to ``K``, as torchrun sets ``OMP_NUM_THREADS``. Output lines are prefixed with ``[i]``; third-party noise (gloo's
+connection lines, C++ warnings) is left out unless ``--verbose``
+(:mod:`meshnet.noise`). SIGINT and SIGTERM are forwarded to every process. When a process fails, the others are stopped
 (SIGTERM, then SIGKILL after a grace period) and the launcher exits with the
 failing process's code and a one-line summary: jax's own handling of a dead
 peer is to let the survivors wait for its heartbeat timeout and then abort.
@@ -28,6 +29,7 @@ from meshnet.distributed import (
     ENV_COORDINATOR, ENV_DEVICES_PER_PROCESS, ENV_NUM_PROCESSES, ENV_PROCESS_ID,
 )
 from meshnet.errors import MeshnetError
+from meshnet.noise import child_environment, is_noise
 
 GRACE_SECONDS = 10.0
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -64,16 +66,19 @@ def _describe(code: int) -> str:
   return f"exit code {code}"
 
 
-def _pump(stream, index: int, out) -> None:
+def _pump(stream, index: int, out, verbose: bool) -> None:
+  """Relays a child's output, each line prefixed with ``[index]``, leaving
+  out third-party noise unless ``verbose`` (:func:`meshnet.noise.is_noise`)."""
   for line in iter(stream.readline, ""):
-    out.write(f"[{index}] {line}")
-    out.flush()
+    if verbose or not is_noise(line):
+      out.write(f"[{index}] {line}")
+      out.flush()
   stream.close()
 
 
 def launch(num_processes: int, command: Sequence[str], *,
            devices_per_process: int | None = None, cpus_per_process: int | None = None,
-           out=None) -> int:
+           verbose: bool = False, out=None) -> int:
   """Runs ``command`` in ``num_processes`` processes; returns the exit status.
 
   Args:
@@ -82,6 +87,8 @@ def launch(num_processes: int, command: Sequence[str], *,
     devices_per_process: simulated CPU devices each process brings (default 1).
     cpus_per_process: pin each process to this many cores of its own and set
       its math libraries' thread counts to match (default: no pinning).
+    verbose: relay the libraries' noise too (gloo's connection lines, C++
+      warnings); by default it is left out (:mod:`meshnet.noise`).
     out: where the prefixed output goes (default stdout).
 
   Raises:
@@ -105,6 +112,7 @@ def launch(num_processes: int, command: Sequence[str], *,
     env.update({ENV_COORDINATOR: f"127.0.0.1:{port}", ENV_NUM_PROCESSES: str(num_processes),
                 ENV_PROCESS_ID: str(i), "PYTHONUNBUFFERED": "1"})
     env[ENV_DEVICES_PER_PROCESS] = str(devices_per_process or 1)
+    env.update(child_environment(verbose))
     pin = None
     if cores[i] is not None:
       env.update({name: str(len(cores[i])) for name in THREAD_VARIABLES})
@@ -120,7 +128,8 @@ def launch(num_processes: int, command: Sequence[str], *,
     procs.append(proc)
     where = "" if cores[i] is None else f", cpus {','.join(map(str, cores[i]))}"
     out.write(f"meshnet launch: process {i} started (pid {proc.pid}{where})\n")
-    thread = threading.Thread(target=_pump, args=(proc.stdout, i, out), daemon=True)
+    thread = threading.Thread(target=_pump, args=(proc.stdout, i, out, verbose),
+                              daemon=True)
     thread.start()
     pumps.append(thread)
   out.flush()

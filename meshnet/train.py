@@ -7,6 +7,7 @@ and step from a :class:`~meshnet.config.Config`, trains, evaluates and logs.
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 import threading
 import time
@@ -16,9 +17,10 @@ import jax
 import numpy as np
 
 from meshnet import models
-from meshnet.checkpoint import Checkpointer, from_logical, to_logical
+from meshnet.checkpoint import Checkpointer, from_logical, saved_config, to_logical
 from meshnet.config import CheckpointConfig, Config
 from meshnet.data import BatchSampler, Dataset, check_dataset, global_batch, load_dataset
+from meshnet.defaults import resolve_defaults
 from meshnet.distributed import initialize
 from meshnet.errors import MeshnetError, NonFiniteLossError, NonFiniteStateError
 from meshnet.mesh import (
@@ -146,6 +148,22 @@ def _check_model_and_data(model: Model, dataset: Dataset, *, evaluates: bool) ->
     )
 
 
+def _resolve(config: Config, dataset: Dataset, *, builds_model: bool
+             ) -> tuple[Config, list[str], jax.sharding.Mesh]:
+  """The config with its unset fields filled (from the checkpoint being
+  resumed, the data set's recipe or the defaults: :func:`resolve_defaults`),
+  one note per adjusted default, and the mesh it describes (on the first
+  devices, when the default mesh was narrowed to fit the batch)."""
+  devices = select_devices(config.mesh.devices)
+  cc = config.checkpoint
+  config, notes = resolve_defaults(
+      config, dataset, len(devices), processes=jax.process_count(),
+      saved=saved_config(cc.dir) if cc.resume and cc.dir else None,
+      builds_model=builds_model)
+  axes = config.mesh.axes()
+  return config, notes, make_mesh(devices=devices[:math.prod(axes.values())], **axes)
+
+
 def _format_eval(step: int, result: dict[str, float]) -> str:
   text = f"eval @ step {step}: loss {result['eval_loss']:.4f}"
   if "eval_accuracy" in result:
@@ -158,6 +176,10 @@ def run(
     dataset: Dataset | None = None, log: Callable[[str], None] | None = None,
 ) -> RunResult:
   """Trains as ``config`` says; returns the final state and metrics.
+
+  Fields of ``config`` left ``None`` (not given) are filled for the data set
+  and the devices first (:func:`~meshnet.defaults.resolve_defaults`), as
+  ``meshnet train`` does; each adjusted default is logged as one line.
 
   Args:
     config: the run's configuration.
@@ -182,10 +204,10 @@ def run(
     except MeshnetError:
       pass  # JAX already started; select_devices says what can be used
   initialize()  # joins the other processes when launched as several; else no-op
-  mesh = make_mesh(devices=select_devices(config.mesh.devices), **config.mesh.axes())
-  tc, oc = config.train, config.optim
   if dataset is None:
     dataset = load_dataset(config.data.dataset, config.data.data_dir)
+  config, notes, mesh = _resolve(config, dataset, builds_model=model is None)
+  tc, oc = config.train, config.optim
   if model is None:
     model = models.build(
         config.model.name, dataset.input_size, dataset.num_outputs,
@@ -213,6 +235,8 @@ def run(
 
   progress = Progress(total, enabled=tc.progress)
   say = log or progress.message
+  for note in notes:  # the defaults adjusted to the data set and the devices
+    say(note)
   say(describe_mesh(mesh).splitlines()[0])
   say(f"{dataset.name}: {len(dataset.x_train)} train / {len(dataset.x_test)} test "
       f"examples; global batch {batch_size} ({sampler.steps_per_epoch} steps/epoch); "
