@@ -315,6 +315,9 @@ def fetch_files(files: Mapping[str, str], directory: str, base_url: str, *,
   """
   stream = stream or sys.stdout
   directory = os.path.expanduser(directory)
+  if os.path.exists(directory) and not os.path.isdir(directory):
+    raise MeshnetError(f"--dir {directory} is a file, not a directory; pass --dir DIR "
+                       "naming a directory (created if missing)")
   try:
     os.makedirs(directory, exist_ok=True)
   except OSError as e:

@@ -131,6 +131,15 @@ def _labels(paths: Sequence[str], labels: Sequence[str] | None) -> list[str]:
           if stems.count(s) > 1 else s for p, s in zip(paths, stems)]
 
 
+def _spans_decades(values: Sequence[np.ndarray], decades: float = 3.0) -> bool:
+  """True if the finite values are all positive and span more than
+  ``decades`` powers of ten (then a linear axis flattens all but the largest)."""
+  finite = np.concatenate([v[np.isfinite(v)] for v in values]) if values else np.zeros(0)
+  if finite.size < 2 or finite.min() <= 0:
+    return False
+  return bool(np.log10(finite.max() / finite.min()) > decades)
+
+
 def _check_output(output: str) -> None:
   full = os.path.abspath(output)
   if os.path.isdir(full):
@@ -151,7 +160,9 @@ def plot_metrics(paths: Sequence[str], output: str, *,
   Args:
     paths: JSON-lines metrics files (``meshnet train --metrics-file``).
     output: the picture; its extension picks the format (``.png``, ``.pdf``,
-      ``.svg``). Missing parent directories are created.
+      ``.svg``; none: PNG, under exactly this name). Missing parent
+      directories are created. The loss axis is logarithmic when the losses
+      span more than three powers of ten (e.g. a diverged run).
     labels: one legend name per file (default: file names without extension).
     title: a title over the panels.
 
@@ -179,8 +190,9 @@ def plot_metrics(paths: Sequence[str], output: str, *,
   loss_ax = axes[0]
   for i, c in enumerate(curves):
     colour = f"C{i % 10}"
-    if c.train_loss[0].size:
-      loss_ax.plot(*c.train_loss, color=colour, label=f"{c.label} train")
+    if c.train_loss[0].size:  # one point draws no line: mark it
+      loss_ax.plot(*c.train_loss, color=colour, label=f"{c.label} train",
+                   marker="o" if c.train_loss[0].size == 1 else None)
     if c.eval_loss[0].size:
       loss_ax.plot(*c.eval_loss, color=colour, linestyle="--", marker=".",
                    label=f"{c.label} eval")
@@ -188,6 +200,8 @@ def plot_metrics(paths: Sequence[str], output: str, *,
       axes[1].plot(*c.eval_accuracy, color=colour, linestyle="--", marker=".",
                    label=f"{c.label} eval")
   loss_ax.set_title("loss")
+  if _spans_decades([c.train_loss[1] for c in curves] + [c.eval_loss[1] for c in curves]):
+    loss_ax.set_yscale("log")  # a diverged run next to a good one: both stay visible
   if with_accuracy:
     axes[1].set_title("accuracy")
     axes[1].yaxis.set_major_formatter(PercentFormatter(1.0))
@@ -199,9 +213,12 @@ def plot_metrics(paths: Sequence[str], output: str, *,
     fig.suptitle(title)
   fig.tight_layout()
   parent = os.path.dirname(os.path.abspath(output))
+  # The extension picks the format; none is PNG, written under the name given
+  # (matplotlib alone would write ``loss.png`` for ``-o loss``).
+  extension = os.path.splitext(output)[1][1:].lower()
   try:
     os.makedirs(parent, exist_ok=True)
-    fig.savefig(output)
+    fig.savefig(output, format=extension or "png")
   except ValueError as e:  # an extension matplotlib cannot write
     raise MeshnetError(f"cannot write {output}: {e}; use .png, .pdf or .svg") from None
   except OSError as e:

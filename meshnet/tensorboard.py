@@ -30,7 +30,9 @@ event file into the same directory and its curves continue the earlier
 ones: the writer drops the events of steps after the checkpoint it resumed
 from out of the earlier files (the stopped run wrote them before it was
 stopped, and they are run again), and marks the restart in the new file
-(TensorBoard's ``purge_step``), so every step appears once.
+(TensorBoard's ``purge_step``), so every step appears once. A run started
+afresh (``replace=True``) deletes the event files of earlier runs in the
+directory instead, as ``--metrics-file`` starts its file afresh.
 """
 
 from __future__ import annotations
@@ -107,6 +109,11 @@ class TensorBoardWriter:
       later steps are dropped from the event files already in ``logdir``
       and the restart is marked for TensorBoard (``purge_step``), so the
       curves continue with every step once.
+    replace: a run started afresh: delete the event files earlier runs left
+      directly in ``logdir`` (as ``--metrics-file`` starts its file afresh),
+      so their curves do not zigzag with this run's over the same steps.
+      Ignored with ``resumed_from``. Default False: a second writer into
+      the same directory keeps the first one's events.
     flush_secs: at most this many seconds between a value and the disk.
 
   Raises:
@@ -114,12 +121,13 @@ class TensorBoardWriter:
   """
 
   def __init__(self, logdir: str | None, *, resumed_from: int | None = None,
-               flush_secs: float = 2.0):
-    self.logdir = logdir
+               replace: bool = False, flush_secs: float = 2.0):
+    self.logdir = os.path.expanduser(logdir) if logdir else logdir
     self._writer = None
     if not logdir or not is_main_process():
       return
     check_logdir(logdir)
+    logdir = self.logdir
     try:
       from tensorboardX import SummaryWriter
     except ImportError:  # pragma: no cover - a dependency of meshnet
@@ -132,10 +140,13 @@ class TensorBoardWriter:
     suffix = f".{time.time_ns() % 10**9:09d}.{os.getpid()}"
     try:
       os.makedirs(logdir, exist_ok=True)
-      if resumed_from is not None:
-        for name in sorted(os.listdir(logdir)):
-          if "tfevents" in name:
-            _keep_until(os.path.join(logdir, name), resumed_from)
+      earlier = [os.path.join(logdir, name) for name in sorted(os.listdir(logdir))
+                 if "tfevents" in name and os.path.isfile(os.path.join(logdir, name))]
+      for path in earlier:
+        if resumed_from is not None:
+          _keep_until(path, resumed_from)
+        elif replace:
+          os.remove(path)
       self._writer = SummaryWriter(logdir, purge_step=purge_step, flush_secs=flush_secs,
                                    filename_suffix=suffix)
     except OSError as e:

@@ -381,3 +381,14 @@ def test_command_rejects_bad_mirror_and_unknown_dataset(tmp_path, capsys):
   with pytest.raises(SystemExit) as info:
     cli.main(["data", "fetch", "cifar"])
   assert info.value.code == 2 and "invalid choice: 'cifar'" in capsys.readouterr().err
+
+
+def test_command_with_dir_that_is_a_file_says_so(tmp_path, capsys):
+  (tmp_path / "f").write_text("x")
+  for bad, says in ((tmp_path / "f", f"--dir {tmp_path / 'f'} is a file, not a directory"),
+                    (tmp_path / "f" / "sub", "Not a directory")):
+    assert cli.main(["data", "fetch", "mnist", "--dir", str(bad), "--mirror",
+                     "http://127.0.0.1:9/"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("meshnet: error: ") and says in err and err.count("\n") == 1, err
+  assert (tmp_path / "f").read_text() == "x"

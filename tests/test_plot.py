@@ -150,3 +150,32 @@ def test_meshnet_plot_command(tmp_path, capsys):
   assert f"wrote {out}" in capsys.readouterr().out
   picture = matplotlib.image.imread(str(out))
   assert picture.shape[:2] == (400, 1100) and picture[..., :3].std() > 0.05
+
+
+def test_output_without_extension_is_a_png_under_exactly_that_name(tmp_path, capsys):
+  metrics = _write(tmp_path / "m.jsonl", [(s, 1.0 / s) for s in range(1, 6)])
+  out = tmp_path / "loss"
+  assert cli.main(["plot", metrics, "-o", str(out)]) == 0
+  assert f"wrote {out}" in capsys.readouterr().out
+  assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert not (tmp_path / "loss.png").exists()
+
+
+def test_a_run_with_one_record_shows_its_point(tmp_path):
+  """One training record draws no line segment; it gets a marker."""
+  out = tmp_path / "one.png"
+  plot_metrics([_write(tmp_path / "one.jsonl", [(5, 1.5)])], str(out))
+  # The legend's short line alone is about 50 such pixels; with the marker
+  # (in the plot and in the legend) about 150.
+  assert _pixels_like(matplotlib.image.imread(str(out)), TRAIN_BLUE) > 100
+
+
+def test_a_diverged_run_does_not_flatten_a_good_one(tmp_path):
+  """Losses over many powers of ten: a log axis, so the good curve still falls
+  over many pixel rows instead of lying flat at the bottom."""
+  good = _write(tmp_path / "good.jsonl", [(s, 2.0 / s) for s in range(1, 21)])
+  bad = _write(tmp_path / "bad.jsonl", [(s, 10.0 ** s) for s in range(1, 21)])
+  out = tmp_path / "div.png"
+  plot_metrics([good, bad], str(out))
+  blue = (np.abs(matplotlib.image.imread(str(out))[..., :3] - TRAIN_BLUE) < 0.02).all(-1)
+  assert len(set(np.nonzero(blue)[0])) > 12  # a flat line (and its legend): about 4 rows

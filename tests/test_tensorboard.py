@@ -195,3 +195,37 @@ def test_meshnet_train_tensorboard_then_plot(tmp_path):
   assert proc.returncode == 0, proc.stderr
   pixels = matplotlib.image.imread(str(picture))
   assert pixels.shape[:2] == (400, 1100) and pixels[..., :3].std() > 0.05
+
+
+def test_a_tilde_directory_is_under_home_not_a_folder_named_tilde(tmp_path, monkeypatch):
+  home, cwd = tmp_path / "home", tmp_path / "cwd"
+  home.mkdir()
+  cwd.mkdir()
+  monkeypatch.setenv("HOME", str(home))
+  monkeypatch.chdir(cwd)
+  with TensorBoardWriter("~/runs/a") as board:
+    board.write({"step": 1, "loss": 0.5})
+  assert not (cwd / "~").exists()
+  assert _scalars(_events(home / "runs" / "a"), "train/loss") == {1: 0.5}
+
+
+def test_replace_drops_an_earlier_runs_curves_and_a_second_writer_keeps_them(tmp_path):
+  with TensorBoardWriter(str(tmp_path)) as board:
+    board.write({"step": 1, "loss": 2.0})
+    board.write({"step": 2, "loss": 1.0})
+    board.text("run/config", "first")
+  with TensorBoardWriter(str(tmp_path)) as board:  # default: keeps what is there
+    board.write({"step": 3, "eval_loss": 0.9})
+  assert _scalars(_events(tmp_path), "train/loss") == {1: 2.0, 2: 1.0}
+  (tmp_path / "sub").mkdir()  # another run's directory below: left alone
+  with TensorBoardWriter(str(tmp_path / "sub")) as board:
+    board.write({"step": 1, "loss": 7.0})
+  time.sleep(0.01)
+  with TensorBoardWriter(str(tmp_path), replace=True) as board:
+    board.write({"step": 1, "loss": 3.0})
+    board.text("run/config", "second")
+  events = _events(tmp_path)
+  assert _scalars(events, "train/loss") == {1: 3.0}
+  assert "eval/loss" not in events.Tags()["scalars"]
+  assert _text(events, "run/config").strip() == "second"
+  assert _scalars(_events(tmp_path / "sub"), "train/loss") == {1: 7.0}
