@@ -100,9 +100,10 @@ class MeshConfig:
   def parse(cls, text: str, devices: int | None = None) -> "MeshConfig":
     """``"data=4,stage=2"`` -> ``MeshConfig(data=4, stage=2)``.
 
-    Absent axes are left ``None`` (not given): 1, except ``data``, which
-    takes the devices the other axes leave unless another axis is -1 (see
-    :meth:`axes`). An empty text is the default mesh.
+    A parsed mesh was given, so every axis gets its size: an absent axis is
+    1, except ``data``, which takes the devices the other axes leave (-1)
+    unless another axis is -1 (see :meth:`axes`). Only ``MeshConfig()``, with
+    every axis ``None``, is the default mesh that a run may narrow.
     """
     sizes: dict[str, int] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
@@ -121,7 +122,7 @@ class MeshConfig:
         sizes[name] = int(value)
       except ValueError:
         raise MeshnetError(f"mesh size {value!r} for {name} is not an integer") from None
-    return cls(**sizes, devices=devices)
+    return cls(**cls(**sizes).axes(), devices=devices)
 
 
 @dataclasses.dataclass(frozen=True)

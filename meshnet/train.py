@@ -283,8 +283,9 @@ def run(
     state, first_step = _resume(checkpointer, config, state, sampler, total, say)
     writer = cleanup.enter_context(MetricsWriter(
         tc.metrics_file, resumed_from=first_step - 1 if first_step > 1 else None))
-    board = cleanup.enter_context(TensorBoardWriter(
-        tc.tensorboard, resumed_from=first_step - 1 if first_step > 1 else None))
+    board = cleanup.enter_context(TensorBoardWriter(  # afresh: an earlier run's curves go
+        tc.tensorboard, resumed_from=first_step - 1 if first_step > 1 else None,
+        replace=first_step == 1))
     board.describe_run(mesh=mesh, config=config, pipeline=pipeline, step=first_step - 1)
     stop = cleanup.enter_context(_StopSignals(enabled=checkpointer is not None))
     started = time.perf_counter()

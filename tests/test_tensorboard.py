@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import meshnet
 from meshnet import cli
 from meshnet.config import (
     CheckpointConfig, Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, PipelineConfig,
@@ -81,7 +82,11 @@ def test_event_files_hold_the_runs_metrics_at_their_steps(tmp_path):
   mesh = _text(events, "run/mesh")
   assert mesh.lstrip().startswith("mesh data=4 fsdp=1 stage=1 tensor=1: 4 cpu devices")
   config_text = "\n".join(line[4:] for line in _text(events, "run/config").splitlines())
-  assert json.loads(config_text) == json.loads(json.dumps(config.to_dict()))
+  saved = json.loads(config_text)  # the run's settings, defaults resolved
+  resolved, _ = meshnet.resolve_defaults(config, meshnet.load_dataset("digits"), 4)
+  assert saved == json.loads(json.dumps(resolved.to_dict()))
+  assert saved["model"]["hidden"] == [256, 128] and saved["data"]["batch_size"] == 128
+  assert saved["train"]["tensorboard"] == str(tmp_path / "tb")
   assert events.Tags()["images"] == []  # no stage axis, no timeline
 
 
