@@ -229,7 +229,9 @@ class _Download:
       f.truncate()
       while True:
         try:
-          chunk = response.read(_CHUNK)
+          # read1: what has arrived (up to _CHUNK), so the .part holds every
+          # byte received when the download stops (Ctrl-C, a stalled server).
+          chunk = response.read1(_CHUNK)
         except (OSError, http.client.HTTPException) as e:  # reset, timeout, bad chunk
           error = str(e) or type(e).__name__
           break
@@ -378,7 +380,13 @@ def fetch_command(dataset: str, directory: str | None = None, *,
   if dataset not in FETCHABLE:
     raise MeshnetError(f"cannot fetch dataset {dataset!r}; choose one of "
                        f"{', '.join(FETCHABLE)}")
-  fetched = fetch_mnist(directory, mirror=mirror)
+  try:
+    fetched = fetch_mnist(directory, mirror=mirror)
+  except KeyboardInterrupt:
+    again = "meshnet data fetch mnist" + (f" --dir {shlex.quote(directory)}" if directory else "")
+    print(f"meshnet: download interrupted; a partial file is kept as .part and `{again}` "
+          "resumes it", file=sys.stderr)
+    return 130
   where = os.path.dirname(fetched[0].path)
   flag = "" if where == default_data_dir("mnist") else f" --data-dir {shlex.quote(where)}"
   print(f"MNIST is in {where}; train with: meshnet train --dataset mnist{flag}")

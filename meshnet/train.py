@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shlex
 import signal
 import threading
 import time
@@ -352,7 +353,7 @@ def run(
     say(f"metrics written to {tc.metrics_file}")
   if is_main_process() and tc.tensorboard:
     say(f"TensorBoard events written to {tc.tensorboard} (view: tensorboard --logdir "
-        f"{tc.tensorboard})")
+        f"{shlex.quote(tc.tensorboard)})")
   return RunResult(state, last_eval, history, state.params, interrupted)
 
 

@@ -12,9 +12,11 @@ import re
 import select
 import socket
 import struct
+import signal
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -82,6 +84,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     if status == 206:
       self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
     self.end_headers()
+    if state.stall is not None:  # part of the body, then nothing until the test ends
+      self.wfile.write(body[:state.stall])
+      self.wfile.flush()
+      state.release.wait(60)
+      return
     limit = state.cuts.pop(0) if state.cuts else state.limit
     self.wfile.write(body if limit is None else body[:limit])  # then the connection closes
 
@@ -96,6 +103,7 @@ class Server:
     cuts: per-response body limits, used up one per response (the header
       still announces the full length, then the connection closes).
     limit: the limit once ``cuts`` is used up (None: whole bodies).
+    stall: send this many bytes of a body, then hang until ``release`` is set.
     requests: (name, Range header or None, status) of every request.
   """
 
@@ -104,6 +112,8 @@ class Server:
     self.ignore_range = False
     self.cuts: list[int] = []
     self.limit: int | None = None
+    self.stall: int | None = None
+    self.release = threading.Event()
     self.requests: list[tuple[str, str | None, int]] = []
     self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     self.httpd.state = self
@@ -120,6 +130,7 @@ class Server:
 def server():
   s = Server()
   yield s
+  s.release.set()
   s.httpd.shutdown()
   s.httpd.server_close()
 
@@ -392,3 +403,27 @@ def test_command_with_dir_that_is_a_file_says_so(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("meshnet: error: ") and says in err and err.count("\n") == 1, err
   assert (tmp_path / "f").read_text() == "x"
+
+
+def test_ctrl_c_keeps_the_partial_file_and_says_how_to_resume(tmp_path, server):
+  half = len(FILES[IMAGES]) // 2
+  server.stall = half
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+  proc = subprocess.Popen([sys.executable, "-m", "meshnet", "data", "fetch", "mnist", "--dir",
+                           str(tmp_path), "--mirror", server.url], env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  part = tmp_path / f"{IMAGES}.part"
+  deadline = time.monotonic() + 60
+  while not (part.exists() and part.stat().st_size == half) and time.monotonic() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGINT)
+  out, err = proc.communicate(timeout=60)
+  assert proc.returncode == 130, (out, err)
+  assert part.stat().st_size == half and not (tmp_path / IMAGES).exists()
+  assert f"`meshnet data fetch mnist --dir {tmp_path}` resumes it" in err, err
+
+  server.stall = None  # the next fetch continues where the interrupted one stopped
+  _fetch(tmp_path, server.url)
+  assert server.of(IMAGES)[-1] == (f"bytes={half}-", 206)
+  assert (tmp_path / IMAGES).read_bytes() == FILES[IMAGES]
