@@ -28,7 +28,8 @@ def test_flags_parse_into_the_config():
       "--warmup-steps", "2", "--no-progress",
   ])
   config = cli.config_from_args(args)
-  assert config.mesh == MeshConfig(data=4, devices=4)
+  assert config.mesh == MeshConfig(data=4, fsdp=1, stage=1, tensor=1, devices=4)
+  assert not config.mesh.is_default  # a given mesh is used as it is
   assert config.model.hidden == (512, 256, 128) and config.model.dropout == 0.2
   assert (config.data.dataset, config.data.data_dir, config.data.batch_size) == (
       "mnist", "/data", 256)
