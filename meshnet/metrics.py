@@ -203,6 +203,15 @@ class Progress:
     self._bar.close()
 
 
+def nearest_existing(path: str) -> str:
+  """The closest ancestor of ``path`` (absolute) that exists: where creating
+  ``path`` with its missing parents would start."""
+  parent = os.path.dirname(os.path.abspath(path))
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  return parent
+
+
 def check_metrics_file(path: str | None) -> None:
   """Refuses a metrics path that cannot be written, before any training work.
 
@@ -215,9 +224,7 @@ def check_metrics_file(path: str | None) -> None:
   if os.path.isdir(full):
     raise MeshnetError(f"metrics file {path} is a directory; give a file path, e.g. "
                        f"{os.path.join(path, 'metrics.jsonl')}")
-  parent = os.path.dirname(full)
-  while not os.path.exists(parent):
-    parent = os.path.dirname(parent)
+  parent = nearest_existing(full)
   if not os.path.isdir(parent):
     raise MeshnetError(f"metrics file {path} cannot be created: {parent} is a file, not a "
                        "directory; choose another --metrics-file")

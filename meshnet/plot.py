@@ -23,6 +23,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from meshnet.errors import MeshnetError
+from meshnet.metrics import nearest_existing
 
 Series = tuple[np.ndarray, np.ndarray]  # (steps [N] int64, values [N] float64)
 _FIELDS = {"train_loss": "loss", "eval_loss": "eval_loss", "eval_accuracy": "eval_accuracy"}
@@ -145,9 +146,7 @@ def _check_output(output: str) -> None:
   if os.path.isdir(full):
     raise MeshnetError(f"output {output} is a directory; give a file name, e.g. "
                        f"{os.path.join(output, 'loss.png')}")
-  parent = os.path.dirname(full)
-  while not os.path.exists(parent):
-    parent = os.path.dirname(parent)
+  parent = nearest_existing(full)
   if not os.path.isdir(parent):
     raise MeshnetError(f"output {output} cannot be created: {parent} is a file")
 

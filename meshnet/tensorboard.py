@@ -47,7 +47,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from meshnet.errors import MeshnetError
-from meshnet.metrics import is_main_process
+from meshnet.metrics import is_main_process, nearest_existing
 
 _NOT_SCALARS = ("step", "time")
 
@@ -75,9 +75,7 @@ def check_logdir(path: str | None, flag: str = "--tensorboard") -> None:
   if os.path.exists(full) and not os.path.isdir(full):
     raise MeshnetError(f"TensorBoard directory {path} is a file; give a directory "
                        f"({flag} DIR), e.g. {os.path.join(os.path.dirname(path), 'runs')}")
-  existing = full
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
+  existing = full if os.path.exists(full) else nearest_existing(full)
   if not os.path.isdir(existing):
     raise MeshnetError(f"TensorBoard directory {path} cannot be created: {existing} is a "
                        f"file, not a directory; choose another {flag} DIR")
