@@ -47,6 +47,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from meshnet.errors import MeshnetError
+from meshnet.metrics import Ticker
 
 FORMAT = "meshnet-checkpoint-1"
 LOCK_FILE = ".meshnet.lock"
@@ -320,6 +321,7 @@ class Checkpointer:
     log: where to report skipped, set aside or replaced checkpoints.
     resume: the run continues the checkpoints in ``directory``.
     overwrite: the run replaces the checkpoints in ``directory``.
+    progress: on a terminal, count the seconds of a restore (process 0).
 
   Raises:
     MeshnetError: bad ``keep``, a file or unreachable directory, one that
@@ -329,7 +331,7 @@ class Checkpointer:
 
   def __init__(self, directory: str | os.PathLike, *, keep: int = 3,
                async_save: bool = True, log: Callable[[str], None] = print,
-               resume: bool = False, overwrite: bool = False):
+               resume: bool = False, overwrite: bool = False, progress: bool = True):
     if keep < 1:
       raise MeshnetError(f"keep={keep} must be >= 1")
     if resume and overwrite:
@@ -337,6 +339,7 @@ class Checkpointer:
                          "--resume to continue the checkpoints or --overwrite to replace them")
     self.directory = checkpoint_path(directory)
     self.log = log
+    self.progress = progress
     self.manager = None
     self._lock_fd: int | None = None
     self._replace: list[int] = []
@@ -576,7 +579,8 @@ class Checkpointer:
                  for a in jax.tree.leaves(abstract))
     self.log(f"restoring checkpoint {step} ({_megabytes(nbytes)}) from {self.directory}")
     began = time.perf_counter()
-    restored = self._restore(step, abstract)
+    with Ticker(f"restoring checkpoint {step}", enabled=self.progress and self._main):
+      restored = self._restore(step, abstract)
     seconds = time.perf_counter() - began
     self.log(f"restored checkpoint {step} in {seconds:.1f}s "
              f"({nbytes / 1e6 / max(seconds, 1e-9):,.0f} MB/s)")

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 import weakref
 from typing import Any, TextIO
@@ -158,6 +159,58 @@ class Bar:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+class Ticker:
+  """Seconds counted on a terminal while one long call runs that has no
+  units to count (an Orbax restore): ``LABEL ... 3s`` redrawn every
+  ``period`` seconds by a daemon thread and erased when the call returns.
+  Anywhere but a terminal it draws nothing (the caller's lines before and
+  after say what happened).
+
+  Example::
+
+    with Ticker("restoring checkpoint 30 (120 MB)"):
+      manager.restore(...)
+
+  Args:
+    label: what is running.
+    stream: where to draw (default: ``sys.stderr`` at creation time).
+    enabled: draw at all.
+    period: seconds between redraws.
+  """
+
+  def __init__(self, label: str, *, stream: TextIO | None = None, enabled: bool = True,
+               period: float = 0.5):
+    self.label = label
+    self.stream = stream or sys.stderr
+    self.enabled = enabled and _isatty(self.stream)
+    self.period = period
+    self._stop = threading.Event()
+    self._thread: threading.Thread | None = None
+    self._drawn = False
+
+  def _run(self) -> None:
+    began = time.perf_counter()
+    while not self._stop.wait(self.period):
+      self.stream.write(f"\r{self.label} ... {time.perf_counter() - began:.0f}s\x1b[K")
+      self.stream.flush()
+      self._drawn = True
+
+  def __enter__(self) -> "Ticker":
+    if self.enabled:
+      self._thread = threading.Thread(target=self._run, daemon=True)
+      self._thread.start()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self._thread is None:
+      return
+    self._stop.set()
+    self._thread.join()
+    if self._drawn:
+      self.stream.write("\r\x1b[K")
+      self.stream.flush()
 
 
 def _isatty(stream: TextIO) -> bool:

@@ -279,7 +279,7 @@ def run(
   last_eval: dict[str, float] = {}
   interrupted = False
   with contextlib.ExitStack() as cleanup:  # on every exit: finish the save in flight
-    checkpointer = _open_checkpointer(cc, say)  # None without a directory
+    checkpointer = _open_checkpointer(cc, say, progress=tc.progress)  # None without a directory
     cleanup.enter_context(checkpointer or contextlib.nullcontext())
     state, first_step = _resume(checkpointer, config, state, sampler, total, say)
     writer = cleanup.enter_context(MetricsWriter(
@@ -384,14 +384,14 @@ def _check_finite(window: list[tuple[Any, Any]], step: int, progress: Progress) 
   return losses
 
 
-def _open_checkpointer(cc: CheckpointConfig, say: Callable[[str], None]
-                       ) -> Checkpointer | None:
+def _open_checkpointer(cc: CheckpointConfig, say: Callable[[str], None], *,
+                       progress: bool = True) -> Checkpointer | None:
   """The run's checkpointer (locked; a used directory refused unless resuming
   or overwriting), or ``None`` without a directory."""
   if not cc.dir:
     return None
   return Checkpointer(cc.dir, keep=cc.keep, log=say, resume=cc.resume,
-                      overwrite=cc.overwrite)
+                      overwrite=cc.overwrite, progress=progress)
 
 
 def _resume(checkpointer: Checkpointer | None, config: Config, state: TrainState,

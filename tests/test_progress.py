@@ -156,3 +156,24 @@ def test_meshnet_train_on_a_terminal_draws_bars_unless_told_not_to():
   quiet = _train_on_a_terminal("--no-progress")
   assert "step  5/10" not in quiet and "eval 1/6" not in quiet and "\x1b[K" not in quiet
   assert "eval @ step 10: loss " in quiet
+
+
+def test_ticker_counts_seconds_on_a_terminal_and_erases_itself():
+  from meshnet.metrics import Ticker
+  terminal = _Terminal()
+  with Ticker("restoring checkpoint 7", stream=terminal.stream, period=0.2):
+    time.sleep(0.7)
+  shown = terminal.read()
+  assert shown.count("\rrestoring checkpoint 7 ... ") >= 2, shown
+  assert shown.endswith("\r\x1b[K"), shown  # nothing left on the line
+  terminal.close()
+
+  quiet = io.StringIO()  # not a terminal: nothing drawn
+  with Ticker("restoring checkpoint 7", stream=quiet, period=0.05):
+    time.sleep(0.2)
+  assert quiet.getvalue() == ""
+  off = _Terminal()
+  with Ticker("x", stream=off.stream, enabled=False, period=0.05):
+    time.sleep(0.2)
+  assert off.read() == ""
+  off.close()
