@@ -6,8 +6,16 @@ A checkpoint step directory holds two items:
              with parameters (and the optimizer's state) in the model's own
              tree, one entry per layer, whatever the mesh or pipeline.
   ``meta``   JSON: format tag, step, data-sampler position, the parameter
-             and optimizer-state trees (paths, shapes, dtypes), the mesh and
-             the config.
+             and optimizer-state trees (paths, shapes, dtypes), the mesh,
+             the config and a digest of the state's values
+             (:func:`state_digest`).
+
+The digest is computed at save time from the host copies of the arrays
+(each process adds up the shards it holds; Orbax writes the meta in the same
+save, so a step is committed with its digest or not at all) and checked
+after every restore: a step whose values Orbax reads without error but
+wrongly (a flipped bit in an OCDBT data file) is set aside like a truncated
+one. ``meshnet inspect DIR --verify`` checks every step.
 
 Saving is asynchronous (the step loop only waits for the device-to-host
 copy); Orbax writes into ``<step>.orbax-checkpoint-tmp`` and renames when the
@@ -96,6 +104,123 @@ def digest(tree: Any) -> str:
     h.update(f"{jax.tree_util.keystr(path)}:{array.shape}:{array.dtype}".encode())
     h.update(array.tobytes())
   return h.hexdigest()
+
+
+DIGEST_METHOD = "sum64-1"
+_MASK64 = (1 << 64) - 1
+_CHUNK_WORDS = 1 << 22  # words hashed at a time (bounds the uint64 temporaries: 32 MB)
+
+
+def _words(array: np.ndarray) -> np.ndarray:
+  """``array``'s bits as uint32 words, shape ``array.shape + (k,)``: ``k``
+  words per element (elements narrower than 32 bits zero-extended to one)."""
+  shape = np.shape(array)
+  array = np.ascontiguousarray(array)  # (0-d arrays come back 1-d)
+  size = array.dtype.itemsize
+  if size % 4 == 0:
+    return array.view(np.uint32).reshape(shape + (size // 4,))
+  return array.view(f"u{size}").astype(np.uint32).reshape(shape + (1,))
+
+
+def _block_sums(words: np.ndarray, start: tuple[int, ...],
+                shape: tuple[int, ...]) -> tuple[int, int]:
+  """``(sum w, sum (i + 1) w) mod 2**64`` over a block of uint32 words.
+
+  ``words`` is the block at offset ``start`` of an array of words of global
+  shape ``shape``; ``i`` is a word's flat (row-major) index in that array.
+  Both sums add over blocks, so any split of an array into blocks (shards,
+  chunks) gives the array's sums.
+  """
+  u = words.astype(np.uint64)
+  s0 = int(u.sum(dtype=np.uint64))
+  s1 = s0
+  stride = 1
+  for axis in reversed(range(u.ndim)):
+    others = tuple(a for a in range(u.ndim) if a != axis)
+    along = u.sum(axis=others, dtype=np.uint64) if others else u
+    index = np.arange(start[axis], start[axis] + u.shape[axis], dtype=np.uint64)
+    s1 += stride * int(np.dot(index, along))  # uint64 wraps; Python ints are masked below
+    stride *= shape[axis]
+  return s0 & _MASK64, s1 & _MASK64
+
+
+def _local_sums(leaf: Any) -> tuple[int, int]:
+  """This process's part of a leaf's sums: its shards of replica 0 (every
+  element is in exactly one such shard over all processes)."""
+  if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+    leaf = jax.random.key_data(leaf)
+  if isinstance(leaf, jax.Array):
+    blocks = [(np.asarray(shard.data), shard.index) for shard in leaf.addressable_shards
+              if shard.replica_id == 0]
+  else:
+    array = np.asarray(leaf)
+    blocks = [(array, tuple(slice(None) for _ in array.shape))]
+  s0 = s1 = 0
+  for array, index in blocks:
+    words = _words(array)
+    shape = tuple(np.shape(leaf)) + words.shape[-1:]
+    start = tuple(sl.start or 0 for sl in index) + (0,)
+    rows = max(1, _CHUNK_WORDS // max(1, words[0].size)) if words.ndim > 1 else 1
+    for first in range(0, max(words.shape[0], 1), rows):  # chunks of the first axis
+      chunk = words[first:first + rows]
+      a, b = _block_sums(chunk, (start[0] + first,) + start[1:], shape)
+      s0, s1 = (s0 + a) & _MASK64, (s1 + b) & _MASK64
+  return s0, s1
+
+
+def state_digest(tree: Any) -> dict[str, Any]:
+  """The digest a checkpoint's meta keeps of its state, the same on any mesh.
+
+  Per leaf, two sums mod 2**64 over the leaf's bits as uint32 words ``w_i``
+  (``i`` the word's row-major index): ``sum w_i`` and ``sum (i + 1) w_i``
+  (Fletcher's checksum, 64 bits wide). Any changed word changes the first;
+  words moved or swapped change the second. The sums add over shards, so each
+  process adds up the shards it holds (host copies: free on CPU) and the
+  processes add their parts; the result does not depend on the mesh, so a
+  state restored on another mesh verifies too. Call it on every process
+  (with several it is a collective).
+
+  Returns:
+    ``{"method": DIGEST_METHOD, "value": hex SHA-256 of every leaf's path,
+    shape, dtype and sums, "leaves": {path: "<32 hex digits>"}}``, paths as
+    Orbax names them (``params.0.w``), sorted.
+  """
+  leaves = jax.tree_util.tree_leaves_with_path(tree)
+  sums = np.array([_local_sums(leaf) for _, leaf in leaves], dtype=np.uint64).reshape(-1, 2)
+  if jax.process_count() > 1:  # add the processes' parts (uint32 halves: x64 may be off)
+    from jax.experimental import multihost_utils
+    parts = np.asarray(multihost_utils.process_allgather(sums.view(np.uint32)))
+    sums = np.ascontiguousarray(parts.reshape(-1, len(leaves), 4)).view(np.uint64).sum(axis=0, dtype=np.uint64)
+  rows = sorted((_plain_path(path), f"{np.shape(leaf)}:{getattr(leaf, 'dtype', '')}",
+                  f"{s0:016x}{s1:016x}") for (path, leaf), (s0, s1) in zip(leaves, sums.tolist()))
+  h = hashlib.sha256()
+  for key, kind, value in rows:
+    h.update(f"{key}:{kind}:{value};".encode())
+  return {"method": DIGEST_METHOD, "value": h.hexdigest(),
+          "leaves": {key: value for key, _, value in rows}}
+
+
+def _plain_path(path: tuple) -> str:
+  """A leaf's path as Orbax names it (``opt_state.0.mu.0.w``): the same
+  whether the tree holds optax's named tuples or, read without a target,
+  dicts."""
+  return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+                  for k in path)
+
+
+def digest_problem(saved: Any, tree: Any) -> str | None:
+  """How ``tree`` (a restored state) differs from the digest ``saved`` in its
+  meta: ``None`` when it matches, or when there is no digest to check (a
+  checkpoint saved before digests, or by another method)."""
+  if not isinstance(saved, dict) or saved.get("method") != DIGEST_METHOD:
+    return None
+  now = state_digest(tree)
+  if now["value"] == saved.get("value"):
+    return None
+  expected = saved.get("leaves") if isinstance(saved.get("leaves"), dict) else {}
+  differ = [path for path, value in now["leaves"].items() if expected.get(path) != value]
+  named = ", ".join(differ[:3]) + (f" and {len(differ) - 3} more" if len(differ) > 3 else "")
+  return f"does not match its digest ({named or 'the digest itself'} differ{'s' * (len(differ) == 1)})"
 
 
 def _describe_mismatch(saved: list[dict], expected: list[dict]) -> str | None:
@@ -492,7 +617,7 @@ class Checkpointer:
     deletes them: a run killed in between leaves them there.
     """
     meta = {"format": FORMAT, "step": int(step), "params": tree_summary(tree["params"]),
-            "opt_state": tree_summary(tree["opt_state"]), **meta}
+            "opt_state": tree_summary(tree["opt_state"]), "digest": state_digest(tree), **meta}
     replaced = self._move_replaced() if self._replace else None
     saved = self.manager.save(
         int(step), force=force,
@@ -523,7 +648,10 @@ class Checkpointer:
     ``target`` is the logical tree of the current run (its arrays' shapes,
     dtypes and shardings say how to lay out what is read). Unfinished steps
     are ignored; a step whose meta or arrays fail to read is reported, moved
-    to ``<step>.corrupt`` and the next older one is tried.
+    to ``<step>.corrupt`` and the next older one is tried. A step whose values
+    do not match the digest in its meta (silent corruption: a flipped bit
+    that Orbax reads without error) is treated the same; a step saved before
+    meta kept a digest restores unverified.
 
     Args:
       target: the run's state in the logical layout.
@@ -565,6 +693,10 @@ class Checkpointer:
           if problem is None:
             raise MeshnetError(f"cannot restore checkpoint {step} in {self.directory}: "
                                f"{_first_line(e)}; the step is kept") from None
+          bad.append((step, problem))
+          continue
+        problem = digest_problem(meta.get("digest"), restored["state"])
+        if problem:
           bad.append((step, problem))
           continue
         return Restored(step, restored["state"], meta)
@@ -701,6 +833,16 @@ def saved_config(directory: str | os.PathLike) -> dict[str, Any] | None:
 
 def load_params(directory: str | os.PathLike, step: int) -> Any:
   """The parameters (logical layout) of checkpoint ``step``, on one device."""
+  return load_state(directory, step)["params"]
+
+
+def load_state(directory: str | os.PathLike, step: int) -> dict[str, Any]:
+  """The whole logical state of checkpoint ``step`` (``{"step", "rng",
+  "params", "opt_state"}``), on one device.
+
+  Raises:
+    MeshnetError: the arrays do not read (one line).
+  """
   path = checkpoint_path(directory) / str(step) / "state"
   checkpointer = ocp.StandardCheckpointer()
   absl_logger = logging.getLogger("absl")
@@ -715,7 +857,7 @@ def load_params(directory: str | os.PathLike, step: int) -> Any:
                                        sharding=jax.sharding.SingleDeviceSharding(device)),
         tree)
     with _quiet_closed_event_loop():
-      return checkpointer.restore(path, abstract)["params"]
+      return checkpointer.restore(path, abstract)
   except Exception as e:  # noqa: BLE001 - one line, whatever Orbax raised
     raise MeshnetError(f"cannot read checkpoint {step} in {directory}: "
                        f"{_first_line(e)}") from None
@@ -780,3 +922,51 @@ def describe(directory: str | os.PathLike, *, with_digest: bool = False,
   if with_digest:
     lines.append(f"digest {digest(load_params(directory, step))}")
   return "\n".join(lines)
+
+
+def verify_step(directory: str | os.PathLike, step: int) -> tuple[str, str]:
+  """``(verdict, detail)`` for checkpoint ``step``: ``"ok"`` (values match
+  the digest in its meta), ``"unverified"`` (its meta has no digest: saved
+  before meshnet kept one; its arrays read), ``"mismatch"`` or
+  ``"unreadable"`` (meta or arrays)."""
+  try:
+    meta = read_meta(checkpoint_path(directory) / str(step))
+    state = load_state(directory, step)
+  except MeshnetError as e:
+    return "unreadable", str(e)
+  saved = meta.get("digest")
+  if not isinstance(saved, dict) or saved.get("method") != DIGEST_METHOD:
+    return "unverified", "no digest in its meta (saved by an older meshnet); its arrays read"
+  problem = digest_problem(saved, state)
+  if problem:
+    return "mismatch", problem
+  return "ok", f"digest {saved.get('value', '')[:16]}"
+
+
+def verify(directory: str | os.PathLike, *, step: int | None = None) -> tuple[str, bool]:
+  """What ``meshnet inspect DIR --verify`` prints (one line per step, then a
+  summary) and whether every step (or ``step``) is good: each step's arrays
+  are read and compared with the digest its meta keeps.
+
+  Raises:
+    MeshnetError: no checkpoint in ``directory``, or no ``step`` there.
+  """
+  steps = [row["step"] for row in list_checkpoints(directory)]
+  if step is not None:
+    if step not in steps:
+      raise MeshnetError(f"no checkpoint {step} in {directory}; steps: "
+                         f"{', '.join(map(str, steps))}")
+    steps = [step]
+  lines, bad = [], []
+  for number in steps:
+    verdict, detail = verify_step(directory, number)
+    lines.append(f"step {number:>8}  {verdict:<10}  {detail}")
+    if verdict in ("mismatch", "unreadable"):
+      bad.append(number)
+  where = checkpoint_path(directory)
+  if bad:
+    lines.append(f"{len(bad)} of {len(steps)} checkpoint{'s' * (len(steps) != 1)} in {where} "
+                 f"bad: step {', '.join(map(str, bad))}")
+  else:
+    lines.append(f"{len(steps)} checkpoint{'s' * (len(steps) != 1)} in {where} verified")
+  return "\n".join(lines), not bad

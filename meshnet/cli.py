@@ -254,10 +254,15 @@ def build_parser() -> argparse.ArgumentParser:
   inspect = subparsers.add_parser(
       "inspect", help="list checkpoints, the parameter tree and a digest",
       description="List the checkpoints in DIR (step, time, size), the parameter tree "
-      "of the newest (or --step) and, with --digest, a SHA-256 of its values.")
+      "of the newest (or --step) and, with --digest, a SHA-256 of its values; with --verify, "
+      "check every step's values against the digest saved with it.")
   inspect.add_argument("dir", help="checkpoint directory")
   inspect.add_argument("--digest", action="store_true", help="print a digest of the values")
   inspect.add_argument("--step", type=int, default=None, help="which checkpoint")
+  inspect.add_argument("--verify", action="store_true",
+                       help="read every checkpoint (or --step) and check its values against "
+                       "the digest its meta keeps; one line per step (ok, mismatch, "
+                       "unreadable); exit 1 if any is bad")
   _add_plot_parser(subparsers)
   return parser
 
@@ -315,7 +320,11 @@ def main(argv: Sequence[str] | None = None) -> int:
       return launch(args.num_processes, command, devices_per_process=args.devices_per_process,
                     cpus_per_process=args.cpus_per_process, verbose=args.verbose)
     elif args.command == "inspect":
-      from meshnet.checkpoint import describe
+      from meshnet.checkpoint import describe, verify
+      if args.verify:
+        report, good = verify(args.dir, step=args.step)
+        print(report)
+        return 0 if good else 1
       print(describe(args.dir, with_digest=args.digest, step=args.step))
     elif args.command == "plot":
       from meshnet.plot import plot_metrics
