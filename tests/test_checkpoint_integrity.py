@@ -130,3 +130,29 @@ def test_verify_names_an_unreadable_step_and_a_missing_one(tmp_path, capsys):
   assert meshnet.cli.main(["inspect", str(tmp_path), "--verify", "--step", "6"]) == 0
   assert meshnet.cli.main(["inspect", str(tmp_path), "--verify", "--step", "4"]) == 2
   assert "no checkpoint 4 in" in capsys.readouterr().err
+
+
+def test_two_processes_each_add_their_shards_and_skip_a_flipped_byte_together(tmp_path):
+  """Stages on two processes: each process writes (and digests) its own
+  layer; a flip in process 1's values is found by both on resume."""
+  train = ["train", "--no-progress", "--eval-every", "0", "--mesh", "data=2,stage=2",
+           "--hidden", "256", "--checkpoint-every", "3", "--checkpoint-dir", str(tmp_path)]
+  launch = MESHNET + ["launch", "-n", "2", "--devices-per-process", "2", "--", *MESHNET]
+  env = {**ENV, "PYTHONPATH": os.getcwd()}
+  proc = subprocess.run(launch + train + ["--steps", "6"], capture_output=True, text=True,
+                        env=env, timeout=300)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert os.listdir(tmp_path / "6" / "state" / "ocdbt.process_1" / "d")  # process 1 wrote
+  code, out = _inspect_verify(tmp_path)
+  assert code == 0 and "step        6  ok" in out, out
+
+  _flip_a_value_byte(tmp_path / "6", process=1)
+  code, out = _inspect_verify(tmp_path)
+  assert code == 1 and "step        6  mismatch" in out, out
+  proc = subprocess.run(launch + train + ["--steps", "8", "--resume"], capture_output=True,
+                        text=True, env=env, timeout=300)
+  out = proc.stdout + proc.stderr
+  assert proc.returncode == 0, out
+  assert "does not match its digest" in out and "moved to 6.corrupt" in out, out
+  assert "resumed from step 3" in out, out
+  assert checkpoint.verify_step(tmp_path, 8)[0] == "ok"
