@@ -282,6 +282,8 @@ def _quiet(verbose: bool) -> None:
   C++ and absl logs from ERROR up; a process of several started by hand
   (not by ``meshnet launch``, which filters its children) filters its stdout."""
   noise.quiet_logs(verbose)
+  if verbose:  # run() reads it: the raw details of a lost peer (meshnet.faults)
+    os.environ[noise.ENV_VERBOSE] = "1"
   if not verbose and multi_process_requested() and not os.environ.get(noise.ENV_FILTERED):
     noise.filter_stdout()
 

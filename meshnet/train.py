@@ -24,11 +24,13 @@ from meshnet.data import BatchSampler, Dataset, check_dataset, global_batch, loa
 from meshnet.defaults import resolve_defaults
 from meshnet.distributed import initialize
 from meshnet.errors import MeshnetError, NonFiniteLossError, NonFiniteStateError
+from meshnet.faults import PeerGuard
 from meshnet.mesh import (
     DATA, STAGE, axis_size, describe_mesh, make_mesh, select_devices, set_cpu_device_count,
 )
 from meshnet.metrics import Bar, MetricsWriter, Progress, check_metrics_file, is_main_process
 from meshnet.model import Model, Params
+from meshnet.noise import verbose_from_env
 from meshnet.optim import make_optimizer, make_schedule
 from meshnet.pipeline import make_pipeline
 from meshnet.pipeline.timeline import text as timeline_text
@@ -278,9 +280,16 @@ def run(
   history: list[dict[str, Any]] = []
   last_eval: dict[str, float] = {}
   interrupted = False
+  # A lost peer ends the process with one line (meshnet.faults); entered
+  # again inside the checkpointer's scope, so that it acts before the
+  # checkpointer's exit would wait on the dead peer.
+  guard = PeerGuard(cc.dir, verbose=verbose_from_env())
   with contextlib.ExitStack() as cleanup:  # on every exit: finish the save in flight
+    cleanup.enter_context(guard)
     checkpointer = _open_checkpointer(cc, say, progress=tc.progress)  # None without a directory
     cleanup.enter_context(checkpointer or contextlib.nullcontext())
+    guard.checkpointer = checkpointer
+    cleanup.enter_context(guard)
     state, first_step = _resume(checkpointer, config, state, sampler, total, say)
     writer = cleanup.enter_context(MetricsWriter(
         tc.metrics_file, resumed_from=first_step - 1 if first_step > 1 else None))
@@ -300,6 +309,7 @@ def run(
     max_in_flight = max_steps_in_flight(mesh)
     window_start = time.perf_counter()
     for step in range(first_step, total + 1):
+      guard.step = step
       state, metrics = train_step(state, batch)
       pending.append((metrics["loss"], metrics["state_finite"]))
       in_flight.append(metrics["loss"])

@@ -1,0 +1,182 @@
+"""A peer that dies: every surviving process ends with one line and one exit code.
+
+When one process of several dies (SIGKILL, a crashed host) the others learn
+it in one of two ways (jax 0.10.2, CPU/gloo):
+
+- **a collective fails** at once: gloo's TCP pair reads a reset connection
+  and XLA raises ``JaxRuntimeError`` (or ``ValueError`` out of a jitted
+  ``process_allgather``) with ``Gloo ... failed: ... Connection reset by
+  peer`` where the loop waits on a result, a barrier or a save;
+- **the coordination service** stops hearing the dead task's heartbeats
+  (after the heartbeat timeout, :data:`meshnet.distributed.DEFAULT_HEARTBEAT_TIMEOUT`)
+  or, when the dead process hosted the service (process 0), the others'
+  error polls fail at once. jaxlib then ends the process with ``LOG(FATAL)``
+  (exit 134 and a C++ stack dump): its ``missed_heartbeat_callback`` cannot
+  be a Python function in 0.10.2 (calling it throws ``std::bad_cast``).
+
+:class:`PeerGuard` turns the first into one line::
+
+  meshnet: error: process 1 of 2 stopped responding during step 812 (gloo:
+  connection reset by peer); newest checkpoint: step 800 in runs/ck; continue
+  with --resume
+
+and exit status :data:`EXIT_PEER_FAILED`, within a second or two of the
+death and long before the coordination service would abort. Nothing waits
+on the dead peer: a checkpoint save in flight gets a short grace period and
+is otherwise left as Orbax's ``<step>.orbax-checkpoint-tmp`` directory, which
+no restore takes for a complete step. For the second, :func:`catch_abort`
+gives jaxlib's abort the same line and code, and
+:func:`meshnet.noise.filter_stderr` keeps the C++ dump off the terminal
+unless ``--verbose``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import threading
+import traceback
+from typing import Any
+
+import jax
+
+# sysexits.h EX_TEMPFAIL ("a temporary failure; the user is invited to
+# retry"): the run itself was sound, a peer was lost; continue with --resume.
+EXIT_PEER_FAILED = 75
+# How long a save in flight may take to finish after a peer is lost: a save
+# whose every process wrote its part only has its rename left; one that waits
+# for the dead peer never finishes.
+SAVE_GRACE_SECONDS = 2.0
+
+# (pattern in the error's text, the cause as the line names it), first match wins.
+_CAUSES = (
+    (re.compile(r"connection reset by peer", re.I), "gloo: connection reset by peer"),
+    (re.compile(r"connection closed by peer", re.I), "gloo: connection closed by peer"),
+    (re.compile(r"broken pipe", re.I), "gloo: broken pipe"),
+    (re.compile(r"Gloo \w+ failed", re.I), "gloo: collective failed"),
+    (re.compile(r"heartbeat timeout|stopped sending heartbeats", re.I),
+     "coordination service: no heartbeat"),
+    (re.compile(r"Barrier failed|CoordinationServiceError|coordination service", re.I),
+     "coordination service: task failed"),
+    (re.compile(r"NCCL|remote process exited", re.I), "nccl: collective failed"),
+)
+
+
+def peer_failure_cause(error: BaseException) -> str | None:
+  """How ``error`` reads as a lost peer (``"gloo: connection reset by
+  peer"``), or ``None`` when it is not one. Looks through the exception's
+  causes and context too (Orbax wraps a failed barrier in a ``TimeoutError``)."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    text = str(error)
+    for pattern, cause in _CAUSES:
+      if pattern.search(text):
+        return cause
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def lost_peer() -> str:
+  """Which process stopped responding, as the line names it: with two
+  processes the other one (``"process 1 of 2"``), else ``"a peer process of
+  N"`` (gloo's error names an address, not a process)."""
+  count, index = jax.process_count(), jax.process_index()
+  if count == 2:
+    return f"process {1 - index} of 2"
+  return f"a peer process of {count}"
+
+
+def newest_checkpoint(directory: str | None) -> str:
+  """``"newest checkpoint: step 800 in runs/ck; continue with --resume"``,
+  or what to say when there is none (only complete steps count)."""
+  if not directory:
+    return "no checkpoint directory (with --checkpoint-dir, a rerun could continue)"
+  from meshnet.checkpoint import list_checkpoints
+  from meshnet.errors import MeshnetError
+  try:
+    steps = [row["step"] for row in list_checkpoints(directory)]
+  except MeshnetError:
+    steps = []
+  if not steps:
+    return f"no complete checkpoint in {directory} yet; start the run again"
+  return f"newest checkpoint: step {steps[-1]} in {directory}; continue with --resume"
+
+
+def _finish(checkpointer: Any, seconds: float) -> None:
+  """Waits at most ``seconds`` for ``checkpointer``'s save in flight."""
+  if checkpointer is None:
+    return
+  waiter = threading.Thread(target=_quiet_wait, args=(checkpointer,), daemon=True)
+  waiter.start()
+  waiter.join(seconds)
+
+
+def _quiet_wait(checkpointer: Any) -> None:
+  try:
+    checkpointer.wait()
+  except Exception:  # noqa: BLE001 - the save waited on the dead peer: it stays unfinished
+    pass
+
+
+def _exit(message: str) -> None:
+  """Prints ``meshnet: error: <message>`` as the last line and leaves at once,
+  before jax's shutdown barrier (which would wait on the dead peer and abort)."""
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.flush()
+    except (OSError, ValueError):
+      pass
+  line = f"meshnet: error: {message}\n".encode()
+  try:
+    os.write(2, line)
+  except OSError:
+    pass
+  os._exit(EXIT_PEER_FAILED)
+
+
+class PeerGuard:
+  """The run's answer to a lost peer, as a context manager around the work.
+
+  An exception that reads as a lost peer (:func:`peer_failure_cause`) in a
+  run of several processes does not propagate: the guard gives the save in
+  flight :data:`SAVE_GRACE_SECONDS`, prints one line naming the lost process,
+  the step and the newest complete checkpoint, and ends the process with
+  :data:`EXIT_PEER_FAILED` (``os._exit``: nothing else may wait on the dead
+  peer). Other exceptions pass untouched. Entering it again (an inner scope,
+  e.g. inside the block that closes the checkpointer) is allowed.
+
+  Attributes:
+    step: the step the loop is in (set by the loop; ``None`` before it).
+    checkpointer: the run's :class:`~meshnet.checkpoint.Checkpointer`, once open.
+  """
+
+  def __init__(self, checkpoint_dir: str | None, *, verbose: bool = False):
+    self.checkpoint_dir = checkpoint_dir
+    self.verbose = verbose
+    self.step: int | None = None
+    self.checkpointer: Any = None
+
+  def message(self, cause: str) -> str:
+    """The one line (without ``meshnet: error:``) for a peer lost to ``cause``."""
+    during = f" during step {self.step}" if self.step is not None else ""
+    return (f"{lost_peer()} stopped responding{during} ({cause}); "
+            f"{newest_checkpoint(self.checkpoint_dir)}")
+
+  def fail(self, cause: str, error: BaseException | None = None) -> None:
+    """Ends the process for a peer lost to ``cause`` (never returns)."""
+    if self.verbose and error is not None:
+      traceback.print_exception(error, file=sys.stderr)
+    _finish(self.checkpointer, SAVE_GRACE_SECONDS)
+    _exit(self.message(cause))
+
+  def __enter__(self) -> "PeerGuard":
+    return self
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    if exc is None or not isinstance(exc, Exception) or jax.process_count() < 2:
+      return
+    cause = peer_failure_cause(exc)
+    if cause is not None:
+      self.fail(cause, exc)
