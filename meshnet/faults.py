@@ -32,12 +32,15 @@ unless ``--verbose``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import sys
 import threading
+import time
 import traceback
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 
@@ -78,14 +81,18 @@ def peer_failure_cause(error: BaseException) -> str | None:
   return None
 
 
-def lost_peer() -> str:
-  """Which process stopped responding, as the line names it: with two
-  processes the other one (``"process 1 of 2"``), else ``"a peer process of
-  N"`` (gloo's error names an address, not a process)."""
+def lost_peer(ids: list[int] | None = None) -> str:
+  """Which process stopped responding, as the line names it: ``ids`` when
+  known (the coordination service names them), with two processes the other
+  one (``"process 1 of 2"``), else ``"a peer process of N"`` (gloo's error
+  names an address, not a process)."""
   count, index = jax.process_count(), jax.process_index()
-  if count == 2:
-    return f"process {1 - index} of 2"
-  return f"a peer process of {count}"
+  if not ids and count == 2:
+    ids = [1 - index]
+  if not ids:
+    return f"a peer process of {count}"
+  names = ", ".join(map(str, ids))
+  return f"process{'es' if len(ids) > 1 else ''} {names} of {count}"
 
 
 def newest_checkpoint(directory: str | None) -> str:
@@ -136,6 +143,9 @@ def _exit(message: str) -> None:
   os._exit(EXIT_PEER_FAILED)
 
 
+_FAILING = threading.Lock()
+
+
 class PeerGuard:
   """The run's answer to a lost peer, as a context manager around the work.
 
@@ -158,18 +168,24 @@ class PeerGuard:
     self.step: int | None = None
     self.checkpointer: Any = None
 
-  def message(self, cause: str) -> str:
+  def message(self, cause: str, ids: list[int] | None = None) -> str:
     """The one line (without ``meshnet: error:``) for a peer lost to ``cause``."""
     during = f" during step {self.step}" if self.step is not None else ""
-    return (f"{lost_peer()} stopped responding{during} ({cause}); "
+    return (f"{lost_peer(ids)} stopped responding{during} ({cause}); "
             f"{newest_checkpoint(self.checkpoint_dir)}")
 
-  def fail(self, cause: str, error: BaseException | None = None) -> None:
-    """Ends the process for a peer lost to ``cause`` (never returns)."""
+  def fail(self, cause: str, error: BaseException | None = None,
+           ids: list[int] | None = None) -> None:
+    """Ends the process for a peer lost to ``cause`` (never returns). The
+    first caller wins: another thread that fails at the same time waits for
+    the exit."""
+    if not _FAILING.acquire(blocking=False):
+      while True:
+        time.sleep(1)
     if self.verbose and error is not None:
       traceback.print_exception(error, file=sys.stderr)
     _finish(self.checkpointer, SAVE_GRACE_SECONDS)
-    _exit(self.message(cause))
+    _exit(self.message(cause, ids))
 
   def __enter__(self) -> "PeerGuard":
     return self
@@ -180,3 +196,80 @@ class PeerGuard:
     cause = peer_failure_cause(exc)
     if cause is not None:
       self.fail(cause, exc)
+
+
+# Where meshnet.noise.filter_stderr copies jaxlib's coordination-service abort
+# (set by the `meshnet` command when it filters file descriptor 2).
+_fatal_log: str | None = None
+_FATAL_LOG_WAIT_S = 1.0
+
+
+def set_fatal_log(path: str | None) -> None:
+  """Tells :func:`catch_abort` where the stderr filter writes jaxlib's
+  coordination-service abort (:func:`meshnet.noise.filter_stderr`)."""
+  global _fatal_log
+  _fatal_log = path
+
+
+_FATAL_MARK = "Terminating process because the JAX distributed service detected fatal"
+
+
+def _read(path: str) -> str:
+  try:
+    with open(path, errors="replace") as f:
+      return f.read()
+  except OSError:
+    return ""
+
+
+def _fatal_report(text: str) -> tuple[str, list[int] | None]:
+  """The cause and the lost processes (when named) in jaxlib's abort text."""
+  if re.search(r"leader task|Failed to send RPC to coordination service", text):
+    return "coordination service unreachable", [0] if jax.process_index() != 0 else None
+  named = re.search(r"stopped sending heartbeats\):\s*([\d,\s]+?)\s*\n\s*The tasks", text)
+  ids = [int(t) for t in re.findall(r"\d+", named.group(1))] if named else None
+  if re.search(r"heartbeat", text):
+    return "coordination service: no heartbeat", ids
+  return "coordination service: task failed", ids
+
+
+@contextlib.contextmanager
+def catch_abort(guard: PeerGuard) -> Iterator[None]:
+  """While active, jaxlib's abort for a lost task ends the process the way
+  ``guard`` ends it for a failed collective (one line, exit
+  :data:`EXIT_PEER_FAILED`) instead of exit 134.
+
+  jaxlib aborts from a C++ thread (``LOG(FATAL)``, then ``abort()``); a
+  C-level ``SIGABRT`` handler (ctypes) runs in that thread before the
+  process dies. It acts only when the stderr filter saw the
+  coordination service's fatal line (:func:`set_fatal_log`); any other abort
+  goes on as before. A no-op without the filter or with one process.
+  """
+  if _fatal_log is None or jax.process_count() < 2 or not hasattr(signal, "SIGABRT"):
+    yield
+    return
+  import ctypes
+
+  libc = ctypes.CDLL(None)
+  handler_type = ctypes.CFUNCTYPE(None, ctypes.c_int)
+  libc.signal.argtypes = [ctypes.c_int, ctypes.c_void_p]
+  libc.signal.restype = ctypes.c_void_p
+  path = _fatal_log
+
+  def on_abort(signum: int) -> None:
+    del signum
+    deadline = time.monotonic() + _FATAL_LOG_WAIT_S
+    while _FATAL_MARK not in (text := _read(path)):  # the filter copies it there
+      if time.monotonic() > deadline:
+        return  # another abort: glibc's abort() goes on with the default action
+      time.sleep(0.01)
+    cause, ids = _fatal_report(text)
+    guard.fail(cause, ids=ids)
+
+  handler = handler_type(on_abort)
+  previous = libc.signal(signal.SIGABRT, ctypes.cast(handler, ctypes.c_void_p))
+  try:
+    yield
+  finally:
+    libc.signal(signal.SIGABRT, previous)
+    del handler

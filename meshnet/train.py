@@ -24,7 +24,7 @@ from meshnet.data import BatchSampler, Dataset, check_dataset, global_batch, loa
 from meshnet.defaults import resolve_defaults
 from meshnet.distributed import initialize
 from meshnet.errors import MeshnetError, NonFiniteLossError, NonFiniteStateError
-from meshnet.faults import PeerGuard
+from meshnet.faults import PeerGuard, catch_abort
 from meshnet.mesh import (
     DATA, STAGE, axis_size, describe_mesh, make_mesh, select_devices, set_cpu_device_count,
 )
@@ -286,6 +286,7 @@ def run(
   guard = PeerGuard(cc.dir, verbose=verbose_from_env())
   with contextlib.ExitStack() as cleanup:  # on every exit: finish the save in flight
     cleanup.enter_context(guard)
+    cleanup.enter_context(catch_abort(guard))  # jaxlib's abort for a lost peer, likewise
     checkpointer = _open_checkpointer(cc, say, progress=tc.progress)  # None without a directory
     cleanup.enter_context(checkpointer or contextlib.nullcontext())
     guard.checkpointer = checkpointer
