@@ -43,6 +43,10 @@ def _optional_float(text: str) -> float | None:
   return None if text.lower() in ("none", "off", "0") else float(text)
 
 
+def _auto_float(text: str) -> float | None:
+  return None if text.lower() in ("auto", "none") else float(text)
+
+
 def _optional_int(text: str) -> int | None:
   return None if text.lower() in ("none", "off") else int(text)
 
@@ -94,6 +98,10 @@ TRAIN_FLAGS: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
     "--seed": ("train", "seed", int, "random seed"),
     "--eval-every": ("train", "eval_every", int, "evaluate every N steps (0: off)"),
     "--log-every": ("train", "log_every", int, "log every N steps"),
+    "--step-timeout": ("train", "step_timeout", _auto_float,
+                       "seconds a step may take before a run of several processes ends "
+                       "(a stuck peer); auto: max(60, 20x the median step time after "
+                       "warm-up)"),
     "--metrics-file": ("train", "metrics_file", _optional_str, "JSON-lines metrics file"),
     "--eval-batch-size": ("train", "eval_batch_size", int, "evaluation batch size"),
     "--tensorboard": ("train", "tensorboard", _optional_str,

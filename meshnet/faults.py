@@ -176,16 +176,20 @@ class PeerGuard:
 
   def fail(self, cause: str, error: BaseException | None = None,
            ids: list[int] | None = None) -> None:
-    """Ends the process for a peer lost to ``cause`` (never returns). The
-    first caller wins: another thread that fails at the same time waits for
-    the exit."""
+    """Ends the process for a peer lost to ``cause`` (never returns)."""
+    self.end(lambda: self.message(cause, ids), error)
+
+  def end(self, message, error: BaseException | None = None) -> None:
+    """Ends the process with ``message()`` as its last line, after the save
+    in flight's grace period (never returns). The first caller wins: another
+    thread that ends it at the same time waits for the exit."""
     if not _FAILING.acquire(blocking=False):
       while True:
         time.sleep(1)
     if self.verbose and error is not None:
       traceback.print_exception(error, file=sys.stderr)
     _finish(self.checkpointer, SAVE_GRACE_SECONDS)
-    _exit(self.message(cause, ids))
+    _exit(message())
 
   def __enter__(self) -> "PeerGuard":
     return self
@@ -273,3 +277,86 @@ def catch_abort(guard: PeerGuard) -> Iterator[None]:
   finally:
     libc.signal(signal.SIGABRT, previous)
     del handler
+
+
+# The steps before the watchdog has measured the pace (the first runs slow:
+# autotuning, the first save) may take this long.
+FIRST_STEPS_ALLOWANCE_S = 300.0
+WARMUP_STEPS = 5
+MEASURED_STEPS = 20
+MIN_STEP_TIMEOUT_S = 60.0
+STEP_TIME_FACTOR = 20.0
+
+
+class StepWatchdog:
+  """Ends a run whose step does not finish in time (a peer that is alive but
+  stuck: the others would wait in a collective forever).
+
+  The loop calls :meth:`beat` each time a step's result is back; a thread
+  checks the time since the last beat. Until :data:`WARMUP_STEPS` +
+  :data:`MEASURED_STEPS` steps have run the limit is
+  :data:`FIRST_STEPS_ALLOWANCE_S` (or ``timeout`` when larger); then it is
+  ``timeout``, or when that is ``None``, max(:data:`MIN_STEP_TIMEOUT_S`,
+  :data:`STEP_TIME_FACTOR` x the median step time of the measured steps).
+  On timeout, ``guard`` ends the process with one line naming the step and
+  how long it waited (exit :data:`EXIT_PEER_FAILED`). :meth:`paused` covers
+  work that is not a step (evaluation).
+
+  Args:
+    guard: the run's :class:`PeerGuard` (its ``step`` names the step).
+    timeout: seconds per step, or ``None`` for the measured default.
+  """
+
+  def __init__(self, guard: PeerGuard, timeout: float | None):
+    self.guard = guard
+    self.timeout = timeout
+    self.limit = max(FIRST_STEPS_ALLOWANCE_S, timeout or 0.0)
+    self._last = time.monotonic()
+    self._intervals: list[float] = []
+    self._paused = 0
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._watch, name="meshnet-step-watchdog",
+                                    daemon=True)
+
+  def beat(self) -> None:
+    """A step finished (its result is back)."""
+    now = time.monotonic()
+    self._intervals.append(now - self._last)
+    self._last = now
+    if len(self._intervals) == WARMUP_STEPS + MEASURED_STEPS:
+      if self.timeout is None:
+        median = float(sorted(self._intervals[WARMUP_STEPS:])[MEASURED_STEPS // 2])
+        self.limit = max(MIN_STEP_TIMEOUT_S, STEP_TIME_FACTOR * median)
+      else:
+        self.limit = self.timeout
+
+  @contextlib.contextmanager
+  def paused(self) -> Iterator[None]:
+    """No limit while inside (work that is not a step); the clock restarts after."""
+    self._paused += 1
+    try:
+      yield
+    finally:
+      self._paused -= 1
+      self._last = time.monotonic()
+
+  def _watch(self) -> None:
+    while not self._stop.wait(min(1.0, self.limit / 10)):
+      waited = time.monotonic() - self._last
+      if not self._paused and waited > self.limit:
+        self.guard.end(lambda: self._message(waited))
+
+  def _message(self, waited: float) -> str:
+    step = self.guard.step
+    setting = ("--step-timeout" if self.timeout is not None and self.limit == self.timeout
+               else "the limit; set it with --step-timeout")
+    return (f"step {step} did not finish in {waited:.1f}s ({self.limit:g}s is {setting}); "
+            f"a peer process is stuck or too slow; {newest_checkpoint(self.guard.checkpoint_dir)}")
+
+  def __enter__(self) -> "StepWatchdog":
+    self._last = time.monotonic()
+    self._thread.start()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self._stop.set()

@@ -24,7 +24,7 @@ from meshnet.data import BatchSampler, Dataset, check_dataset, global_batch, loa
 from meshnet.defaults import resolve_defaults
 from meshnet.distributed import initialize
 from meshnet.errors import MeshnetError, NonFiniteLossError, NonFiniteStateError
-from meshnet.faults import PeerGuard, catch_abort
+from meshnet.faults import PeerGuard, StepWatchdog, catch_abort
 from meshnet.mesh import (
     DATA, STAGE, axis_size, describe_mesh, make_mesh, select_devices, set_cpu_device_count,
 )
@@ -305,6 +305,9 @@ def run(
       train_step = train_step.lower(state, batch).compile()
       say(f"compiled the train step in {time.perf_counter() - started:.1f}s")
 
+    # A stuck peer: the step never finishes (several processes only).
+    watchdog = (cleanup.enter_context(StepWatchdog(guard, tc.step_timeout))
+                if jax.process_count() > 1 else None)
     pending: list[tuple[jax.Array, jax.Array]] = []  # (loss, state_finite) per step
     in_flight: list[jax.Array] = []
     max_in_flight = max_steps_in_flight(mesh)
@@ -321,6 +324,8 @@ def run(
         batch = next_batch()  # overlaps with the step running asynchronously
       if len(in_flight) >= max_in_flight:
         jax.block_until_ready(in_flight.pop(0))
+        if watchdog is not None:
+          watchdog.beat()
       if step % tc.log_every == 0 or step == total or save_now:
         # Checked before any save: a NaN state is never written.
         window_losses = _check_finite(jax.device_get(pending), step, progress)
@@ -350,9 +355,10 @@ def run(
         interrupted = True
         break
       if eval_step is not None and (step % tc.eval_every == 0 or step == total):
-        last_eval = evaluate(eval_step, state.params, dataset.x_test,
-                             dataset.y_test, mesh, tc.eval_batch_size,
-                             progress=tc.progress)
+        with watchdog.paused() if watchdog is not None else contextlib.nullcontext():
+          last_eval = evaluate(eval_step, state.params, dataset.x_test,
+                               dataset.y_test, mesh, tc.eval_batch_size,
+                               progress=tc.progress)
         record = {"step": step, **last_eval}
         writer.write(record)
         board.write(record)

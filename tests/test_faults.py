@@ -101,3 +101,42 @@ def test_peer_failure_causes_are_recognised_and_others_are_not():
   assert peer_failure_cause(wrapped) == "coordination service: no heartbeat"
   assert peer_failure_cause(ValueError("operands could not be broadcast")) is None
   assert peer_failure_cause(MemoryError()) is None
+
+
+def test_a_stuck_peer_ends_the_other_at_the_step_timeout(tmp_path):
+  ck = tmp_path / "ck"
+  procs = _start_two(["--checkpoint-dir", str(ck), "--checkpoint-every", "50",
+                      "--step-timeout", "3"], tmp_path)
+  try:
+    _wait_for(ck / "50", procs)
+    procs[1].send_signal(signal.SIGSTOP)  # alive, but never answers again
+    stopped = time.time()
+    code = procs[0].wait(timeout=60)
+    elapsed = time.time() - stopped
+  finally:
+    procs[1].send_signal(signal.SIGCONT)
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  err = (tmp_path / "err0").read_text()
+  last = err.strip().splitlines()[-1]
+  print(f"stuck peer: the other exited {elapsed:.1f}s after SIGSTOP")
+  assert code == EXIT_PEER_FAILED, err[-3000:]
+  assert 3 <= elapsed < 3 + 2 + 5, elapsed  # the limit, the save's grace, slack
+  steps = [row["step"] for row in checkpoint.list_checkpoints(str(ck))]
+  assert re.fullmatch(
+      r"meshnet: error: step \d+ did not finish in [\d.]+s \(3s is --step-timeout\); a peer "
+      rf"process is stuck or too slow; newest checkpoint: step {steps[-1]} in {ck}; "
+      r"continue with --resume", last), last
+  assert not C_DUMP.search(err), err[-3000:]
+
+
+def test_step_timeout_is_a_flag_and_a_config_field():
+  from meshnet.cli import build_parser, config_from_args
+  args = build_parser().parse_args(["train", "--step-timeout", "2.5"])
+  assert config_from_args(args).train.step_timeout == 2.5
+  args = build_parser().parse_args(["train", "--step-timeout", "auto"])
+  assert config_from_args(args).train.step_timeout is None
+  with pytest.raises(meshnet.MeshnetError, match=r"train.step_timeout=-1 must be a finite"):
+    meshnet.TrainConfig(step_timeout=-1)
