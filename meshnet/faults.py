@@ -28,6 +28,10 @@ no restore takes for a complete step. For the second, :func:`catch_abort`
 gives jaxlib's abort the same line and code, and
 :func:`meshnet.noise.filter_stderr` keeps the C++ dump off the terminal
 unless ``--verbose``.
+
+A peer that is alive but stuck (hung I/O, a deadlock) fails nothing: the
+others wait in a collective. :class:`StepWatchdog` (``--step-timeout``) ends
+them with the same kind of line and the same exit code.
 """
 
 from __future__ import annotations

@@ -25,6 +25,9 @@ What meshnet does, unless ``--verbose`` (or ``MESHNET_VERBOSE=1``):
   file descriptor 1 goes through a filter process that drops the lines
   :func:`is_noise` names (:func:`filter_stdout`). The filter is a separate
   process, so when the run crashes it still writes every line it was sent.
+  Its file descriptor 2 goes through one too, which holds back jaxlib's
+  abort when a peer is lost (:func:`filter_stderr`, :mod:`meshnet.faults`);
+  with ``--verbose`` that one only copies the abort to its log file.
 - ``meshnet launch`` drops those lines from the output it relays, and starts
   its children with ``TF_CPP_MIN_LOG_LEVEL=2`` (:func:`child_environment`).
 
