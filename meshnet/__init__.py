@@ -6,8 +6,8 @@ a training step is ``state, metrics = step(state, batch)``.
 """
 
 from meshnet import (
-    checkpoint, cli, collectives, data, distributed, fetch, losses, models, nn, pipeline, sharding,
-    train,
+    checkpoint, cli, collectives, data, distributed, faults, fetch, losses, models, nn, pipeline,
+    sharding, train,
 )
 from meshnet.config import (
     Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, PipelineConfig, TrainConfig,
@@ -16,6 +16,7 @@ from meshnet.data import BatchSampler, Dataset, default_data_dir, global_batch, 
 from meshnet.defaults import resolve_defaults
 from meshnet.distributed import initialize
 from meshnet.errors import DownloadError, MeshnetError, NonFiniteLossError, NonFiniteStateError
+from meshnet.faults import EXIT_PEER_FAILED
 from meshnet.fetch import fetch_mnist
 from meshnet.mesh import (
     AXES, DATA, FSDP, STAGE, TENSOR, describe_mesh, make_mesh, set_cpu_device_count,
@@ -40,5 +41,6 @@ __all__ = [
     "losses", "make_eval_step", "make_grad_fn", "make_mesh", "make_optimizer",
     "make_pipeline", "make_train_step", "models", "nn", "pipeline", "plot_metrics",
     "resolve_defaults", "sequential", "set_cpu_device_count", "sharding", "TensorBoardWriter",
-    "train", "default_data_dir", "DownloadError", "fetch", "fetch_mnist",
+    "train", "default_data_dir", "DownloadError", "fetch", "fetch_mnist", "faults",
+    "EXIT_PEER_FAILED",
 ]

@@ -8,9 +8,11 @@ calls :func:`meshnet.train.run`; every flag is a field of that config.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
+import tempfile
 import threading
 from typing import Any, Callable, Sequence
 
@@ -39,6 +41,10 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def _optional_float(text: str) -> float | None:
   return None if text.lower() in ("none", "off", "0") else float(text)
+
+
+def _auto_float(text: str) -> float | None:
+  return None if text.lower() in ("auto", "none") else float(text)
 
 
 def _optional_int(text: str) -> int | None:
@@ -92,6 +98,10 @@ TRAIN_FLAGS: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
     "--seed": ("train", "seed", int, "random seed"),
     "--eval-every": ("train", "eval_every", int, "evaluate every N steps (0: off)"),
     "--log-every": ("train", "log_every", int, "log every N steps"),
+    "--step-timeout": ("train", "step_timeout", _auto_float,
+                       "seconds a step may take before a run of several processes ends "
+                       "(a stuck peer); auto: max(60, 20x the median step time after "
+                       "warm-up)"),
     "--metrics-file": ("train", "metrics_file", _optional_str, "JSON-lines metrics file"),
     "--eval-batch-size": ("train", "eval_batch_size", int, "evaluation batch size"),
     "--tensorboard": ("train", "tensorboard", _optional_str,
@@ -285,10 +295,22 @@ def _add_plot_parser(subparsers) -> None:
 def _quiet(verbose: bool) -> None:
   """Third-party noise off the terminal unless ``verbose`` (:mod:`meshnet.noise`):
   C++ and absl logs from ERROR up; a process of several started by hand
-  (not by ``meshnet launch``, which filters its children) filters its stdout."""
+  (not by ``meshnet launch``, which filters its children) filters its stdout,
+  and its stderr for jaxlib's abort when a peer is lost (:mod:`meshnet.faults`)."""
   noise.quiet_logs(verbose)
-  if not verbose and multi_process_requested() and not os.environ.get(noise.ENV_FILTERED):
+  if verbose:  # run() reads it: the raw details of a lost peer (meshnet.faults)
+    os.environ[noise.ENV_VERBOSE] = "1"
+  if not multi_process_requested() or os.environ.get(noise.ENV_FILTERED):
+    return
+  if not verbose:
     noise.filter_stdout()
+  # jaxlib's abort for a lost peer: copied to this file, replaced by one line
+  fatal_log = os.path.join(tempfile.gettempdir(), f"meshnet-{os.getpid()}-fatal.log")
+  with contextlib.suppress(OSError):
+    os.remove(fatal_log)
+  if noise.filter_stderr(fatal_log, verbose=verbose):
+    from meshnet import faults
+    faults.set_fatal_log(fatal_log)
 
 
 class _Terminated(KeyboardInterrupt):

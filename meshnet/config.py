@@ -310,6 +310,10 @@ class TrainConfig:
     progress: draw the progress bars (training, evaluation).
     tensorboard: directory for TensorBoard event files (``None``: none
       written); see :mod:`meshnet.tensorboard`.
+    step_timeout: seconds a step may take before a run of several processes
+      ends (a peer that hangs; :class:`meshnet.faults.StepWatchdog`);
+      ``None``: max(60 s, 20x the median step time measured after warm-up).
+      The first steps get a fixed allowance instead.
   """
 
   steps: int | None = None
@@ -321,6 +325,7 @@ class TrainConfig:
   eval_batch_size: int = 1024
   progress: bool = True
   tensorboard: str | None = None
+  step_timeout: float | None = None
 
   def __post_init__(self):
     _check_optional_int("train.steps", self.steps, 1, "to run train.epochs epochs")
@@ -330,6 +335,9 @@ class TrainConfig:
     _check_int("train.eval_every", self.eval_every, 0, " (0 turns evaluation off)")
     _check_int("train.log_every", self.log_every, 1)
     _check_int("train.eval_batch_size", self.eval_batch_size, 1)
+    if self.step_timeout is not None:
+      _check_float("train.step_timeout", self.step_timeout, "> 0", lambda v: v > 0,
+                   " (seconds; or None, --step-timeout auto, for the measured default)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,6 +25,9 @@ What meshnet does, unless ``--verbose`` (or ``MESHNET_VERBOSE=1``):
   file descriptor 1 goes through a filter process that drops the lines
   :func:`is_noise` names (:func:`filter_stdout`). The filter is a separate
   process, so when the run crashes it still writes every line it was sent.
+  Its file descriptor 2 goes through one too, which holds back jaxlib's
+  abort when a peer is lost (:func:`filter_stderr`, :mod:`meshnet.faults`);
+  with ``--verbose`` that one only copies the abort to its log file.
 - ``meshnet launch`` drops those lines from the output it relays, and starts
   its children with ``TF_CPP_MIN_LOG_LEVEL=2`` (:func:`child_environment`).
 
@@ -122,33 +125,57 @@ def filter_stdout() -> bool:
   Returns:
     Whether the filter is in place.
   """
+  return _filter_fd(1, [])
+
+
+def filter_stderr(fatal_log: str, *, verbose: bool = False) -> bool:
+  """Sends file descriptor 2 through a filter process that watches for
+  jaxlib's abort when the coordination service reports a lost task (the
+  ``F... Terminating process because the JAX distributed service detected
+  fatal errors`` line and the C++ stack dump after it).
+
+  From that line (or the coordination service's ERROR lines before it) on,
+  what arrives is written to ``fatal_log`` (created at that moment; read by
+  :func:`meshnet.faults.catch_abort`) and, unless ``verbose``, held back
+  from the terminal until a ``meshnet:`` line (the one-line error that
+  replaces it) ends the hold; if none comes, the held lines are written at
+  the end, so no error is lost. Everything else passes unchanged.
+
+  Returns:
+    Whether the filter is in place.
+  """
+  return _filter_fd(2, ["--fatal-log", fatal_log] + (["--verbose"] if verbose else []))
+
+
+def _filter_fd(fd: int, args: list[str]) -> bool:
   import atexit
   import subprocess
 
+  stream = sys.stdout if fd == 1 else sys.stderr
   try:
-    sys.stdout.flush()
-    terminal = os.dup(1)
+    stream.flush()
+    terminal = os.dup(fd)
     read_end, write_end = os.pipe()
   except (OSError, AttributeError, ValueError):
     return False
   try:
-    proc = subprocess.Popen([sys.executable, "-I", "-S", os.path.abspath(__file__)],
+    proc = subprocess.Popen([sys.executable, "-I", "-S", os.path.abspath(__file__), *args],
                             stdin=read_end, stdout=terminal, close_fds=True,
                             start_new_session=True)
   except OSError:
-    for fd in (terminal, read_end, write_end):
-      os.close(fd)
+    for end in (terminal, read_end, write_end):
+      os.close(end)
     return False
   os.close(read_end)
-  os.dup2(write_end, 1)
+  os.dup2(write_end, fd)
   os.close(write_end)
 
   def finish() -> None:
     try:
-      sys.stdout.flush()
+      stream.flush()
     except (OSError, ValueError):
       pass
-    os.dup2(terminal, 1)  # closes the pipe: the filter writes what is left and exits
+    os.dup2(terminal, fd)  # closes the pipe: the filter writes what is left and exits
     try:
       proc.wait(timeout=5)
     except subprocess.TimeoutExpired:  # another process still holds the pipe
@@ -178,30 +205,76 @@ def _keep(line: bytes) -> bool:
     return True
 
 
-def _filter(read_fd: int = 0, write_fd: int = 1) -> None:
-  """Copies ``read_fd`` to ``write_fd`` line by line, leaving out noise,
-  until end of file."""
+# jaxlib's LOG(FATAL) when the coordination service reports a lost task, and
+# the ERROR lines that come before it (the service and its agents report it).
+_COORDINATION_FATAL = re.compile(
+    rb"^(F\d{4} .*Terminating process because the JAX distributed service detected fatal"
+    rb"|E\d{4} .*(coordination_service|coordination_service_agent|preemption_sync_manager)"
+    rb"\.cc:\d+\])")
+_MESHNET_LINE = b"meshnet:"
+
+
+class _FatalHold:
+  """Holds back jaxlib's coordination-service abort (the service's ERROR
+  lines, the fatal line, then the C++ stack dump) and copies it to a log
+  file; a ``meshnet:`` line ends it."""
+
+  def __init__(self, log_path: str, verbose: bool):
+    self.log_path = log_path
+    self.verbose = verbose
+    self.log = None
+    self.held: list[bytes] = []
+
+  def keep(self, line: bytes) -> bool:
+    """Whether ``line`` goes to the terminal now."""
+    if self.log is None and _COORDINATION_FATAL.match(line):
+      self.log = open(self.log_path, "wb", buffering=0)
+    if self.log is None:
+      return True
+    if line.startswith(_MESHNET_LINE):
+      self.held = []
+      return True
+    self.log.write(line)
+    if not self.verbose:
+      self.held.append(line)
+    return self.verbose
+
+  def rest(self) -> bytes:
+    """What was held and not replaced by a ``meshnet:`` line."""
+    return b"".join(self.held)
+
+
+def _filter(read_fd: int = 0, write_fd: int = 1, hold: _FatalHold | None = None) -> None:
+  """Copies ``read_fd`` to ``write_fd`` line by line, leaving out noise (and
+  what ``hold`` holds back), until end of file."""
+  keep = _keep if hold is None else (lambda line: _keep(line) and hold.keep(line))
   pending = b""
   while True:
     if pending:
       ready, _, _ = select.select([read_fd], [], [], _PARTIAL_WAIT_S)
       if not ready:  # a partial line (a prompt, a bar without its end): not noise
-        _write_all(write_fd, pending)
+        if hold is None or hold.keep(pending):
+          _write_all(write_fd, pending)
         pending = b""
         continue
     chunk = os.read(read_fd, 1 << 16)
     if not chunk:
       break
     lines, pending = _split(pending + chunk)
-    _write_all(write_fd, b"".join(line for line in lines if _keep(line)))
+    _write_all(write_fd, b"".join(line for line in lines if keep(line)))
   _write_all(write_fd, pending)
+  if hold is not None:
+    _write_all(write_fd, hold.rest())
 
 
 def _main() -> None:
   signal.signal(signal.SIGINT, signal.SIG_IGN)  # the run decides when output ends
   signal.signal(signal.SIGTERM, signal.SIG_IGN)
+  hold = None
+  if "--fatal-log" in sys.argv:
+    hold = _FatalHold(sys.argv[sys.argv.index("--fatal-log") + 1], "--verbose" in sys.argv)
   try:
-    _filter()
+    _filter(hold=hold)
   except OSError:  # the terminal went away
     pass
 

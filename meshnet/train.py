@@ -24,11 +24,13 @@ from meshnet.data import BatchSampler, Dataset, check_dataset, global_batch, loa
 from meshnet.defaults import resolve_defaults
 from meshnet.distributed import initialize
 from meshnet.errors import MeshnetError, NonFiniteLossError, NonFiniteStateError
+from meshnet.faults import PeerGuard, StepWatchdog, catch_abort
 from meshnet.mesh import (
     DATA, STAGE, axis_size, describe_mesh, make_mesh, select_devices, set_cpu_device_count,
 )
 from meshnet.metrics import Bar, MetricsWriter, Progress, check_metrics_file, is_main_process
 from meshnet.model import Model, Params
+from meshnet.noise import verbose_from_env
 from meshnet.optim import make_optimizer, make_schedule
 from meshnet.pipeline import make_pipeline
 from meshnet.pipeline.timeline import text as timeline_text
@@ -278,9 +280,17 @@ def run(
   history: list[dict[str, Any]] = []
   last_eval: dict[str, float] = {}
   interrupted = False
+  # A lost peer ends the process with one line (meshnet.faults); entered
+  # again inside the checkpointer's scope, so that it acts before the
+  # checkpointer's exit would wait on the dead peer.
+  guard = PeerGuard(cc.dir, verbose=verbose_from_env())
   with contextlib.ExitStack() as cleanup:  # on every exit: finish the save in flight
+    cleanup.enter_context(guard)
+    cleanup.enter_context(catch_abort(guard))  # jaxlib's abort for a lost peer, likewise
     checkpointer = _open_checkpointer(cc, say, progress=tc.progress)  # None without a directory
     cleanup.enter_context(checkpointer or contextlib.nullcontext())
+    guard.checkpointer = checkpointer
+    cleanup.enter_context(guard)
     state, first_step = _resume(checkpointer, config, state, sampler, total, say)
     writer = cleanup.enter_context(MetricsWriter(
         tc.metrics_file, resumed_from=first_step - 1 if first_step > 1 else None))
@@ -295,11 +305,15 @@ def run(
       train_step = train_step.lower(state, batch).compile()
       say(f"compiled the train step in {time.perf_counter() - started:.1f}s")
 
+    # A stuck peer: the step never finishes (several processes only).
+    watchdog = (cleanup.enter_context(StepWatchdog(guard, tc.step_timeout))
+                if jax.process_count() > 1 else None)
     pending: list[tuple[jax.Array, jax.Array]] = []  # (loss, state_finite) per step
     in_flight: list[jax.Array] = []
     max_in_flight = max_steps_in_flight(mesh)
     window_start = time.perf_counter()
     for step in range(first_step, total + 1):
+      guard.step = step
       state, metrics = train_step(state, batch)
       pending.append((metrics["loss"], metrics["state_finite"]))
       in_flight.append(metrics["loss"])
@@ -310,6 +324,8 @@ def run(
         batch = next_batch()  # overlaps with the step running asynchronously
       if len(in_flight) >= max_in_flight:
         jax.block_until_ready(in_flight.pop(0))
+        if watchdog is not None:
+          watchdog.beat()
       if step % tc.log_every == 0 or step == total or save_now:
         # Checked before any save: a NaN state is never written.
         window_losses = _check_finite(jax.device_get(pending), step, progress)
@@ -339,9 +355,10 @@ def run(
         interrupted = True
         break
       if eval_step is not None and (step % tc.eval_every == 0 or step == total):
-        last_eval = evaluate(eval_step, state.params, dataset.x_test,
-                             dataset.y_test, mesh, tc.eval_batch_size,
-                             progress=tc.progress)
+        with watchdog.paused() if watchdog is not None else contextlib.nullcontext():
+          last_eval = evaluate(eval_step, state.params, dataset.x_test,
+                               dataset.y_test, mesh, tc.eval_batch_size,
+                               progress=tc.progress)
         record = {"step": step, **last_eval}
         writer.write(record)
         board.write(record)
