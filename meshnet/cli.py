@@ -249,8 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
       "launch", help="run a command in N local processes joined by jax.distributed",
       description="Start N processes on this host (like torchrun), each with the "
       "environment meshnet.initialize() reads; prefix their output with [i]; stop all "
-      "when one fails. Example: meshnet launch -n 2 --devices-per-process 2 -- "
-      "meshnet train --mesh data=4")
+      "when one fails (and with --max-restarts, start them again). Example: meshnet "
+      "launch -n 2 --max-restarts 3 -- meshnet train --mesh data=2 --checkpoint-dir "
+      "runs/ck")
   launch.add_argument("-n", "--num-processes", type=int, required=True)
   launch.add_argument("--devices-per-process", type=int, default=None,
                       help="simulated CPU devices per process (default 1; ignored on "
@@ -258,6 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
   launch.add_argument("--cpus-per-process", type=int, default=None, metavar="K",
                       help="pin each process to K cores of its own and set OMP_NUM_THREADS "
                       "etc. to K (default: no pinning)")
+  launch.add_argument("--max-restarts", type=int, default=0, metavar="N",
+                      help="when a process fails, stop the others and start the group "
+                      "again, up to N times; meshnet train continues from the newest "
+                      "checkpoint this job saved in --checkpoint-dir (--resume added, "
+                      "--overwrite dropped) (default 0: never)")
   _add_verbose(launch)
   launch.add_argument("command_args", nargs=argparse.REMAINDER, metavar="-- CMD",
                       help="the command each process runs")
@@ -340,7 +346,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       command = args.command_args
       command = command[1:] if command and command[0] == "--" else command
       return launch(args.num_processes, command, devices_per_process=args.devices_per_process,
-                    cpus_per_process=args.cpus_per_process, verbose=args.verbose)
+                    cpus_per_process=args.cpus_per_process,
+                    max_restarts=args.max_restarts, verbose=args.verbose)
     elif args.command == "inspect":
       from meshnet.checkpoint import describe, verify
       if args.verify:
