@@ -19,7 +19,9 @@ which restart it is in ``MESHNET_RESTART_COUNT``. A ``meshnet train``
 command continues from the newest checkpoint this job saved in its
 ``--checkpoint-dir`` (``--resume`` is added and ``--overwrite`` dropped: a
 restart continues the job's checkpoints, it never replaces them); before
-the job's first save it is run again as given; without a checkpoint
+the job's first save it is run again as given (an ``--overwrite`` then still
+has the old checkpoints to replace, and a restart never resumes a step the
+job did not save unless the command had ``--resume``); without a checkpoint
 directory, or for any other command, it starts from scratch. A clean exit
 (every process 0) ends the job, and so does SIGINT/SIGTERM to the launcher:
 a stop asked for is not a failure to restart from.
