@@ -7,8 +7,10 @@ A checkpoint step directory holds two items:
              tree, one entry per layer, whatever the mesh or pipeline.
   ``meta``   JSON: format tag, step, data-sampler position, the parameter
              and optimizer-state trees (paths, shapes, dtypes), the mesh,
-             the config and a digest of the state's values
-             (:func:`state_digest`).
+             the config, a digest of the state's values
+             (:func:`state_digest`) and a fingerprint of the data
+             (:func:`meshnet.data.fingerprint`: a resume on changed data is
+             refused unless allowed).
 
 The digest is computed at save time from the host copies of the arrays
 (each process adds up the shards it holds; Orbax writes the meta in the same
@@ -54,6 +56,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from meshnet.data import data_change
 from meshnet.errors import MeshnetError
 from meshnet.metrics import Ticker
 
@@ -641,8 +644,9 @@ class Checkpointer:
     """The checked meta JSON of ``step`` (see :func:`read_meta`)."""
     return read_meta(self.directory / str(step))
 
-  def restore_latest(self, target: dict[str, Any],
-                     config: dict[str, Any] | None = None) -> Restored | None:
+  def restore_latest(self, target: dict[str, Any], config: dict[str, Any] | None = None, *,
+                     data: dict[str, Any] | None = None,
+                     allow_data_change: bool = False) -> Restored | None:
     """The newest step that restores, laid out like ``target``, or ``None``.
 
     ``target`` is the logical tree of the current run (its arrays' shapes,
@@ -657,10 +661,16 @@ class Checkpointer:
       target: the run's state in the logical layout.
       config: the run's ``Config.to_dict()``; the fields in
         :data:`STATE_FIELDS` must equal the checkpoint's.
+      data: the run's :func:`meshnet.data.fingerprint`; compared with the
+        one in the step's meta (a step saved before meta kept one is not
+        checked).
+      allow_data_change: restore even when ``data`` differs (logged once).
 
     Raises:
       MeshnetError: the checkpoint was saved by another model or run (naming
-        the leaves or the config fields with both values); nothing is moved.
+        the leaves or the config fields with both values), or on other data
+        (naming the split and what changed) without ``allow_data_change``;
+        nothing is moved.
     """
     partial = self.partial_steps()
     if partial:
@@ -682,6 +692,11 @@ class Checkpointer:
           raise MeshnetError(f"checkpoint {step} in {self.directory} {problem}; resume with "
                              "the same settings, or start afresh with another "
                              "--checkpoint-dir or --overwrite")
+        changed = data_change(meta.get("data"), data) if data is not None else None
+        if changed and not allow_data_change:
+          raise MeshnetError(f"the data changed since checkpoint {step} in {self.directory} "
+                             f"was saved ({changed}); resume on the data it was saved with, "
+                             "or pass --allow-data-change to continue on this data")
         try:
           restored = self._timed_restore(step, abstract)
         except Exception as e:  # noqa: BLE001 - whatever Orbax raised: report, try older
@@ -699,6 +714,9 @@ class Checkpointer:
         if problem:
           bad.append((step, problem))
           continue
+        if changed:
+          self.log(f"the data changed since checkpoint {step} was saved ({changed}); "
+                   "continuing on this data (--allow-data-change)")
         return Restored(step, restored["state"], meta)
       return None
     finally:
