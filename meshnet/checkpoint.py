@@ -22,7 +22,10 @@ one. ``meshnet inspect DIR --verify`` checks every step.
 Saving is asynchronous (the step loop only waits for the device-to-host
 copy); Orbax writes into ``<step>.orbax-checkpoint-tmp`` and renames when the
 step is complete, so a killed save leaves the previous steps intact and the
-partial directory is ignored.
+partial directory is ignored. A save that fills the disk (its error comes
+back at the next save, wait or close) raises
+:class:`~meshnet.errors.DiskFullError` naming the directory and its free
+space, after removing the unfinished step (:mod:`meshnet.diskfull`).
 
 Nothing a run saved is deleted except by rotation (``keep``) of the same run
 or by an explicit ``overwrite``: a step that fails to restore (truncated
@@ -57,8 +60,10 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from meshnet.data import data_change
+from meshnet.diskfull import disk_full_error, is_disk_full, quiet_disk_full_logs
 from meshnet.errors import MeshnetError
 from meshnet.metrics import Ticker
+from meshnet.noise import verbose_from_env
 
 FORMAT = "meshnet-checkpoint-1"
 LOCK_FILE = ".meshnet.lock"
@@ -469,6 +474,7 @@ class Checkpointer:
     self.log = log
     self.progress = progress
     self.manager = None
+    self._saving: int | None = None  # the step of the save in flight
     self._lock_fd: int | None = None
     self._replace: list[int] = []
     self._main = jax.process_index() == 0
@@ -507,6 +513,8 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
+    if not verbose_from_env():
+      quiet_disk_full_logs()  # Orbax logs a full disk thrice; meshnet says it once
 
   def _lock(self) -> None:
     """Takes ``<dir>/.meshnet.lock`` (local directories only)."""
@@ -526,9 +534,14 @@ class Checkpointer:
       self.log(f"cannot lock {self.directory} ({_first_line(e, 80)}); a second run on it "
                "would not be detected")
       return
-    os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
     self._lock_fd = fd
+    os.ftruncate(fd, 0)
+    try:
+      os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+    except OSError as e:
+      if is_disk_full(e):  # refused now rather than at the first save
+        raise disk_full_error(self.directory, None) from None
+      raise
 
   def _junk_steps(self) -> list[str]:
     """Step directories without a ``meta/metadata`` file or ``state`` item.
@@ -621,13 +634,17 @@ class Checkpointer:
     """
     meta = {"format": FORMAT, "step": int(step), "params": tree_summary(tree["params"]),
             "opt_state": tree_summary(tree["opt_state"]), "digest": state_digest(tree), **meta}
+    self.wait()  # the previous save's error (a full disk) surfaces here, named for its step
     replaced = self._move_replaced() if self._replace else None
-    saved = self.manager.save(
-        int(step), force=force,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
-                                meta=ocp.args.JsonSave(meta)))
+    with self._reporting_disk_full(int(step)), _quiet_closed_event_loop():
+      saved = self.manager.save(
+          int(step), force=force,
+          args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
+                                  meta=ocp.args.JsonSave(meta)))
+    if saved:
+      self._saving = int(step)
     if replaced is not None:
-      self.manager.wait_until_finished()
+      self.wait()
       for path in replaced:
         path.rmtree()
       _sync("meshnet-checkpoint-replaced-deleted")
@@ -637,8 +654,41 @@ class Checkpointer:
     return saved
 
   def wait(self) -> None:
-    """Blocks until the last asynchronous save is on disk."""
-    self.manager.wait_until_finished()
+    """Blocks until the last asynchronous save is on disk.
+
+    Raises:
+      DiskFullError: that save ran out of space (its unfinished step is
+        removed; the earlier steps are intact).
+    """
+    with self._reporting_disk_full(self._saving):
+      self.manager.wait_until_finished()
+    self._saving = None
+
+  @contextlib.contextmanager
+  def _reporting_disk_full(self, step: int | None) -> Iterator[None]:
+    """Turns a full-disk error of the save of ``step`` into a
+    :class:`~meshnet.errors.DiskFullError`; other errors pass."""
+    try:
+      yield
+    except Exception as e:  # noqa: BLE001 - Orbax wraps the OSError in its own types
+      if step is None or not is_disk_full(e):
+        raise
+      self._saving = None
+      raise self._disk_full(step) from None
+
+  def _disk_full(self, step: int):
+    """The error for ``step``'s failed save, once its unfinished directory is
+    removed (process 0; it holds nothing usable and takes the space)."""
+    kept = [int(p.name) for p in _step_dirs(self.directory) if p.name != str(step)]
+    error = disk_full_error(self.directory, step, max(kept) if kept else None)
+    if self._main:
+      for name in self.partial_steps():
+        if name.split(".")[0] == str(step):
+          with contextlib.suppress(OSError):
+            (self.directory / name).rmtree()
+    with contextlib.suppress(Exception):
+      self.manager.reload()
+    return error
 
   def read_meta(self, step: int) -> dict[str, Any]:
     """The checked meta JSON of ``step`` (see :func:`read_meta`)."""
@@ -762,10 +812,10 @@ class Checkpointer:
     """Waits for the save in flight, closes Orbax's manager, drops the lock."""
     try:
       if self.manager is not None:
-        manager, self.manager = self.manager, None
         try:
-          manager.wait_until_finished()
+          self.wait()
         finally:
+          manager, self.manager = self.manager, None
           manager.close()
     finally:
       if self._lock_fd is not None:
