@@ -678,17 +678,21 @@ class Checkpointer:
 
   def _disk_full(self, step: int):
     """The error for ``step``'s failed save, once its unfinished directory is
-    removed (process 0; it holds nothing usable and takes the space)."""
-    kept = [int(p.name) for p in _step_dirs(self.directory) if p.name != str(step)]
-    error = disk_full_error(self.directory, step, max(kept) if kept else None)
+    removed (process 0; it holds nothing usable and takes the space) and the
+    steps ``overwrite`` was replacing are back in place."""
     if self._main:
       for name in self.partial_steps():
         if name.split(".")[0] == str(step):
           with contextlib.suppress(OSError):
             (self.directory / name).rmtree()
+      for old in self._replace:  # renamed <step>.replaced, deleted only once a step is saved
+        with contextlib.suppress(OSError):
+          (self.directory / f"{old}{REPLACED_SUFFIX}").rename(self.directory / str(old))
     with contextlib.suppress(Exception):
       self.manager.reload()
-    return error
+    kept = [int(p.name) for p in _step_dirs(self.directory)]
+    return disk_full_error(self.directory, step, max(kept) if kept else None,
+                           replacing=bool(self._replace))
 
   def read_meta(self, step: int) -> dict[str, Any]:
     """The checked meta JSON of ``step`` (see :func:`read_meta`)."""

@@ -72,10 +72,17 @@ def free_space(directory: str | os.PathLike) -> tuple[int, int] | None:
 
 
 def disk_full_error(directory: str | os.PathLike, step: int | None,
-                    kept: int | None = None) -> DiskFullError:
-  """The error for a save of ``step`` into ``directory`` that found no space;
-  ``kept``: the newest complete step left there (``None``: none). ``step``
-  ``None``: the directory was full before the run saved anything.
+                    kept: int | None = None, *, replacing: bool = False) -> DiskFullError:
+  """The error for a save of ``step`` into ``directory`` that found no space
+  (its free space is measured once the unfinished step is removed).
+
+  Args:
+    directory: the checkpoint directory.
+    step: the step not saved; ``None``: the directory was full before the
+      run saved anything.
+    kept: the newest complete step left there (``None``: none).
+    replacing: the run was replacing the steps there (``--overwrite``);
+      they are kept.
 
   Example: ``no space left to save checkpoint 6 in /ck (44.0 kB free of
   1.0 MB); checkpoint 4 is kept; free some space or choose another
@@ -87,6 +94,10 @@ def disk_full_error(directory: str | os.PathLike, step: int | None,
   if step is None:
     message = (f"no space left in checkpoint directory {directory}{where}; free some space "
                "or choose another --checkpoint-dir")
+  elif replacing:
+    message = (f"no space left to save checkpoint {step} in {directory}{where}; the "
+               "checkpoints --overwrite was replacing are kept; free some space or choose "
+               "another --checkpoint-dir")
   else:
     kept_text = (f"checkpoint {kept} is kept" if kept is not None
                  else "no earlier checkpoint there")

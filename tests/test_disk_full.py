@@ -125,3 +125,34 @@ def test_a_checkpoint_directory_on_a_full_disk_is_refused_before_training(tmp_pa
       f"meshnet: error: no space left in checkpoint directory {ck} (0 bytes free of 65.5 kB); "
       "free some space or choose another --checkpoint-dir"), proc.stderr
   assert "compiled the train step" not in proc.stdout + proc.stderr
+
+
+def test_an_overwrite_that_fills_the_disk_puts_the_old_checkpoints_back(tmp_path):
+  unshare = _private_mount_namespace(tmp_path)
+  disk, out = tmp_path / "disk", tmp_path / "out"
+  disk.mkdir()
+  out.mkdir()
+  ck = disk / "ck"
+  meshnet_ = " ".join(map(shlex.quote, MESHNET))
+  train = f"{meshnet_} {' '.join(TRAIN)} --steps 2 --checkpoint-dir {ck}"
+  script = f"""
+    mount -t tmpfs -o size={DISK_SIZE} tmpfs {disk} || exit 90
+    {train} >/dev/null 2>&1 || exit 91
+    {meshnet_} inspect {ck} --digest 2>&1 | tail -n 1 >{out}/before.txt
+    {train} --overwrite --seed 1 >{out}/train.out 2>{out}/train.err
+    echo $? >{out}/train.rc
+    ls -a {ck} >{out}/ls.txt
+    {meshnet_} inspect {ck} --digest 2>&1 | tail -n 1 >{out}/after.txt
+  """
+  proc = subprocess.run(unshare + ["bash", "-c", script], capture_output=True, text=True,
+                        env=ENV, timeout=300)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  train_err = (out / "train.err").read_text()
+  assert (out / "train.rc").read_text().strip() == "2", train_err
+  last = train_err.strip().splitlines()[-1]
+  assert last.startswith(f"meshnet: error: no space left to save checkpoint 2 in {ck} ("), last
+  assert last.endswith("free of 716.8 kB); the checkpoints --overwrite was replacing are kept; "
+                       "free some space or choose another --checkpoint-dir"), last
+  assert sorted((out / "ls.txt").read_text().split()) == [".", "..", ".meshnet.lock", "2"]
+  before = (out / "before.txt").read_text()
+  assert before.startswith("digest ") and (out / "after.txt").read_text() == before
