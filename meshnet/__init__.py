@@ -15,7 +15,9 @@ from meshnet.config import (
 from meshnet.data import BatchSampler, Dataset, default_data_dir, global_batch, load_dataset
 from meshnet.defaults import resolve_defaults
 from meshnet.distributed import initialize
-from meshnet.errors import DownloadError, MeshnetError, NonFiniteLossError, NonFiniteStateError
+from meshnet.errors import (
+    DiskFullError, DownloadError, MeshnetError, NonFiniteLossError, NonFiniteStateError,
+)
 from meshnet.faults import EXIT_PEER_FAILED
 from meshnet.fetch import fetch_mnist
 from meshnet.mesh import (
@@ -42,5 +44,5 @@ __all__ = [
     "make_pipeline", "make_train_step", "models", "nn", "pipeline", "plot_metrics",
     "resolve_defaults", "sequential", "set_cpu_device_count", "sharding", "TensorBoardWriter",
     "train", "default_data_dir", "DownloadError", "fetch", "fetch_mnist", "faults",
-    "EXIT_PEER_FAILED",
+    "EXIT_PEER_FAILED", "DiskFullError",
 ]

@@ -7,8 +7,10 @@ A checkpoint step directory holds two items:
              tree, one entry per layer, whatever the mesh or pipeline.
   ``meta``   JSON: format tag, step, data-sampler position, the parameter
              and optimizer-state trees (paths, shapes, dtypes), the mesh,
-             the config and a digest of the state's values
-             (:func:`state_digest`).
+             the config, a digest of the state's values
+             (:func:`state_digest`) and a fingerprint of the data
+             (:func:`meshnet.data.fingerprint`: a resume on changed data is
+             refused unless allowed).
 
 The digest is computed at save time from the host copies of the arrays
 (each process adds up the shards it holds; Orbax writes the meta in the same
@@ -20,7 +22,10 @@ one. ``meshnet inspect DIR --verify`` checks every step.
 Saving is asynchronous (the step loop only waits for the device-to-host
 copy); Orbax writes into ``<step>.orbax-checkpoint-tmp`` and renames when the
 step is complete, so a killed save leaves the previous steps intact and the
-partial directory is ignored.
+partial directory is ignored. A save that fills the disk (its error comes
+back at the next save, wait or close) raises
+:class:`~meshnet.errors.DiskFullError` naming the directory and its free
+space, after removing the unfinished step (:mod:`meshnet.diskfull`).
 
 Nothing a run saved is deleted except by rotation (``keep``) of the same run
 or by an explicit ``overwrite``: a step that fails to restore (truncated
@@ -54,8 +59,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from meshnet.data import data_change
+from meshnet.diskfull import disk_full_error, is_disk_full, quiet_disk_full_logs
 from meshnet.errors import MeshnetError
 from meshnet.metrics import Ticker
+from meshnet.noise import verbose_from_env
 
 FORMAT = "meshnet-checkpoint-1"
 LOCK_FILE = ".meshnet.lock"
@@ -466,6 +474,7 @@ class Checkpointer:
     self.log = log
     self.progress = progress
     self.manager = None
+    self._saving: int | None = None  # the step of the save in flight
     self._lock_fd: int | None = None
     self._replace: list[int] = []
     self._main = jax.process_index() == 0
@@ -504,6 +513,8 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
+    if not verbose_from_env():
+      quiet_disk_full_logs()  # Orbax logs a full disk thrice; meshnet says it once
 
   def _lock(self) -> None:
     """Takes ``<dir>/.meshnet.lock`` (local directories only)."""
@@ -523,9 +534,14 @@ class Checkpointer:
       self.log(f"cannot lock {self.directory} ({_first_line(e, 80)}); a second run on it "
                "would not be detected")
       return
-    os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
     self._lock_fd = fd
+    os.ftruncate(fd, 0)
+    try:
+      os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+    except OSError as e:
+      if is_disk_full(e):  # refused now rather than at the first save
+        raise disk_full_error(self.directory, None) from None
+      raise
 
   def _junk_steps(self) -> list[str]:
     """Step directories without a ``meta/metadata`` file or ``state`` item.
@@ -618,13 +634,17 @@ class Checkpointer:
     """
     meta = {"format": FORMAT, "step": int(step), "params": tree_summary(tree["params"]),
             "opt_state": tree_summary(tree["opt_state"]), "digest": state_digest(tree), **meta}
+    self.wait()  # the previous save's error (a full disk) surfaces here, named for its step
     replaced = self._move_replaced() if self._replace else None
-    saved = self.manager.save(
-        int(step), force=force,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
-                                meta=ocp.args.JsonSave(meta)))
+    with self._reporting_disk_full(int(step)), _quiet_closed_event_loop():
+      saved = self.manager.save(
+          int(step), force=force,
+          args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
+                                  meta=ocp.args.JsonSave(meta)))
+    if saved:
+      self._saving = int(step)
     if replaced is not None:
-      self.manager.wait_until_finished()
+      self.wait()
       for path in replaced:
         path.rmtree()
       _sync("meshnet-checkpoint-replaced-deleted")
@@ -634,15 +654,53 @@ class Checkpointer:
     return saved
 
   def wait(self) -> None:
-    """Blocks until the last asynchronous save is on disk."""
-    self.manager.wait_until_finished()
+    """Blocks until the last asynchronous save is on disk.
+
+    Raises:
+      DiskFullError: that save ran out of space (its unfinished step is
+        removed; the earlier steps are intact).
+    """
+    with self._reporting_disk_full(self._saving):
+      self.manager.wait_until_finished()
+    self._saving = None
+
+  @contextlib.contextmanager
+  def _reporting_disk_full(self, step: int | None) -> Iterator[None]:
+    """Turns a full-disk error of the save of ``step`` into a
+    :class:`~meshnet.errors.DiskFullError`; other errors pass."""
+    try:
+      yield
+    except Exception as e:  # noqa: BLE001 - Orbax wraps the OSError in its own types
+      if step is None or not is_disk_full(e):
+        raise
+      self._saving = None
+      raise self._disk_full(step) from None
+
+  def _disk_full(self, step: int):
+    """The error for ``step``'s failed save, once its unfinished directory is
+    removed (process 0; it holds nothing usable and takes the space) and the
+    steps ``overwrite`` was replacing are back in place."""
+    if self._main:
+      for name in self.partial_steps():
+        if name.split(".")[0] == str(step):
+          with contextlib.suppress(OSError):
+            (self.directory / name).rmtree()
+      for old in self._replace:  # renamed <step>.replaced, deleted only once a step is saved
+        with contextlib.suppress(OSError):
+          (self.directory / f"{old}{REPLACED_SUFFIX}").rename(self.directory / str(old))
+    with contextlib.suppress(Exception):
+      self.manager.reload()
+    kept = [int(p.name) for p in _step_dirs(self.directory)]
+    return disk_full_error(self.directory, step, max(kept) if kept else None,
+                           replacing=bool(self._replace))
 
   def read_meta(self, step: int) -> dict[str, Any]:
     """The checked meta JSON of ``step`` (see :func:`read_meta`)."""
     return read_meta(self.directory / str(step))
 
-  def restore_latest(self, target: dict[str, Any],
-                     config: dict[str, Any] | None = None) -> Restored | None:
+  def restore_latest(self, target: dict[str, Any], config: dict[str, Any] | None = None, *,
+                     data: dict[str, Any] | None = None,
+                     allow_data_change: bool = False) -> Restored | None:
     """The newest step that restores, laid out like ``target``, or ``None``.
 
     ``target`` is the logical tree of the current run (its arrays' shapes,
@@ -657,10 +715,16 @@ class Checkpointer:
       target: the run's state in the logical layout.
       config: the run's ``Config.to_dict()``; the fields in
         :data:`STATE_FIELDS` must equal the checkpoint's.
+      data: the run's :func:`meshnet.data.fingerprint`; compared with the
+        one in the step's meta (a step saved before meta kept one is not
+        checked).
+      allow_data_change: restore even when ``data`` differs (logged once).
 
     Raises:
       MeshnetError: the checkpoint was saved by another model or run (naming
-        the leaves or the config fields with both values); nothing is moved.
+        the leaves or the config fields with both values), or on other data
+        (naming the split and what changed) without ``allow_data_change``;
+        nothing is moved.
     """
     partial = self.partial_steps()
     if partial:
@@ -682,6 +746,11 @@ class Checkpointer:
           raise MeshnetError(f"checkpoint {step} in {self.directory} {problem}; resume with "
                              "the same settings, or start afresh with another "
                              "--checkpoint-dir or --overwrite")
+        changed = data_change(meta.get("data"), data) if data is not None else None
+        if changed and not allow_data_change:
+          raise MeshnetError(f"the data changed since checkpoint {step} in {self.directory} "
+                             f"was saved ({changed}); resume on the data it was saved with, "
+                             "or pass --allow-data-change to continue on this data")
         try:
           restored = self._timed_restore(step, abstract)
         except Exception as e:  # noqa: BLE001 - whatever Orbax raised: report, try older
@@ -699,6 +768,9 @@ class Checkpointer:
         if problem:
           bad.append((step, problem))
           continue
+        if changed:
+          self.log(f"the data changed since checkpoint {step} was saved ({changed}); "
+                   "continuing on this data (--allow-data-change)")
         return Restored(step, restored["state"], meta)
       return None
     finally:
@@ -744,10 +816,10 @@ class Checkpointer:
     """Waits for the save in flight, closes Orbax's manager, drops the lock."""
     try:
       if self.manager is not None:
-        manager, self.manager = self.manager, None
         try:
-          manager.wait_until_finished()
+          self.wait()
         finally:
+          manager, self.manager = self.manager, None
           manager.close()
     finally:
       if self._lock_fd is not None:

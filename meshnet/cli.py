@@ -181,6 +181,10 @@ def _add_train_parser(subparsers) -> None:
   parser.add_argument("--resume", action="store_true",
                       help="continue from the newest complete checkpoint in "
                       "--checkpoint-dir (CheckpointConfig.resume)")
+  parser.add_argument("--allow-data-change", action="store_true",
+                      help="with --resume: continue even though the data differ from those "
+                      "the checkpoint was saved with (refused otherwise; "
+                      "CheckpointConfig.allow_data_change)")
   parser.add_argument("--overwrite", action="store_true",
                       help="replace the checkpoints already in --checkpoint-dir, deleted "
                       "when this run saves its first step (CheckpointConfig.overwrite)")
@@ -226,6 +230,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
   fields["train"]["progress"] = not args.no_progress
   fields["checkpoint"]["resume"] = args.resume
   fields["checkpoint"]["overwrite"] = args.overwrite
+  fields["checkpoint"]["allow_data_change"] = args.allow_data_change
   fields["optim"]["deterministic"] = args.deterministic
   fields["pipeline"]["remat"] = args.remat
   devices = fields["mesh"].pop("devices")

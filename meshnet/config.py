@@ -274,6 +274,10 @@ class CheckpointConfig:
     overwrite: replace the checkpoints already in ``dir`` (deleted when this
       run saves its first step); without it or ``resume``, a ``dir`` holding
       checkpoints is refused.
+    allow_data_change: with ``resume``, continue even though the training or
+      test data differ from those the checkpoint was saved with (each
+      checkpoint keeps a fingerprint of them, :func:`meshnet.data.fingerprint`);
+      without it such a resume is refused.
   """
 
   dir: str | None = None
@@ -281,6 +285,7 @@ class CheckpointConfig:
   keep: int = 3
   resume: bool = False
   overwrite: bool = False
+  allow_data_change: bool = False
 
   def __post_init__(self):
     _check_int("checkpoint.every", self.every, 0,

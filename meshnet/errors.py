@@ -42,3 +42,19 @@ class DownloadError(MeshnetError):
   """``meshnet data fetch`` could not get a verified file: the server is
   unreachable, the connection kept ending early, or the file's MD5 checksum is
   not the expected one. The message names the URL or file and what to do."""
+
+
+class DiskFullError(MeshnetError):
+  """A checkpoint save found its file system full (``ENOSPC``) or the user's
+  quota used up (``EDQUOT``). The earlier checkpoints are intact and the
+  unfinished step is removed. Attributes: ``directory``, ``step`` (the step
+  that was not saved; ``None``: the directory was full when the run opened
+  it) and ``free_bytes`` (free space then; ``None`` where it cannot be
+  asked)."""
+
+  def __init__(self, message: str, *, directory: str, step: int | None,
+               free_bytes: int | None):
+    self.directory = directory
+    self.step = step
+    self.free_bytes = free_bytes
+    super().__init__(message)
