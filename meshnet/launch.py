@@ -239,15 +239,23 @@ class _Group:
   def wait(self) -> tuple[int, int] | None:
     """Waits until every process exits 0 (``None``) or one fails: then stops
     the others (SIGTERM, SIGKILL after :data:`GRACE_SECONDS`) and returns
-    ``(index, code)`` of the first to fail."""
+    ``(index, code)`` of the first to fail (a process killed or crashed
+    before one that exited :data:`EXIT_PEER_FAILED` because of it)."""
     failed = None
     try:
       while True:
-        codes = [p.poll() for p in self.procs]
-        bad = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
+        bad = self._failures()
         if bad:
-          failed = bad[0]
+          if all(c == EXIT_PEER_FAILED for _, c in bad):
+            # A survivor of a dead peer exits within a second of it; name the
+            # peer (killed, crashed) as the cause once its exit is seen.
+            deadline = time.time() + 1.0
+            while time.time() < deadline and all(c == EXIT_PEER_FAILED for _, c in bad):
+              time.sleep(0.05)
+              bad = self._failures()
+          failed = min(bad, key=lambda failure: failure[1] == EXIT_PEER_FAILED)
           break
+        codes = [p.poll() for p in self.procs]
         if all(c == 0 for c in codes):
           break
         time.sleep(0.05)
@@ -264,6 +272,11 @@ class _Group:
       for thread in self.pumps:
         thread.join(timeout=5)
     return failed
+
+  def _failures(self) -> list[tuple[int, int]]:
+    """``(index, code)`` of every process that has exited non-zero."""
+    codes = [p.poll() for p in self.procs]
+    return [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
 
   def others(self, index: int) -> str:
     return ", ".join(f"{i}: {_describe(p.returncode)}" for i, p in enumerate(self.procs)
