@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -155,6 +156,14 @@ def _add_train_parser(subparsers) -> None:
       "set's recipe (xor) sets what it needs; each adjusted default is printed.",
       formatter_class=_HelpFormatter,
   )
+  _add_train_flags(parser)
+  _add_verbose(parser)
+
+
+def _add_train_flags(parser: argparse.ArgumentParser | Any,
+                     devices_default: int | None = CLI_DEFAULT_DEVICES) -> None:
+  """``meshnet train``'s flags (every one a field of :class:`Config`), on
+  ``parser`` or an argument group of it."""
   parser.add_argument("--mesh", default=None, metavar="AXIS=N,...",
                       help="mesh axis sizes over data,fsdp,stage,tensor; -1 = the rest "
                       "(default: data over every device, or as many as the batch can be "
@@ -162,7 +171,8 @@ def _add_train_parser(subparsers) -> None:
   for flag, (section, field, parse, help_text) in TRAIN_FLAGS.items():
     default = getattr(_SECTIONS[section](), field)
     if flag == "--devices":  # meshnet launch says how many devices each process has
-      default = int(os.environ.get(ENV_DEVICES_PER_PROCESS) or CLI_DEFAULT_DEVICES)
+      default = os.environ.get(ENV_DEVICES_PER_PROCESS)
+      default = int(default) if default else devices_default
     if isinstance(default, tuple):
       default = ",".join(map(str, default))
     if default is None and field in _FITTED:
@@ -188,7 +198,6 @@ def _add_train_parser(subparsers) -> None:
   parser.add_argument("--overwrite", action="store_true",
                       help="replace the checkpoints already in --checkpoint-dir, deleted "
                       "when this run saves its first step (CheckpointConfig.overwrite)")
-  _add_verbose(parser)
 
 
 def _add_verbose(parser: argparse.ArgumentParser) -> None:
@@ -285,7 +294,68 @@ def build_parser() -> argparse.ArgumentParser:
                        "the digest its meta keeps; one line per step (ok, mismatch, "
                        "unreadable); exit 1 if any is bad")
   _add_plot_parser(subparsers)
+  _add_plan_parser(subparsers)
   return parser
+
+
+def _count(text: str) -> float:
+  """``1.5e11``, ``150G``, ``125M``, ``7k``: a number with an optional SI suffix."""
+  scale = {"k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "p": 1e15}
+  text = text.strip()
+  factor = scale.get(text[-1:].lower(), 1.0)
+  try:
+    value = float(text[:-1] if factor != 1.0 else text) * factor
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is not a number (e.g. 1.5e11, 150G, 125M)") from None
+  return value
+
+
+def _add_plan_parser(subparsers) -> None:
+  from meshnet.hardware import DEVICE_KINDS
+
+  plan = subparsers.add_parser(
+      "plan", help="predict a step's memory, traffic and time, and its scaling",
+      description="Plan what `meshnet train` with the same flags would run: per device the "
+      "bytes of parameters, gradients, optimizer state, activations and XLA's buffers "
+      "(beside XLA's own numbers of the compiled step when the mesh fits this process's "
+      "devices); per step the bytes each mesh axis sends, compute and communication time, "
+      "pipeline bubble and step time; and the step time and speedup on 1, 2, 4, ... "
+      "devices. Example: meshnet plan --mesh data=2,stage=2 --batch-size 1024 "
+      "--microbatches 8 --schedule 1f1b",
+      formatter_class=_HelpFormatter)
+  what = plan.add_argument_group(
+      "the run to plan (meshnet train's flags; those that do not change the step, such "
+      "as --lr or --steps, are accepted and ignored)")
+  _add_train_flags(what, devices_default=None)
+  own = plan.add_argument_group("the plan")
+  own.add_argument("--layers", type=_ints, default=None, metavar="W0,W1,...",
+                   help="plan an MLP of these widths (input first) instead of --model/--hidden "
+                   "on the data set's sizes, e.g. 784,1024,1024,10")
+  own.add_argument("--params", type=_count, default=None, metavar="N",
+                   help="plan a model known only by its parameter count (e.g. 125M): memory, "
+                   "gradient traffic and 6N FLOPs per example; no activations or pipeline")
+  own.add_argument("--device-kind", default="auto", metavar="KIND",
+                   help=f"device to plan for: {', '.join(DEVICE_KINDS)}, or auto (this "
+                   "host's first JAX device); cpu times a matmul and an update here, the "
+                   "others use nominal figures")
+  own.add_argument("--flops", type=_count, default=None, metavar="FLOP/S",
+                   help="sustained matmul FLOP/s per device (e.g. 150G), instead of the "
+                   "kind's figure")
+  own.add_argument("--bandwidth", type=float, default=None, metavar="GB/s",
+                   help="link bus bandwidth in GB/s (1e9 bytes/s) for every collective")
+  own.add_argument("--latency", type=float, default=None, metavar="us",
+                   help="latency of one collective call in microseconds")
+  own.add_argument("--link-file", default=None, metavar="FILE.jsonl",
+                   help="fit latency and bandwidth per collective to the JSON lines of "
+                   "`meshnet bench collectives` (--bandwidth/--latency still override)")
+  own.add_argument("--max-devices", type=int, default=None, metavar="N",
+                   help="project the step on 1, 2, 4, ... N devices (default: the mesh's "
+                   "devices, at least 8)")
+  own.add_argument("--json", action="store_true", help="print the plan as JSON")
+  own.add_argument("--no-xla", action="store_true",
+                   help="do not compile the step for XLA's memory numbers")
+  _add_verbose(plan)
 
 
 def _add_plot_parser(subparsers) -> None:
@@ -324,6 +394,27 @@ def _quiet(verbose: bool) -> None:
     faults.set_fatal_log(fatal_log)
 
 
+def _plan(args: argparse.Namespace) -> int:
+  """``meshnet plan``: the table (or JSON) of :func:`meshnet.planner.make_plan`."""
+  from meshnet import planner
+  if args.layers is not None and args.hidden is not None:
+    raise MeshnetError("give --layers W0,W1,... (the whole MLP) or --hidden, not both")
+  if args.layers is not None and args.params is not None:
+    raise MeshnetError("give --layers W0,W1,... or --params N, not both")
+  config = config_from_args(args)
+  result, notes = planner.make_plan(
+      config, layers=args.layers, num_params=args.params, device_kind=args.device_kind,
+      flops=args.flops, bandwidth_GBps=args.bandwidth, latency_us=args.latency,
+      link_file=args.link_file, max_devices=args.max_devices, compile=not args.no_xla)
+  if args.json:
+    print(json.dumps({**result.to_dict(), "notes": notes + list(result.notes)}, indent=2))
+  else:
+    for note in notes:
+      print(note)
+    print(planner.format_plan(result))
+  return 0
+
+
 class _Terminated(KeyboardInterrupt):
   """SIGTERM outside the training loop (which saves a checkpoint instead)."""
 
@@ -360,6 +451,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(report)
         return 0 if good else 1
       print(describe(args.dir, with_digest=args.digest, step=args.step))
+    elif args.command == "plan":
+      _quiet(args.verbose)
+      return _plan(args)
     elif args.command == "plot":
       from meshnet.plot import plot_metrics
       plot_metrics(args.files, args.output, labels=args.labels, title=args.title)

@@ -1,0 +1,245 @@
+"""``meshnet plan``: its bytes against the real arrays and XLA's compiled step,
+its link fit against a bench file, the command end to end, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import meshnet
+from meshnet import hardware, planner
+from meshnet.config import Config, MeshConfig, OptimConfig
+from meshnet.errors import MeshnetError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(meshnet.__file__)))
+DEVICE = hardware.device_spec("cpu", flops=1e11, memory_bandwidth=1e10)
+MNIST_MLP = (784, 512, 256, 128, 10)
+DIGITS_MLP = (64, 256, 128, 10)
+
+
+def _mesh(**axes) -> MeshConfig:
+  return MeshConfig(**{"data": 1, "fsdp": 1, "stage": 1, "tensor": 1, **axes})
+
+
+def _config(widths=DIGITS_MLP, batch=128, optimizer="adam", **kw) -> planner.PlanConfig:
+  return planner.PlanConfig(widths=tuple(widths), batch_size=batch, device=DEVICE,
+                            optim=OptimConfig(optimizer=optimizer), **kw)
+
+
+def _real_state(config: planner.PlanConfig):
+  """``init_train_state``'s real arrays for the plan's model, optimizer and mesh."""
+  model = meshnet.models.mlp(list(config.widths))
+  optimizer = meshnet.make_optimizer(config.optim, 10)
+  axes = {a: getattr(config.mesh, a) for a in meshnet.AXES}
+  mesh = meshnet.make_mesh(devices=jax.devices()[:config.devices], **axes)
+  return model, optimizer, mesh, meshnet.init_train_state(model, optimizer, mesh,
+                                                          jax.random.key(0))
+
+
+def _device_bytes(tree) -> int:
+  return sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("mesh, extra, optimizer", [
+    (_mesh(data=8), {}, "sgd"),
+    (_mesh(data=8), {}, "adam"),
+    (_mesh(data=2, stage=4), {"microbatches": 4}, "adam"),
+    (_mesh(data=2, stage=4), {"microbatches": 4}, "momentum"),
+    (_mesh(), {}, "adam"),
+])
+def test_parameter_and_optimizer_bytes_are_the_real_arrays(mesh, extra, optimizer):
+  config = _config(MNIST_MLP, batch=256, optimizer=optimizer, mesh=mesh, **extra)
+  result = planner.plan(config)
+  *_, state = _real_state(config)
+  assert result.memory.params == _device_bytes(state.params)
+  assert result.memory.grads == _device_bytes(state.params)
+  assert result.memory.optimizer == _device_bytes(state.opt_state)
+  assert result.num_params == 567_434
+
+
+def test_arguments_and_outputs_are_xlas_for_the_real_step():
+  """The step meshnet train compiles, on real arrays and a real batch."""
+  config = _config(MNIST_MLP, batch=512, mesh=_mesh(data=4))
+  model, optimizer, mesh, state = _real_state(config)
+  step = meshnet.make_train_step(model, optimizer, mesh)
+  x = np.zeros((512, 784), np.float32)
+  y = np.zeros((512,), np.int32)
+  batch = meshnet.global_batch((x, y), np.arange(512), meshnet.sharding.batch_sharding(mesh))
+  analysis = step.lower(state, batch).compile().memory_analysis()
+  memory = planner.plan(config).memory
+  assert memory.arguments == analysis.argument_size_in_bytes
+  assert memory.outputs == analysis.output_size_in_bytes
+
+
+# (config, what it exercises); temporaries within 25% of XLA's temp_size_in_bytes.
+COMPILED = [
+    (dict(widths=DIGITS_MLP, batch=128, mesh=_mesh(data=8)), "plain, 8 devices"),
+    (dict(widths=MNIST_MLP, batch=256, mesh=_mesh()), "plain, one device"),
+    (dict(widths=MNIST_MLP, batch=1024, mesh=_mesh(data=2), grad_accum=4,
+          optimizer="sgd"), "gradient accumulation"),
+    (dict(widths=MNIST_MLP, batch=1024, mesh=_mesh(data=2, stage=4), microbatches=8,
+          optimizer="sgd"), "1f1b, gather-bound"),
+    (dict(widths=(64,) + (256,) * 8 + (10,), batch=1024, mesh=_mesh(data=2, stage=4),
+          microbatches=8, schedule="zb"), "zero bubble, rounds-bound"),
+    (dict(widths=(64,) + (256,) * 8 + (10,), batch=512, mesh=_mesh(data=2, stage=2),
+          microbatches=4, schedule="interleaved", virtual_stages=2), "interleaved"),
+    (dict(widths=DIGITS_MLP, batch=1024, mesh=_mesh(data=2, stage=2), microbatches=8,
+          schedule="gpipe"), "gpipe, padded input"),
+]
+
+
+@pytest.mark.parametrize("kwargs, what", COMPILED, ids=[w for _, w in COMPILED])
+def test_memory_matches_xlas_compiled_step(kwargs, what):
+  config = _config(**kwargs)
+  memory = planner.plan(config).memory
+  xla = planner.compiled_memory(config)
+  assert memory.arguments == xla.arguments, what
+  assert memory.outputs == xla.outputs, what
+  assert abs(memory.temporaries / xla.temporaries - 1) <= 0.25, (
+      what, memory.temporaries, xla.temporaries)
+
+
+def test_traffic_and_time_follow_the_link():
+  link = hardware.LinkSpec({name: hardware.LinkCost(1e-3, 1e9)
+                            for name in hardware.STEP_COLLECTIVES})
+  device = hardware.DeviceSpec("cpu", 1e11, 1e10, 0, link)
+  config = planner.PlanConfig(widths=MNIST_MLP, batch_size=1024, device=device,
+                              mesh=_mesh(data=4), optim=OptimConfig(optimizer="sgd"))
+  result = planner.plan(config)
+  (data,) = result.traffic
+  bucket = 4 * 567_434 + 4  # every gradient and the loss, one all-reduce
+  assert data.axis == "data" and data.calls == {"all_reduce": 1}
+  assert data.bytes_sent == round(2 * 3 / 4 * bucket)
+  assert data.seconds == pytest.approx(1e-3 + 2 * 3 / 4 * bucket / 1e9)
+  step = result.step
+  assert step.step_s == pytest.approx(step.compute_s + step.comm_s)
+  assert step.comm_s == pytest.approx(data.seconds)
+  # 2 x in x out per example forward, the same for weight gradients, and
+  # input gradients for every layer but the first.
+  forward = 2 * 256 * sum(i * o for i, o in zip(MNIST_MLP[:-1], MNIST_MLP[1:]))
+  assert step.flops == pytest.approx(3 * forward - 2 * 256 * 784 * 512)
+  devices = [row.devices for row in result.scaling]
+  assert devices == [1, 2, 4, 8] and result.scaling[0].speedup == 1.0
+  assert result.scaling[0].comm_s == 0.0  # one device: no collective
+  assert result.scaling[2].step_s == pytest.approx(step.step_s)
+
+
+def test_pipeline_traffic_counts_every_round():
+  config = _config(MNIST_MLP, batch=1024, mesh=_mesh(data=2, stage=4), microbatches=8)
+  result = planner.plan(config)
+  p = result.pipeline
+  stage = next(t for t in result.traffic if t.axis == "stage")
+  assert stage.calls["ppermute"] == 2 * p["rounds"]  # activations and cotangents
+  message = 4 * p["microbatch"] * p["activation_width"]
+  gathered = 4 * 4 * p["param_width"]
+  assert stage.bytes_sent == round(p["rounds"] * 2 * message + 3 / 4 * gathered + 2 * 3 / 4 * 4)
+  assert 0 < p["bubble"] < 1 and p["microbatches"] == 8 and p["microbatch"] == 64
+
+
+def _bench_lines(path, latency=1e-3, bandwidth=2e9, shift=(2e-4, 5e8)):
+  """JSON lines as ``meshnet bench collectives`` writes them, with times
+  from a known link."""
+  lines = []
+  for name, (lat, bw) in (("all_reduce", (latency, bandwidth)), ("shift", shift)):
+    for size in (1_000, 100_000, 1_000_000):
+      nbytes = 4 * size
+      seconds = lat + hardware.bus_factor(name, 2) * nbytes / bw
+      lines.append({"collective": name, "axes": ["data"], "devices": 2, "processes": 2,
+                    "dtype": "float32", "shape": [size], "bytes": nbytes,
+                    "median_s": seconds, "min_s": seconds, "max_s": seconds,
+                    "algbw_GBps": nbytes / seconds / 1e9, "busbw_GBps": 0.0,
+                    "platform": "cpu"})
+  path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+  return path
+
+
+def test_link_file_fits_latency_and_bandwidth(tmp_path):
+  path = _bench_lines(tmp_path / "links.jsonl")
+  link = hardware.read_link_file(str(path), base=hardware.CPU_LINK)
+  assert link.costs["all_reduce"].latency_s == pytest.approx(1e-3)
+  assert link.costs["all_reduce"].bandwidth_Bps == pytest.approx(2e9)
+  assert link.costs["ppermute"].latency_s == pytest.approx(2e-4)
+  assert link.costs["ppermute"].bandwidth_Bps == pytest.approx(5e8)
+  assert link.costs["all_gather"] == hardware.CPU_LINK.costs["all_gather"]  # not in the file
+
+
+def _run(*args):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+  return subprocess.run([sys.executable, "-m", "meshnet", "plan", *args],
+                        capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_command_prints_the_table_and_json(tmp_path):
+  flags = ["--mesh", "data=2,stage=2", "--batch-size", "1024", "--microbatches", "8",
+           "--schedule", "1f1b", "--flops", "100G"]
+  proc = _run(*flags)
+  assert proc.returncode == 0, proc.stderr
+  out = proc.stdout
+  assert "mlp 64-256-128-10 (50,826 parameters), adam, global batch 1024" in out
+  assert "pipeline 1f1b, 8 microbatches of 64" in out
+  for row in ("parameters", "optimizer state", "XLA temporaries", "stage axis", "data axis",
+              "projection", "speedup"):
+    assert row in out, row
+  path = _bench_lines(tmp_path / "links.jsonl")
+  proc = _run(*flags, "--json", "--link-file", str(path), "--max-devices", "16")
+  assert proc.returncode == 0, proc.stderr
+  result = json.loads(proc.stdout)
+  assert result["mesh"] == {"data": 2, "fsdp": 1, "stage": 2, "tensor": 1}
+  assert result["pipeline"]["microbatches"] == 8 and result["batch_size"] == 1024
+  assert result["memory"]["arguments"] == result["xla"]["arguments"]
+  assert result["memory"]["outputs"] == result["xla"]["outputs"]
+  assert result["device"]["flops"] == 1e11
+  assert result["device"]["link"]["all_reduce"]["latency_s"] == pytest.approx(1e-3)
+  assert [row["devices"] for row in result["scaling"]] == [1, 2, 4, 8, 16]
+  assert result["scaling"][0]["speedup"] == 1.0
+
+
+def test_plan_resolves_flags_as_train_does():
+  """xor's 4 examples: train narrows the default mesh to data=4, batch 4."""
+  config, notes = planner.plan_config(Config(data=meshnet.DataConfig(dataset="xor")),
+                                      DEVICE, n_devices=8)
+  assert config.mesh.data == 4 and config.batch_size == 4
+  assert config.widths == (2, 8, 1) and config.loss == "mse" and config.activation == "tanh"
+  assert any("batch size 4" in note for note in notes)
+  memory = planner.plan(config).memory
+  assert memory.temporaries and memory.arguments == planner.compiled_memory(config).arguments
+
+
+def test_parameter_count_plans_without_layers():
+  config = planner.PlanConfig(widths=None, num_params=125_000_000, batch_size=512,
+                              device=hardware.device_spec("h100"), mesh=_mesh(data=8))
+  result = planner.plan(config)
+  assert result.memory.params == 500_000_000
+  assert result.memory.optimizer == 2 * 500_000_000 + 8  # adam: mu, nu; its and the lr's counts
+  assert result.memory.temporaries is None and result.memory.activations is None
+  assert result.step.flops == 6 * 125_000_000 * 64
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mesh", "fsdp=2,data=4"], "mesh axis fsdp=2 is not runnable yet"),
+    (["--link-file", "/nonexistent.jsonl"], "cannot read link file /nonexistent.jsonl"),
+    (["--bandwidth", "-1"], "--bandwidth -1 must be a finite number > 0"),
+    (["--device-kind", "tpu-v9"], "unknown device kind 'tpu-v9'"),
+    (["--layers", "784"], "layer widths 784 need an input and an output width"),
+    (["--layers", "784,10", "--params", "7"], "give --layers W0,W1,... or --params N"),
+    (["--batch-size", "100", "--mesh", "data=8"], "global batch size 100 is not divisible"),
+    (["--params", "1M", "--mesh", "stage=2"], "needs the layer widths to cut into stages"),
+    (["--max-devices", "0"], "--max-devices 0 must be >= 1"),
+])
+def test_bad_input_is_one_line(args, message, capsys):
+  assert meshnet.cli.main(["plan", "--no-xla", "--flops", "1G", *args]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("meshnet: error: ") and message in err, err
+  assert err.count("\n") == 1
+
+
+def test_bad_link_file_line_is_named(tmp_path):
+  path = tmp_path / "bad.jsonl"
+  path.write_text('{"collective": "all_reduce", "devices": 2}\n')
+  with pytest.raises(MeshnetError, match="bad.jsonl line 1 is not a `meshnet bench"):
+    hardware.read_link_file(str(path))
