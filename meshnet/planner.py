@@ -302,6 +302,7 @@ class Plan:
     dev = self.config.device
     return {"kind": dev.kind, "flops": dev.flops, "memory_bandwidth": dev.memory_bandwidth,
             "memory_bytes": dev.memory_bytes, "source": dev.source,
+            "flops_by_rows": [list(pair) for pair in dev.flops_by_rows],
             "link": {name: {"latency_s": cost.latency_s, "bandwidth_Bps": cost.bandwidth_Bps}
                      for name, cost in dev.link.costs.items()},
             "link_source": dev.link.source}
