@@ -6,9 +6,10 @@ a training step is ``state, metrics = step(state, batch)``.
 """
 
 from meshnet import (
-    checkpoint, cli, collectives, data, distributed, faults, fetch, losses, models, nn, pipeline,
-    sharding, train,
+    checkpoint, cli, collectives, commbench, data, distributed, faults, fetch, losses, models, nn,
+    pipeline, sharding, train,
 )
+from meshnet.commbench import BenchConfig, run_bench
 from meshnet.config import (
     Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, PipelineConfig, TrainConfig,
 )
@@ -44,5 +45,5 @@ __all__ = [
     "make_pipeline", "make_train_step", "models", "nn", "pipeline", "plot_metrics",
     "resolve_defaults", "sequential", "set_cpu_device_count", "sharding", "TensorBoardWriter",
     "train", "default_data_dir", "DownloadError", "fetch", "fetch_mnist", "faults",
-    "EXIT_PEER_FAILED", "DiskFullError",
+    "EXIT_PEER_FAILED", "DiskFullError", "BenchConfig", "commbench", "run_bench",
 ]

@@ -285,7 +285,58 @@ def build_parser() -> argparse.ArgumentParser:
                        "the digest its meta keeps; one line per step (ok, mismatch, "
                        "unreadable); exit 1 if any is bad")
   _add_plot_parser(subparsers)
+  _add_bench_parser(subparsers)
   return parser
+
+
+def _add_bench_parser(subparsers) -> None:
+  from meshnet.commbench import COLLECTIVES, DEFAULT_SIZES, BenchConfig
+
+  bench = subparsers.add_parser(
+      "bench", help="measure meshnet's parts on this machine (collectives)",
+      description="Benchmarks. `meshnet bench collectives` times every collective over a "
+      "mesh axis at a few sizes, in one process or under meshnet launch.")
+  kinds = bench.add_subparsers(dest="bench_command", metavar="WHAT")
+  kinds.required = True
+  defaults = BenchConfig()
+  collectives = kinds.add_parser(
+      "collectives", formatter_class=_HelpFormatter,
+      help="time, algorithmic and bus bandwidth of each collective (nccl-tests style)",
+      description="Time each collective at each buffer size over the --axes of the mesh: "
+      "median and spread per call, algorithmic bandwidth (bytes / time) and bus bandwidth "
+      "(x 2(n-1)/n for all_reduce, (n-1)/n for all_gather, reduce_scatter, all_to_all, "
+      "gather, scatter, 1 for broadcast, reduce, shift). A table on stdout; JSON lines "
+      "with --output or --json. Across processes: meshnet launch -n 2 -- meshnet bench "
+      "collectives --mesh data=2")
+  collectives.add_argument("--collectives", default="all", metavar="A,B,...",
+                           help=f"which: all, or some of {','.join(COLLECTIVES)}")
+  collectives.add_argument("--sizes", default=",".join("x".join(map(str, s))
+                                                       for s in DEFAULT_SIZES),
+                           metavar="RxC,...",
+                           help="buffer shapes: each device's input of all_reduce, the "
+                           "gathered output of all_gather (nccl-tests' size)")
+  collectives.add_argument("--dtype", default=defaults.dtype, help="element type")
+  collectives.add_argument("--axes", default=",".join(defaults.axes), metavar="AXIS,...",
+                           help="mesh axes the collectives run over, as one axis")
+  collectives.add_argument("--mesh", default=None, metavar="AXIS=N,...",
+                           help="mesh axis sizes over data,fsdp,stage,tensor (default: every "
+                           "device on the first of --axes)")
+  collectives.add_argument(
+      "--devices", type=_optional_int,
+      default=int(os.environ.get(ENV_DEVICES_PER_PROCESS) or CLI_DEFAULT_DEVICES),
+      help="simulate N CPU devices (per process; CPU platform only; 'none': as JAX finds)")
+  collectives.add_argument("--iters", type=int, default=defaults.iters,
+                           help="timed runs per collective and size")
+  collectives.add_argument("--warmup", type=int, default=defaults.warmup,
+                           help="untimed runs before them")
+  collectives.add_argument("--calls", type=_optional_int, default=None,
+                           help="collectives per timed run, in one compiled loop (default: "
+                           "enough for a run of about 50 ms)")
+  collectives.add_argument("--output", default=None, metavar="FILE.jsonl",
+                           help="also write one JSON line per collective and size here")
+  collectives.add_argument("--json", action="store_true",
+                           help="print the JSON lines on stdout instead of the table")
+  _add_verbose(collectives)
 
 
 def _add_plot_parser(subparsers) -> None:
@@ -360,6 +411,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(report)
         return 0 if good else 1
       print(describe(args.dir, with_digest=args.digest, step=args.step))
+    elif args.command == "bench":
+      from meshnet import commbench
+      _quiet(args.verbose)
+      config = commbench.BenchConfig.parse(
+          collectives=args.collectives, sizes=args.sizes, axes=args.axes,
+          dtype=args.dtype, iters=args.iters, warmup=args.warmup, calls=args.calls)
+      mesh = (MeshConfig.parse(args.mesh, devices=args.devices) if args.mesh is not None
+              else MeshConfig(devices=args.devices))
+      commbench.report(config, commbench.make_bench_mesh(config, mesh), output=args.output,
+                       as_json=args.json)
     elif args.command == "plot":
       from meshnet.plot import plot_metrics
       plot_metrics(args.files, args.output, labels=args.labels, title=args.title)
