@@ -362,6 +362,10 @@ def check_bench(config: BenchConfig, mesh: Mesh) -> int:
       raise MeshnetError(f"axis {axis!r} in --axes is not in the mesh (axes "
                          f"{', '.join(mesh.axis_names)}); name one of those")
   n = group_size(mesh, config.axes)
+  if mesh.size < 2:
+    raise MeshnetError(f"the mesh has {mesh.size} device; collectives need at least 2: "
+                       "simulate CPU devices with --devices 8, or start processes with "
+                       "meshnet launch -n 2 -- meshnet bench collectives")
   if n < 2:
     sizes = ",".join(f"{a}={s}" for a, s in mesh.shape.items())
     raise MeshnetError(f"--axes {','.join(config.axes)} spans {n} device on mesh "

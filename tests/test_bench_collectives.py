@@ -139,6 +139,8 @@ def test_two_processes_under_launch(tmp_path):
     (["--axes", "stage", "--mesh", "data=8"],
      "--axes stage spans 1 device on mesh data=8,fsdp=1,stage=1,tensor=1; a collective "
      "needs at least 2: give those axes more devices, e.g. --mesh stage=8"),
+    (["--devices", "1"], "the mesh has 1 device; collectives need at least 2: simulate "
+     "CPU devices with --devices 8, or start processes with meshnet launch -n 2"),
     (["--dtype", "float33"], "unknown dtype 'float33'; give a JAX dtype name such as"),
     (["--dtype", "bool"], "dtype 'bool' is not numeric"),
     (["--iters", "0"], "--iters 0 must be an integer >= 1"),
