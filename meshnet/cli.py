@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -187,7 +188,13 @@ def _add_train_parser(subparsers) -> None:
                       "CheckpointConfig.allow_data_change)")
   parser.add_argument("--overwrite", action="store_true",
                       help="replace the checkpoints already in --checkpoint-dir, deleted "
-                      "when this run saves its first step (CheckpointConfig.overwrite)")
+                      "when this run saves its first step (CheckpointConfig.overwrite), "
+                      "and a trace already in the --profile-steps DIR")
+  parser.add_argument("--profile-steps", nargs=2, default=None, metavar=("A:B", "DIR"),
+                      help="write a jax.profiler trace of the steps after the first A, up "
+                      "to B (3:5 traces steps 4 and 5) into DIR, one per process; "
+                      "summarise it with meshnet profile DIR (TrainConfig.profile_steps, "
+                      "profile_dir)")
   _add_verbose(parser)
 
 
@@ -233,6 +240,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
   fields["checkpoint"]["allow_data_change"] = args.allow_data_change
   fields["optim"]["deterministic"] = args.deterministic
   fields["pipeline"]["remat"] = args.remat
+  if args.profile_steps is not None:
+    from meshnet.profiling import parse_step_range
+    steps, directory = args.profile_steps
+    fields["train"]["profile_steps"] = parse_step_range(steps)
+    fields["train"]["profile_dir"] = directory
   devices = fields["mesh"].pop("devices")
   mesh = (MeshConfig.parse(args.mesh, devices=devices) if args.mesh is not None
           else MeshConfig(devices=devices))
@@ -285,7 +297,22 @@ def build_parser() -> argparse.ArgumentParser:
                        "the digest its meta keeps; one line per step (ok, mismatch, "
                        "unreadable); exit 1 if any is bad")
   _add_plot_parser(subparsers)
+  _add_profile_parser(subparsers)
   return parser
+
+
+def _add_profile_parser(subparsers) -> None:
+  profile = subparsers.add_parser(
+      "profile", help="summarise a trace written by meshnet train --profile-steps",
+      description="Per traced step and process: the step's time, the time in compute and "
+      "in each collective kind (all-reduce, all-gather, collective-permute, ...), the bytes "
+      "each collective kind moved, and the collectives by named scope (gradient_exchange, "
+      "pipeline_send, ...). Example: meshnet train --mesh data=2 --steps 6 --profile-steps "
+      "3:5 runs/prof && meshnet profile runs/prof")
+  profile.add_argument("dir", metavar="DIR",
+                       help="the directory given to meshnet train --profile-steps A:B DIR")
+  profile.add_argument("--json", action="store_true",
+                       help="print the summary as JSON instead of tables")
 
 
 def _add_plot_parser(subparsers) -> None:
@@ -360,6 +387,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(report)
         return 0 if good else 1
       print(describe(args.dir, with_digest=args.digest, step=args.step))
+    elif args.command == "profile":
+      from meshnet.profile_report import format_profile, profile_summary
+      summary = profile_summary(args.dir)
+      print(json.dumps(summary.to_dict(), indent=1) if args.json else format_profile(summary))
     elif args.command == "plot":
       from meshnet.plot import plot_metrics
       plot_metrics(args.files, args.output, labels=args.labels, title=args.title)
