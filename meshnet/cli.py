@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -156,6 +157,9 @@ def _add_train_parser(subparsers) -> None:
       "set's recipe (xor) sets what it needs; each adjusted default is printed.",
       formatter_class=_HelpFormatter,
   )
+  # `--profile-steps -1:3 DIR` reaches the config's check (one line) instead of
+  # argparse taking -1:3 for an unknown option.
+  parser._negative_number_matcher = re.compile(r"^-\d+$|^-\d*\.\d+$|^-\d+:-?\d+$")
   parser.add_argument("--mesh", default=None, metavar="AXIS=N,...",
                       help="mesh axis sizes over data,fsdp,stage,tensor; -1 = the rest "
                       "(default: data over every device, or as many as the batch can be "
@@ -399,6 +403,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   except MeshnetError as e:
     print(f"meshnet: error: {e}", file=sys.stderr)
     return 1 if isinstance(e, FloatingPointError) else 2
+  except BrokenPipeError:  # `meshnet inspect DIR | head` (or profile): the reader left
+    sys.stderr.close()
+    return 0
   except Exception as e:  # noqa: BLE001  (XLA wraps errors raised in host callbacks)
     message = _callback_error(e)
     if message is None:
@@ -413,9 +420,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(128 + signal.SIGTERM)
-  except BrokenPipeError:  # `meshnet inspect DIR | head`: the reader left
-    sys.stderr.close()
-    return 0
   except KeyboardInterrupt:
     print("meshnet: interrupted", file=sys.stderr)
     return 130

@@ -36,8 +36,11 @@ from meshnet.errors import MeshnetError
 from meshnet.hlo import COLLECTIVE_KINDS, HloModule, HloOp, parse_hlo
 from meshnet.profiling import HLO_FILE, META_FILE
 
-# Named scopes meshnet's steps put around their collectives.
-SCOPES = ("gradient_exchange", "pipeline_send", "pipeline_loss", "eval_reduce")
+# Named scopes of meshnet's steps (meshnet.step, meshnet.pipeline.executor); a
+# collective counts under the innermost of them in its path.
+SCOPES = ("train_step", "optimizer_update", "gradient_exchange", "pipeline_rounds",
+          "pipeline_forward", "pipeline_backward", "pipeline_weight_gradient",
+          "pipeline_send", "pipeline_loss", "eval_reduce")
 KIND_ORDER = tuple(dict.fromkeys(COLLECTIVE_KINDS.values()))
 NO_SCOPE = "(none)"
 CPU_NOTE = ("on CPU a collective's time includes waiting for the slowest peer (another "
@@ -51,7 +54,7 @@ class CollectiveTime:
   Attributes:
     kind: ``all-reduce``, ``all-gather``, ``reduce-scatter``, ``all-to-all``,
       ``collective-permute`` or ``collective-broadcast``.
-    scope: the first of the known named scopes in the op's path
+    scope: the innermost of the known named scopes in the op's path
       (``gradient_exchange``), or ``"(none)"``.
     calls: how many times the step ran such ops.
     ms: their time.
@@ -156,7 +159,7 @@ def profile_summary(directory: str, *, scopes: Sequence[str] = SCOPES) -> Profil
   Args:
     directory: that ``DIR`` (or one process's ``DIR/process_<i>``).
     scopes: the named scopes to group collectives by; an op counts under the
-      first of them in its ``named_scope`` path.
+      innermost of them in its ``named_scope`` path.
 
   Returns:
     Per traced step and process: time, compute, each collective kind's time
@@ -225,8 +228,10 @@ def _process_steps(path: str, meta: dict[str, Any], scopes: Sequence[str],
     module = HloModule(meta.get("module", ""), {})
     notes.append(f"process {process}: no {HLO_FILE}: every op counts as compute")
   if not meta.get("complete", True):
-    notes.append(f"process {process}: the run stopped before the last step of "
-                 f"{meta['range'][0]}:{meta['range'][1]}; steps {meta['steps']} were traced")
+    traced = meta.get("steps") or []
+    notes.append(f"process {process}: the run stopped before the end of --profile-steps "
+                 f"{meta['range'][0]}:{meta['range'][1]}; traced: "
+                 f"{', '.join(map(str, traced)) or 'none'}")
   runs = _read_events(trace, module.name or meta.get("module", ""))
   labels = list(meta.get("steps") or [])
   if len(runs) != len(labels):
@@ -277,7 +282,7 @@ def _own_times(events: list[_Event]) -> None:
 
 def _scope(op_name: str, scopes: Sequence[str]) -> str:
   parts = [p.strip("()").split(":")[0] for p in op_name.split("/")]
-  return next((p for p in parts if p in scopes), NO_SCOPE)
+  return next((p for p in reversed(parts) if p in scopes), NO_SCOPE)
 
 
 def _step_profile(process: int, step: int, devices: dict[Any, dict[Any, list[_Event]]],
@@ -341,7 +346,7 @@ def format_profile(summary: ProfileSummary) -> str:
   lines = [f"profile {summary.directory}: {summary.module or 'train step'} on "
            f"{summary.platform}, {summary.processes} process{plural}, {span}",
            "times in ms per device (the mean over each process's devices); bytes per "
-           "device per step"]
+           "device per step; idle: no op of the step running on the device"]
   kinds = _kinds(steps)
   header = (["process", "step", "devices", "step ms", "compute ms"]
             + [f"{k} ms" for k in kinds] + ["idle ms"] + [f"{k} bytes" for k in kinds])

@@ -59,11 +59,13 @@ def parse_step_range(text: str) -> tuple[int, int]:
 
 
 def holds_trace(directory: str) -> bool:
-  """Whether ``directory`` holds a profiler trace (``*.xplane.pb``) or a
-  meshnet profile."""
-  return bool(glob.glob(os.path.join(glob.escape(directory), "**", "*.xplane.pb"),
-                        recursive=True)
-              or glob.glob(os.path.join(glob.escape(directory), "process_*", META_FILE)))
+  """Whether ``directory`` holds a meshnet profile or a ``jax.profiler`` trace
+  (``[process_*/]plugins/profile/<run>/*.xplane.pb``)."""
+  root = glob.escape(directory)
+  patterns = [os.path.join(root, "process_*", META_FILE),
+              os.path.join(root, "process_*", "plugins", "profile", "*", "*.xplane.pb"),
+              os.path.join(root, "plugins", "profile", "*", "*.xplane.pb")]
+  return any(glob.glob(pattern) for pattern in patterns)
 
 
 def check_profile_dir(directory: str, *, replace: bool) -> None:
@@ -167,6 +169,12 @@ class StepProfiler:
     if self.enabled:
       check_step_range(self.steps, total)
       check_profile_dir(self.directory, replace=self.replace)
+
+  def starts_at(self, step: int) -> None:
+    """Says so when a resumed run starts after the range: nothing to trace."""
+    if self.enabled and self._log is not None and step > self.steps[1]:
+      self._log(f"--profile-steps {self.steps[0]}:{self.steps[1]}: this run starts at "
+                f"step {step}, after them; no trace written")
 
   def before_step(self, step: int, state: Any) -> None:
     """Starts the trace before the range's first step, once ``state`` (the

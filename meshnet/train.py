@@ -301,6 +301,7 @@ def run(
     cleanup.enter_context(guard)
     state, first_step = _resume(checkpointer, config, state, sampler, total, say,
                                 data=data_fingerprint)
+    profiler.starts_at(first_step)
     writer = cleanup.enter_context(MetricsWriter(
         tc.metrics_file, resumed_from=first_step - 1 if first_step > 1 else None))
     board = cleanup.enter_context(TensorBoardWriter(  # afresh: an earlier run's curves go
