@@ -40,7 +40,7 @@ from meshnet.profiling import HLO_FILE, META_FILE
 # collective counts under the innermost of them in its path.
 SCOPES = ("train_step", "optimizer_update", "gradient_exchange", "pipeline_rounds",
           "pipeline_forward", "pipeline_backward", "pipeline_weight_gradient",
-          "pipeline_send", "pipeline_loss", "eval_reduce")
+          "pipeline_send", "pipeline_loss", "stage_gather", "eval_reduce")
 KIND_ORDER = tuple(dict.fromkeys(COLLECTIVE_KINDS.values()))
 NO_SCOPE = "(none)"
 CPU_NOTE = ("on CPU a collective's time includes waiting for the slowest peer (another "
