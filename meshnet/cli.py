@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -155,6 +157,9 @@ def _add_train_parser(subparsers) -> None:
       "set's recipe (xor) sets what it needs; each adjusted default is printed.",
       formatter_class=_HelpFormatter,
   )
+  # `--profile-steps -1:3 DIR` reaches the config's check (one line) instead of
+  # argparse taking -1:3 for an unknown option.
+  parser._negative_number_matcher = re.compile(r"^-\d+$|^-\d*\.\d+$|^-\d+:-?\d+$")
   parser.add_argument("--mesh", default=None, metavar="AXIS=N,...",
                       help="mesh axis sizes over data,fsdp,stage,tensor; -1 = the rest "
                       "(default: data over every device, or as many as the batch can be "
@@ -187,7 +192,13 @@ def _add_train_parser(subparsers) -> None:
                       "CheckpointConfig.allow_data_change)")
   parser.add_argument("--overwrite", action="store_true",
                       help="replace the checkpoints already in --checkpoint-dir, deleted "
-                      "when this run saves its first step (CheckpointConfig.overwrite)")
+                      "when this run saves its first step (CheckpointConfig.overwrite), "
+                      "and a trace already in the --profile-steps DIR")
+  parser.add_argument("--profile-steps", nargs=2, default=None, metavar=("A:B", "DIR"),
+                      help="write a jax.profiler trace of the steps after the first A, up "
+                      "to B (3:5 traces steps 4 and 5) into DIR, one per process; "
+                      "summarise it with meshnet profile DIR (TrainConfig.profile_steps, "
+                      "profile_dir)")
   _add_verbose(parser)
 
 
@@ -233,6 +244,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
   fields["checkpoint"]["allow_data_change"] = args.allow_data_change
   fields["optim"]["deterministic"] = args.deterministic
   fields["pipeline"]["remat"] = args.remat
+  if args.profile_steps is not None:
+    from meshnet.profiling import parse_step_range
+    steps, directory = args.profile_steps
+    fields["train"]["profile_steps"] = parse_step_range(steps)
+    fields["train"]["profile_dir"] = directory
   devices = fields["mesh"].pop("devices")
   mesh = (MeshConfig.parse(args.mesh, devices=devices) if args.mesh is not None
           else MeshConfig(devices=devices))
@@ -286,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "unreadable); exit 1 if any is bad")
   _add_plot_parser(subparsers)
   _add_bench_parser(subparsers)
+  _add_profile_parser(subparsers)
   return parser
 
 
@@ -337,6 +354,20 @@ def _add_bench_parser(subparsers) -> None:
   collectives.add_argument("--json", action="store_true",
                            help="print the JSON lines on stdout instead of the table")
   _add_verbose(collectives)
+
+
+def _add_profile_parser(subparsers) -> None:
+  profile = subparsers.add_parser(
+      "profile", help="summarise a trace written by meshnet train --profile-steps",
+      description="Per traced step and process: the step's time, the time in compute and "
+      "in each collective kind (all-reduce, all-gather, collective-permute, ...), the bytes "
+      "each collective kind moved, and the collectives by named scope (gradient_exchange, "
+      "pipeline_send, ...). Example: meshnet train --mesh data=2 --steps 6 --profile-steps "
+      "3:5 runs/prof && meshnet profile runs/prof")
+  profile.add_argument("dir", metavar="DIR",
+                       help="the directory given to meshnet train --profile-steps A:B DIR")
+  profile.add_argument("--json", action="store_true",
+                       help="print the summary as JSON instead of tables")
 
 
 def _add_plot_parser(subparsers) -> None:
@@ -421,6 +452,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               else MeshConfig(devices=args.devices))
       commbench.report(config, commbench.make_bench_mesh(config, mesh), output=args.output,
                        as_json=args.json)
+    elif args.command == "profile":
+      from meshnet.profile_report import format_profile, profile_summary
+      summary = profile_summary(args.dir)
+      print(json.dumps(summary.to_dict(), indent=1) if args.json else format_profile(summary))
     elif args.command == "plot":
       from meshnet.plot import plot_metrics
       plot_metrics(args.files, args.output, labels=args.labels, title=args.title)
@@ -429,6 +464,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   except MeshnetError as e:
     print(f"meshnet: error: {e}", file=sys.stderr)
     return 1 if isinstance(e, FloatingPointError) else 2
+  except BrokenPipeError:  # `meshnet inspect DIR | head` (or profile): the reader left
+    sys.stderr.close()
+    return 0
   except Exception as e:  # noqa: BLE001  (XLA wraps errors raised in host callbacks)
     message = _callback_error(e)
     if message is None:
@@ -443,9 +481,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(128 + signal.SIGTERM)
-  except BrokenPipeError:  # `meshnet inspect DIR | head`: the reader left
-    sys.stderr.close()
-    return 0
   except KeyboardInterrupt:
     print("meshnet: interrupted", file=sys.stderr)
     return 130

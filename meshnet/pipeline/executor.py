@@ -206,7 +206,8 @@ class Pipeline:
     replicated = NamedSharding(self.mesh, P())
 
     def split(stacked):
-      stacked = jax.reshard(stacked, replicated)  # gather the stages' slices
+      with jax.named_scope("stage_gather"):  # gather the stages' slices
+        stacked = jax.reshard(stacked, replicated)
       params: list[Any] = []
       for k in range(self.num_virtual_stages):
         d, c = k % S, k // S
