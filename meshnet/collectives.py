@@ -262,6 +262,13 @@ def _pow2(n: int) -> int:
   return 1 << max(n - 1, 0).bit_length()
 
 
+def _store_if(cond: jax.Array, buf: jax.Array, rows: jax.Array, start: jax.Array) -> jax.Array:
+  """``buf[start:start + len(rows)] = rows`` where ``cond``, else ``buf``
+  unchanged; selects on the rows only, so the buffer is updated in place."""
+  current = jax.lax.dynamic_slice_in_dim(buf, start, rows.shape[0], axis=0)
+  return jax.lax.dynamic_update_slice_in_dim(buf, jnp.where(cond, rows, current), start, axis=0)
+
+
 def scatter(x: Any, axis: AxisName, *, source: int = 0, dim: int = 0) -> Any:
   """Device ``i`` gets piece ``i`` (along ``dim``) of device ``source``'s ``x``
   (a binomial tree: each round a holder passes on half of what it holds).
@@ -292,9 +299,8 @@ def scatter(x: Any, axis: AxisName, *, source: int = 0, dim: int = 0) -> Any:
       half = jax.lax.dynamic_slice_in_dim(buf, jnp.minimum(rel + stride, width - stride),
                                           stride, axis=0)
       received = _permute(half, axis, pairs)
-      stored = jax.lax.dynamic_update_slice_in_dim(
-          buf, received, jnp.minimum(rel, width - stride), axis=0)
-      buf = jnp.where(rel % (2 * stride) == stride, stored, buf)
+      buf = _store_if(rel % (2 * stride) == stride, buf, received,
+                      jnp.minimum(rel, width - stride))
     return jax.lax.dynamic_index_in_dim(buf, rel, axis=0, keepdims=False)
   return _per_leaf(one, x)
 
@@ -323,9 +329,8 @@ def gather(x: Any, axis: AxisName, *, dest: int = 0, dim: int = 0, tiled: bool =
       pairs = [((dest + j) % n, (dest + j - stride) % n) for j in range(stride, n, 2 * stride)]
       part = jax.lax.dynamic_slice_in_dim(buf, jnp.minimum(rel, width - stride), stride, axis=0)
       received = _permute(part, axis, pairs)
-      stored = jax.lax.dynamic_update_slice_in_dim(
-          buf, received, jnp.minimum(rel + stride, width - stride), axis=0)
-      buf = jnp.where((rel % (2 * stride) == 0) & (rel + stride < n), stored, buf)
+      buf = _store_if((rel % (2 * stride) == 0) & (rel + stride < n), buf, received,
+                      jnp.minimum(rel + stride, width - stride))
     out = jnp.roll(buf[:n], dest, axis=0)  # tree order back to device order: [n, ...]
     out = jnp.where(rel == 0, out, jnp.zeros_like(out))
     out = jnp.moveaxis(out, 0, d)
