@@ -6,9 +6,10 @@ a training step is ``state, metrics = step(state, batch)``.
 """
 
 from meshnet import (
-    checkpoint, cli, collectives, data, distributed, faults, fetch, losses, models, nn, pipeline,
-    sharding, train,
+    checkpoint, cli, collectives, commbench, data, distributed, faults, fetch, losses, models, nn,
+    pipeline, profiling, sharding, train,
 )
+from meshnet.commbench import BenchConfig, run_bench
 from meshnet.config import (
     Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, PipelineConfig, TrainConfig,
 )
@@ -27,6 +28,8 @@ from meshnet.model import Model, sequential
 from meshnet.pipeline import make_pipeline
 from meshnet.optim import make_optimizer
 from meshnet.plot import plot_metrics
+from meshnet.profile_report import ProfileSummary, format_profile, profile_summary
+from meshnet.profiling import StepProfiler
 from meshnet.step import (
     TrainState, init_train_state, make_eval_step, make_grad_fn, make_train_step,
 )
@@ -44,5 +47,6 @@ __all__ = [
     "make_pipeline", "make_train_step", "models", "nn", "pipeline", "plot_metrics",
     "resolve_defaults", "sequential", "set_cpu_device_count", "sharding", "TensorBoardWriter",
     "train", "default_data_dir", "DownloadError", "fetch", "fetch_mnist", "faults",
-    "EXIT_PEER_FAILED", "DiskFullError",
+    "EXIT_PEER_FAILED", "DiskFullError", "ProfileSummary", "StepProfiler", "format_profile",
+    "profile_summary", "profiling", "BenchConfig", "commbench", "run_bench",
 ]

@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -156,8 +157,15 @@ def _add_train_parser(subparsers) -> None:
       "set's recipe (xor) sets what it needs; each adjusted default is printed.",
       formatter_class=_HelpFormatter,
   )
+  _allow_negative_ranges(parser)
   _add_train_flags(parser)
   _add_verbose(parser)
+
+
+def _allow_negative_ranges(parser: argparse.ArgumentParser) -> None:
+  """`--profile-steps -1:3 DIR` reaches the config's check (one line) instead
+  of argparse taking -1:3 for an unknown option."""
+  parser._negative_number_matcher = re.compile(r"^-\d+$|^-\d*\.\d+$|^-\d+:-?\d+$")
 
 
 def _add_train_flags(parser: argparse.ArgumentParser | Any,
@@ -197,7 +205,13 @@ def _add_train_flags(parser: argparse.ArgumentParser | Any,
                       "CheckpointConfig.allow_data_change)")
   parser.add_argument("--overwrite", action="store_true",
                       help="replace the checkpoints already in --checkpoint-dir, deleted "
-                      "when this run saves its first step (CheckpointConfig.overwrite)")
+                      "when this run saves its first step (CheckpointConfig.overwrite), "
+                      "and a trace already in the --profile-steps DIR")
+  parser.add_argument("--profile-steps", nargs=2, default=None, metavar=("A:B", "DIR"),
+                      help="write a jax.profiler trace of the steps after the first A, up "
+                      "to B (3:5 traces steps 4 and 5) into DIR, one per process; "
+                      "summarise it with meshnet profile DIR (TrainConfig.profile_steps, "
+                      "profile_dir)")
 
 
 def _add_verbose(parser: argparse.ArgumentParser) -> None:
@@ -242,6 +256,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
   fields["checkpoint"]["allow_data_change"] = args.allow_data_change
   fields["optim"]["deterministic"] = args.deterministic
   fields["pipeline"]["remat"] = args.remat
+  if args.profile_steps is not None:
+    from meshnet.profiling import parse_step_range
+    steps, directory = args.profile_steps
+    fields["train"]["profile_steps"] = parse_step_range(steps)
+    fields["train"]["profile_dir"] = directory
   devices = fields["mesh"].pop("devices")
   mesh = (MeshConfig.parse(args.mesh, devices=devices) if args.mesh is not None
           else MeshConfig(devices=devices))
@@ -294,8 +313,74 @@ def build_parser() -> argparse.ArgumentParser:
                        "the digest its meta keeps; one line per step (ok, mismatch, "
                        "unreadable); exit 1 if any is bad")
   _add_plot_parser(subparsers)
+  _add_bench_parser(subparsers)
+  _add_profile_parser(subparsers)
   _add_plan_parser(subparsers)
   return parser
+
+
+def _add_bench_parser(subparsers) -> None:
+  from meshnet.commbench import COLLECTIVES, DEFAULT_SIZES, BenchConfig
+
+  bench = subparsers.add_parser(
+      "bench", help="measure meshnet's parts on this machine (collectives)",
+      description="Benchmarks. `meshnet bench collectives` times every collective over a "
+      "mesh axis at a few sizes, in one process or under meshnet launch.")
+  kinds = bench.add_subparsers(dest="bench_command", metavar="WHAT")
+  kinds.required = True
+  defaults = BenchConfig()
+  collectives = kinds.add_parser(
+      "collectives", formatter_class=_HelpFormatter,
+      help="time, algorithmic and bus bandwidth of each collective (nccl-tests style)",
+      description="Time each collective at each buffer size over the --axes of the mesh: "
+      "median and spread per call, algorithmic bandwidth (bytes / time) and bus bandwidth "
+      "(x 2(n-1)/n for all_reduce, (n-1)/n for all_gather, reduce_scatter, all_to_all, "
+      "gather, scatter, 1 for broadcast, reduce, shift). A table on stdout; JSON lines "
+      "with --output or --json. Across processes: meshnet launch -n 2 -- meshnet bench "
+      "collectives --mesh data=2")
+  collectives.add_argument("--collectives", default="all", metavar="A,B,...",
+                           help=f"which: all, or some of {','.join(COLLECTIVES)}")
+  collectives.add_argument("--sizes", default=",".join("x".join(map(str, s))
+                                                       for s in DEFAULT_SIZES),
+                           metavar="RxC,...",
+                           help="buffer shapes: each device's input of all_reduce, the "
+                           "gathered output of all_gather (nccl-tests' size)")
+  collectives.add_argument("--dtype", default=defaults.dtype, help="element type")
+  collectives.add_argument("--axes", default=",".join(defaults.axes), metavar="AXIS,...",
+                           help="mesh axes the collectives run over, as one axis")
+  collectives.add_argument("--mesh", default=None, metavar="AXIS=N,...",
+                           help="mesh axis sizes over data,fsdp,stage,tensor (default: every "
+                           "device on the first of --axes)")
+  collectives.add_argument(
+      "--devices", type=_optional_int,
+      default=int(os.environ.get(ENV_DEVICES_PER_PROCESS) or CLI_DEFAULT_DEVICES),
+      help="simulate N CPU devices (per process; CPU platform only; 'none': as JAX finds)")
+  collectives.add_argument("--iters", type=int, default=defaults.iters,
+                           help="timed runs per collective and size")
+  collectives.add_argument("--warmup", type=int, default=defaults.warmup,
+                           help="untimed runs before them")
+  collectives.add_argument("--calls", type=_optional_int, default=None,
+                           help="collectives per timed run, in one compiled loop (default: "
+                           "enough for a run of about 50 ms)")
+  collectives.add_argument("--output", default=None, metavar="FILE.jsonl",
+                           help="also write one JSON line per collective and size here")
+  collectives.add_argument("--json", action="store_true",
+                           help="print the JSON lines on stdout instead of the table")
+  _add_verbose(collectives)
+
+
+def _add_profile_parser(subparsers) -> None:
+  profile = subparsers.add_parser(
+      "profile", help="summarise a trace written by meshnet train --profile-steps",
+      description="Per traced step and process: the step's time, the time in compute and "
+      "in each collective kind (all-reduce, all-gather, collective-permute, ...), the bytes "
+      "each collective kind moved, and the collectives by named scope (gradient_exchange, "
+      "pipeline_send, ...). Example: meshnet train --mesh data=2 --steps 6 --profile-steps "
+      "3:5 runs/prof && meshnet profile runs/prof")
+  profile.add_argument("dir", metavar="DIR",
+                       help="the directory given to meshnet train --profile-steps A:B DIR")
+  profile.add_argument("--json", action="store_true",
+                       help="print the summary as JSON instead of tables")
 
 
 def _count(text: str) -> float:
@@ -324,6 +409,7 @@ def _add_plan_parser(subparsers) -> None:
       "devices. Example: meshnet plan --mesh data=2,stage=2 --batch-size 1024 "
       "--microbatches 8 --schedule 1f1b",
       formatter_class=_HelpFormatter)
+  _allow_negative_ranges(plan)
   what = plan.add_argument_group(
       "the run to plan (meshnet train's flags; those that do not change the step, such "
       "as --lr or --steps, are accepted and ignored)")
@@ -454,6 +540,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.command == "plan":
       _quiet(args.verbose)
       return _plan(args)
+    elif args.command == "bench":
+      from meshnet import commbench
+      _quiet(args.verbose)
+      config = commbench.BenchConfig.parse(
+          collectives=args.collectives, sizes=args.sizes, axes=args.axes,
+          dtype=args.dtype, iters=args.iters, warmup=args.warmup, calls=args.calls)
+      mesh = (MeshConfig.parse(args.mesh, devices=args.devices) if args.mesh is not None
+              else MeshConfig(devices=args.devices))
+      commbench.report(config, commbench.make_bench_mesh(config, mesh), output=args.output,
+                       as_json=args.json)
+    elif args.command == "profile":
+      from meshnet.profile_report import format_profile, profile_summary
+      summary = profile_summary(args.dir)
+      print(json.dumps(summary.to_dict(), indent=1) if args.json else format_profile(summary))
     elif args.command == "plot":
       from meshnet.plot import plot_metrics
       plot_metrics(args.files, args.output, labels=args.labels, title=args.title)
@@ -462,6 +562,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   except MeshnetError as e:
     print(f"meshnet: error: {e}", file=sys.stderr)
     return 1 if isinstance(e, FloatingPointError) else 2
+  except BrokenPipeError:  # `meshnet inspect DIR | head` (or profile): the reader left
+    sys.stderr.close()
+    return 0
   except Exception as e:  # noqa: BLE001  (XLA wraps errors raised in host callbacks)
     message = _callback_error(e)
     if message is None:
@@ -476,9 +579,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(128 + signal.SIGTERM)
-  except BrokenPipeError:  # `meshnet inspect DIR | head`: the reader left
-    sys.stderr.close()
-    return 0
   except KeyboardInterrupt:
     print("meshnet: interrupted", file=sys.stderr)
     return 130

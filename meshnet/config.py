@@ -319,6 +319,14 @@ class TrainConfig:
       ends (a peer that hangs; :class:`meshnet.faults.StepWatchdog`);
       ``None``: max(60 s, 20x the median step time measured after warm-up).
       The first steps get a fixed allowance instead.
+    profile_steps: ``(A, B)``: write a ``jax.profiler`` trace of the steps
+      after the first ``A``, up to ``B`` (``0 <= A < B <= steps``; ``(3, 5)``
+      traces steps 4 and 5 as the progress line counts them) into
+      ``profile_dir``, one per process (:mod:`meshnet.profiling`); read it with
+      ``meshnet profile DIR``. ``None``: no trace. A directory that holds a
+      trace is refused unless ``checkpoint.overwrite`` (or a resumed run
+      traces again).
+    profile_dir: the directory for ``profile_steps``' traces.
   """
 
   steps: int | None = None
@@ -331,6 +339,8 @@ class TrainConfig:
   progress: bool = True
   tensorboard: str | None = None
   step_timeout: float | None = None
+  profile_steps: tuple[int, int] | None = None
+  profile_dir: str | None = None
 
   def __post_init__(self):
     _check_optional_int("train.steps", self.steps, 1, "to run train.epochs epochs")
@@ -343,6 +353,26 @@ class TrainConfig:
     if self.step_timeout is not None:
       _check_float("train.step_timeout", self.step_timeout, "> 0", lambda v: v > 0,
                    " (seconds; or None, --step-timeout auto, for the measured default)")
+    self._check_profile()
+
+  def _check_profile(self) -> None:
+    steps, directory = self.profile_steps, self.profile_dir
+    if steps is None and directory is None:
+      return
+    if steps is None or not directory:
+      raise MeshnetError(
+          f"train.profile_steps={steps!r} and train.profile_dir={directory!r} go together; "
+          "give both (--profile-steps A:B DIR) or neither")
+    if (not isinstance(steps, (tuple, list)) or len(steps) != 2
+        or not all(_is_int(s) for s in steps)):
+      raise MeshnetError(f"train.profile_steps={steps!r} must be two integers (A, B) "
+                         "(--profile-steps A:B DIR)")
+    first, last = steps
+    if first < 0 or first >= last:
+      raise MeshnetError(
+          f"train.profile_steps={steps!r} (--profile-steps {first}:{last}) must have "
+          f"0 <= A < B: it traces the steps after "
+          f"the first A, up to B (e.g. --profile-steps 3:5 traces steps 4 and 5)")
 
 
 @dataclasses.dataclass(frozen=True)

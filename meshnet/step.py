@@ -268,7 +268,7 @@ def make_grad_fn(
     return jnp.mean(objective.loss(outputs, y))
 
   def local(params, x, y, key):
-    first_index = jax.lax.axis_index(DATA) * x.shape[0]  # of this device's rows
+    first_index = collectives.axis_index(DATA) * x.shape[0]  # of this device's rows
     # Make params per-device values: their gradient is then this device's own,
     # and we do the one (bucketed) reduction ourselves.
     params = jax.lax.pcast(params, (DATA,), to="varying")
@@ -402,7 +402,8 @@ def make_eval_step(
     }
     if objective.correct is not None:
       sums["correct"] = jnp.sum(objective.correct(outputs, y) * mask)
-    return jax.lax.psum(sums, DATA)
+    with jax.named_scope("eval_reduce"):
+      return collectives.all_reduce(sums, DATA, "sum")
 
   sharded = jax.shard_map(
       local, mesh=mesh, in_specs=(P(), batch_spec(), batch_spec(), batch_spec()),

@@ -36,6 +36,7 @@ from meshnet.noise import verbose_from_env
 from meshnet.optim import make_optimizer, make_schedule
 from meshnet.pipeline import make_pipeline
 from meshnet.pipeline.timeline import text as timeline_text
+from meshnet.profiling import StepProfiler
 from meshnet.sharding import batch_sharding
 from meshnet.step import (
     TrainState, check_batch_size, init_train_state, make_eval_step, make_train_step,
@@ -240,6 +241,10 @@ def run(
 
   progress = Progress(total, enabled=tc.progress)
   say = log or progress.message
+  cc = config.checkpoint
+  profiler = StepProfiler(tc.profile_steps, tc.profile_dir, log=say, mesh=mesh,
+                          replace=cc.overwrite or cc.resume)  # a restart traces again
+  profiler.check(total)
   for note in notes:  # the defaults adjusted to the data set and the devices
     say(note)
   say(describe_mesh(mesh).splitlines()[0])
@@ -266,7 +271,6 @@ def run(
   eval_step = make_eval_step(model, mesh, loss=dataset.loss) if tc.eval_every else None
   sharding = batch_sharding(mesh)
 
-  cc = config.checkpoint
   # What each checkpoint keeps of the data, and a resume compares (0.1 s for MNIST).
   data_fingerprint = fingerprint(dataset) if cc.dir else None
 
@@ -297,6 +301,7 @@ def run(
     cleanup.enter_context(guard)
     state, first_step = _resume(checkpointer, config, state, sampler, total, say,
                                 data=data_fingerprint)
+    profiler.starts_at(first_step)
     writer = cleanup.enter_context(MetricsWriter(
         tc.metrics_file, resumed_from=first_step - 1 if first_step > 1 else None))
     board = cleanup.enter_context(TensorBoardWriter(  # afresh: an earlier run's curves go
@@ -304,10 +309,12 @@ def run(
         replace=first_step == 1))
     board.describe_run(mesh=mesh, config=config, pipeline=pipeline, step=first_step - 1)
     stop = cleanup.enter_context(_StopSignals(enabled=checkpointer is not None))
+    cleanup.enter_context(profiler)  # an early exit keeps what was traced
     started = time.perf_counter()
     batch = next_batch() if first_step <= total else None
     if batch is not None:
       train_step = train_step.lower(state, batch).compile()
+      profiler.program = train_step  # its HLO names the ops of the trace
       say(f"compiled the train step in {time.perf_counter() - started:.1f}s")
 
     # A stuck peer: the step never finishes (several processes only).
@@ -319,7 +326,9 @@ def run(
     window_start = time.perf_counter()
     for step in range(first_step, total + 1):
       guard.step = step
+      profiler.before_step(step, state)
       state, metrics = train_step(state, batch)
+      profiler.after_step(step, (state, metrics))
       pending.append((metrics["loss"], metrics["state_finite"]))
       in_flight.append(metrics["loss"])
       stopping = stop.requested()

@@ -206,7 +206,8 @@ class Pipeline:
     replicated = NamedSharding(self.mesh, P())
 
     def split(stacked):
-      stacked = jax.reshard(stacked, replicated)  # gather the stages' slices
+      with jax.named_scope("stage_gather"):  # gather the stages' slices
+        stacked = jax.reshard(stacked, replicated)
       params: list[Any] = []
       for k in range(self.num_virtual_stages):
         d, c = k % S, k // S
@@ -333,10 +334,10 @@ class Pipeline:
 
     def program(stacked, x, y, key, tables):
       # stacked: [1, v, N] (this device's chunks); x: [b, ...]; y: [b, ...] (local).
-      d = jax.lax.axis_index(STAGE)
+      d = collectives.axis_index(STAGE)
       b = x.shape[0]
       mb = b // M
-      first_row = jax.lax.axis_index(DATA) * b  # global index of x[0]
+      first_row = collectives.axis_index(DATA) * b  # global index of x[0]
       flat_params = _varying(stacked[0], axes)  # own gradient, no implicit psum
       xs = x.reshape(M, mb, -1)
       xs = jnp.pad(xs, ((0, 0), (0, 0), (0, D - xs.shape[-1]))).astype(jnp.float32)
@@ -427,13 +428,11 @@ class Pipeline:
         """Activations one device forward, cotangents one back (circular)."""
         if S == 1:
           return act_out, cot_out
-        forward_perm = [(i, (i + 1) % S) for i in range(S)]
         if S == 2:  # both directions are the same swap: one exchange
-          both = jax.lax.ppermute(jnp.stack([act_out, cot_out]), STAGE, forward_perm)
+          both = collectives.shift(jnp.stack([act_out, cot_out]), STAGE, offset=1)
           return both[0], both[1]
-        backward_perm = [(i, (i - 1) % S) for i in range(S)]
-        return (jax.lax.ppermute(act_out, STAGE, forward_perm),
-                jax.lax.ppermute(cot_out, STAGE, backward_perm))
+        return (collectives.shift(act_out, STAGE, offset=1),
+                collectives.shift(cot_out, STAGE, offset=-1))
 
       def one_round(carry, row):
         grads, loss_sum, act_buf, cot_buf, res_buf, pending, counts = carry
@@ -487,13 +486,16 @@ class Pipeline:
       )
       with jax.named_scope("pipeline_rounds"):
         (grads, loss_sum, *_, counts), _ = jax.lax.scan(one_round, carry, tables)
-      loss_value = jax.lax.pmean(jax.lax.psum(loss_sum, STAGE), DATA)
+      with jax.named_scope("pipeline_loss"):
+        loss_value = collectives.all_reduce(
+            collectives.all_reduce(loss_sum, STAGE, "sum"), DATA, "mean")
       with jax.named_scope("gradient_exchange"):
         grads = collectives.pmean_bucketed(
             grads, DATA, bucket_bytes=bucket_bytes, flatten=flatten_buckets,
             ordered_size=data if deterministic else None)
       # counts: the same on every data replica; report data replica 0's.
-      counts = jax.lax.psum(jnp.where(jax.lax.axis_index(DATA) == 0, counts, 0), DATA)
+      counts = collectives.all_reduce(
+          jnp.where(collectives.axis_index(DATA) == 0, counts, 0), DATA, "sum")
       return loss_value, grads[None], counts[None]
 
     sharded = jax.shard_map(
