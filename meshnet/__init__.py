@@ -6,8 +6,8 @@ a training step is ``state, metrics = step(state, batch)``.
 """
 
 from meshnet import (
-    checkpoint, cli, collectives, commbench, data, distributed, faults, fetch, losses, models, nn,
-    pipeline, profiling, sharding, train,
+    checkpoint, cli, collectives, commbench, data, distributed, faults, fetch, hardware, losses,
+    models, nn, pipeline, planner, profiling, sharding, train,
 )
 from meshnet.commbench import BenchConfig, run_bench
 from meshnet.config import (
@@ -27,6 +27,7 @@ from meshnet.mesh import (
 from meshnet.model import Model, sequential
 from meshnet.pipeline import make_pipeline
 from meshnet.optim import make_optimizer
+from meshnet.planner import Plan, PlanConfig, format_plan, plan
 from meshnet.plot import plot_metrics
 from meshnet.profile_report import ProfileSummary, format_profile, profile_summary
 from meshnet.profiling import StepProfiler
@@ -48,5 +49,6 @@ __all__ = [
     "resolve_defaults", "sequential", "set_cpu_device_count", "sharding", "TensorBoardWriter",
     "train", "default_data_dir", "DownloadError", "fetch", "fetch_mnist", "faults",
     "EXIT_PEER_FAILED", "DiskFullError", "ProfileSummary", "StepProfiler", "format_profile",
-    "profile_summary", "profiling", "BenchConfig", "commbench", "run_bench",
+    "profile_summary", "profiling", "BenchConfig", "commbench", "run_bench", "Plan",
+    "PlanConfig", "format_plan", "hardware", "plan", "planner",
 ]

@@ -51,13 +51,26 @@ def bus_factor(collective: str, n: int) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class LinkCost:
-  """One collective's cost: ``latency_s + bus_bytes / bandwidth_Bps``."""
+  """One collective's cost: ``latency_s + bus_bytes / bandwidth_Bps``.
+
+  With measured ``points`` (``(bus_bytes, seconds)``, from a bench file),
+  the time is interpolated between them instead (measured links are rarely
+  one straight line: gloo changes algorithm with the size), held at the
+  smallest one's time below it, and extended past the largest with
+  ``bandwidth_Bps``.
+  """
 
   latency_s: float
   bandwidth_Bps: float
+  points: tuple[tuple[float, float], ...] = ()
 
   def time(self, bus_bytes: float) -> float:
-    return self.latency_s + bus_bytes / self.bandwidth_Bps
+    if len(self.points) < 2:
+      return self.latency_s + bus_bytes / self.bandwidth_Bps
+    xs, ys = zip(*self.points)
+    if bus_bytes > xs[-1]:
+      return ys[-1] + (bus_bytes - xs[-1]) / self.bandwidth_Bps
+    return float(np.interp(bus_bytes, xs, ys))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,34 +234,38 @@ MAX_MEASURED_ROWS = 1024
 
 def measure_cpu_flops(widths: Sequence[int] | None, rows: int, *,
                       budget_s: float = 0.25) -> float:
-  """FLOP/s of one JAX CPU device on the model's own dense layers
-  (``widths``) forward at ``rows`` examples (at most
-  :data:`MAX_MEASURED_ROWS`), so small or cache-missing matmuls are priced
-  as they run; without widths, a 1024x1024 matmul. The best of a few runs
-  within about ``budget_s`` seconds."""
+  """FLOP/s of one JAX CPU device training the model's own dense layers
+  (``widths``; ReLU between them) at ``rows`` examples (at most
+  :data:`MAX_MEASURED_ROWS`): a forward and its weight and input gradients
+  (the first layer's input gradient left out, as in a train step), so
+  small, cache-missing or transposed matmuls are priced as they run.
+  Without widths, two 1024x1024 layers. The best of a few runs within
+  about ``budget_s`` seconds."""
   import jax
   import jax.numpy as jnp
 
   rows = max(1, min(int(rows), MAX_MEASURED_ROWS))
-  shapes = list(zip(widths[:-1], widths[1:])) if widths else [(1024, 1024)]
+  widths = list(widths) if widths else [1024, 1024, 1024]
+  shapes = list(zip(widths[:-1], widths[1:]))
   device = jax.devices("cpu")[0]
   weights = [jax.device_put(jnp.full((i, o), 0.01, jnp.float32), device) for i, o in shapes]
-  x = jax.device_put(jnp.ones((rows, shapes[0][0]), jnp.float32), device)
+  x = jax.device_put(jnp.ones((rows, widths[0]), jnp.float32), device)
 
-  @jax.jit
-  def forward(x, weights):
+  def loss(weights, x):
     for w in weights:
       x = jnp.maximum(x @ w, 0.0)
-    return x
+    return jnp.sum(x * x)
 
-  seconds = _best(lambda: forward(x, weights), budget_s)
-  return 2.0 * rows * sum(i * o for i, o in shapes) / seconds
+  step = jax.jit(jax.grad(loss))
+  seconds = _best(lambda: step(weights, x)[0], budget_s)
+  forward = 2.0 * rows * sum(i * o for i, o in shapes)
+  return (3 * forward - 2.0 * rows * widths[0] * widths[1]) / seconds
 
 
 def measure_cpu_bandwidth(floats: int, *, budget_s: float = 0.25) -> float:
   """Bytes/s of one JAX CPU device on an SGD-like update ``p - 0.1 g`` of
-  ``floats`` floats (read two arrays, write one): what elementwise work on
-  arrays of the gradient's size runs at."""
+  ``floats`` floats each (read two arrays, write one): what elementwise work
+  over ``2 x floats`` floats of state runs at."""
   import jax
   import jax.numpy as jnp
 
@@ -321,7 +338,7 @@ def read_link_file(path: str, base: LinkSpec | None = None) -> LinkSpec:
     points = [(bus_factor(name, n) * nbytes, seconds)
               for name, n, nbytes, seconds, _ in records if name in names]
     if points:
-      fits[collective] = _fit(points)
+      fits[collective] = dataclasses.replace(_fit(points), points=_medians(points))
   if not fits:
     raise MeshnetError(f"{path} times none of {', '.join(sorted(set(sum(_BENCH_NAMES.values(), ()))))}: "
                        "nothing to fit the step's collectives to")
@@ -333,14 +350,23 @@ def read_link_file(path: str, base: LinkSpec | None = None) -> LinkSpec:
   return LinkSpec(costs, f"fitted to {os.path.basename(path)}")
 
 
+def _medians(points: Iterable[tuple[float, float]]) -> tuple[tuple[float, float], ...]:
+  """One point per size (the median time of its lines), by size."""
+  by_size: dict[float, list[float]] = {}
+  for x, y in points:
+    by_size.setdefault(x, []).append(y)
+  return tuple((x, float(np.median(ys))) for x, ys in sorted(by_size.items()))
+
+
 def _fit(points: Iterable[tuple[float, float]]) -> LinkCost:
-  """Least squares ``seconds = latency + bus_bytes / bandwidth``; a fit
+  """``seconds = latency + bus_bytes / bandwidth`` by least squares of the
+  relative error (every size counts alike, not only the largest); a fit
   that is not physical (negative latency, no growth with size) falls back
   to the smallest time as latency and the largest message's rate."""
   xs, ys = map(np.asarray, zip(*points))
   smallest = float(ys[np.argmin(xs)])
   if np.ptp(xs) > 0:
-    slope, intercept = np.polyfit(xs, ys, 1)
+    slope, intercept = np.polyfit(xs, ys, 1, w=1.0 / ys)
     if slope > 0 and intercept >= 0:
       return LinkCost(float(intercept), float(1.0 / slope))
   latency = max(0.0, min(smallest, float(ys.min())))

@@ -7,40 +7,20 @@ compiled step; per step, the bytes each mesh axis sends, the compute and
 communication time, the pipeline bubble and the step time; and the step
 time and speedup projected for 1, 2, 4, ... devices. :func:`compiled_memory`
 compiles the real train step (when the mesh fits this process's devices)
-for XLA's own numbers beside the plan's; :func:`format_plan` prints it all.
+for XLA's own numbers beside the plan's; :func:`format_plan`
+(:mod:`meshnet.plan_report`) prints it all.
 
-The model of the step is meshnet's own (:mod:`meshnet.step`,
-:mod:`meshnet.pipeline.executor`):
-
-* **State** (replicated on every device, pipelined or not): the step
-  counter, the parameters, ``optimizer.init(params)`` (shapes from
-  ``jax.eval_shape``), the rng key. The compiled step's arguments are the
-  state and the device's share of the batch; its outputs the new state and
-  three scalars (loss, gradient norm, finite flag), plus one 8-byte pointer
-  per output leaf (the output tuple XLA returns).
-* **Unpipelined temporaries**: the forward keeps each dense layer's output
-  and, after a nonlinearity, its activation; the backward makes each
-  layer's weight gradient (kept until packed) and the cotangents of the
-  layer it is in; the gradient bucket (all gradients and the loss, one flat
-  buffer) is written from the loss on; then the all-reduce's result and the
-  unpacked gradient the update reads. The estimate is the peak of these
-  buffers' live bytes, run in that order (a liveness simulation, not a fit).
-* **Pipelined temporaries**: the stage's parameters and gradient as one
-  padded vector each (``[v, N]``), the activation, cotangent and residual
-  ring buffers (their slots from :mod:`meshnet.pipeline.plan`, residual
-  words from :mod:`meshnet.pipeline.residuals`), the padded input, what is
-  in flight between devices, and one op's working set; or, after the
-  rounds, the all-gathered ``[S, v, N]`` gradient and its unstacked tree:
-  whichever is larger.
-* **Time**: matmul FLOPs (``2 x in x out`` per example per layer forward,
-  the same again for the weight gradient and for the input gradient except
-  the first layer's) over the device's FLOP/s, elementwise traffic
-  (gradient packing, norm, update, finite check) over its memory
-  bandwidth; a pipeline's rounds last as long as their busiest device
-  (:mod:`meshnet.pipeline.rounds` timed with each stage's own cost), plus a
-  ``ppermute`` per round; collectives cost ``latency + bus_bytes /
-  bandwidth`` (:mod:`meshnet.hardware`) and do not overlap compute (the
-  step exchanges the gradient after the backward).
+The step's memory and FLOPs come from :mod:`meshnet.stepcost` (a model of
+the programs :mod:`meshnet.step` and the pipeline executor build), the
+device's and links' figures from :mod:`meshnet.hardware`. Time: matmul
+FLOPs over the device's FLOP/s at the step's batch rows, elementwise
+traffic over its memory bandwidth; a pipeline's lockstep rounds last as
+long as their busiest device, each stage's ops timed at their own cost;
+collectives cost ``latency + bus_bytes / bandwidth`` each and do not
+overlap compute (the step exchanges the gradient after the backward, and
+the executor sends between rounds). The projection keeps the global batch
+and the planned ``stage`` and varies ``data`` (fewer devices than stages
+run unpipelined).
 """
 
 from __future__ import annotations
@@ -54,18 +34,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from meshnet import collectives
+from meshnet import collectives, stepcost
 from meshnet.config import Config, MeshConfig, OptimConfig
 from meshnet.errors import MeshnetError
 from meshnet.hardware import (
     ALL_GATHER, ALL_REDUCE, PPERMUTE, DeviceSpec, bus_factor,
 )
 from meshnet.mesh import AXES, DATA, FSDP, STAGE, TENSOR
+from meshnet.plan_report import format_plan
 
-F32 = 4  # bytes of a float32
-POINTER = 8  # bytes per output leaf in the tuple XLA returns
-METRICS_BYTES = 4 + 4 + 1  # loss, grad_norm (float32), state_finite (bool)
-NONLINEAR = ("relu", "gelu", "tanh", "sigmoid", "silu")
 
 # Shapes of the built-in data sets: (input features, outputs, loss, training examples).
 DATA_SHAPES: dict[str, tuple[int, int, str, int]] = {
@@ -347,239 +324,10 @@ def _nbytes(tree: Any) -> int:
              for leaf in jax.tree.leaves(tree))
 
 
-def _layers(widths: Sequence[int]) -> list[tuple[int, int]]:
-  return list(zip(widths[:-1], widths[1:]))
-
-
-def _forward_flops(widths: Sequence[int], rows: int) -> float:
-  return 2.0 * rows * sum(i * o for i, o in _layers(widths))
-
-
-def _backward_flops(widths: Sequence[int], rows: int, input_grad: bool) -> float:
-  """Weight gradients of every layer and input gradients of every layer but
-  the first (unless ``input_grad``): what autodiff runs, XLA's dead code
-  removed."""
-  forward = _forward_flops(widths, rows)
-  first = 2.0 * rows * widths[0] * widths[1]
-  return 2.0 * forward - (0.0 if input_grad else first)
-
-
 # --- memory: the compiled step's buffers --------------------------------------------
 
 
-class _Heap:
-  """Live bytes of named buffers; ``peak`` is the most ever live."""
-
-  def __init__(self):
-    self.live: dict[str, int] = {}
-    self.peak = 0
-
-  def alloc(self, name: str, nbytes: int) -> None:
-    self.live[name] = int(nbytes)
-    self.peak = max(self.peak, sum(self.live.values()))
-
-  def free(self, *names: str) -> None:
-    for name in names:
-      self.live.pop(name, None)
-
-
-def _kept_activations(widths: Sequence[int], rows: int, activation: str) -> int:
-  """Bytes the forward keeps for the backward: every layer's output, and
-  the activation of every hidden layer after a nonlinearity."""
-  layers = _layers(widths)
-  kept = sum(o for _, o in layers)
-  if activation in NONLINEAR:
-    kept += sum(o for _, o in layers[:-1])
-  return F32 * rows * kept
-
-
-def _forward_pass(heap: _Heap, widths: Sequence[int], rows: int, activation: str) -> None:
-  """Simulates the forward of the dense layers at ``rows`` examples on
-  ``heap``: each layer's output, and its activation after a nonlinearity,
-  stay live for the backward; the loss keeps two ``rows x outputs`` terms."""
-  layers = _layers(widths)
-  for l, (_, o) in enumerate(layers):
-    heap.alloc(f"z{l}", F32 * rows * o)
-    if l < len(layers) - 1 and activation in NONLINEAR:
-      heap.alloc(f"h{l}", F32 * rows * o)
-  heap.alloc("loss", 2 * F32 * rows * layers[-1][1])
-
-
-def _backward_pass(heap: _Heap, widths: Sequence[int], rows: int) -> list[str]:
-  """Simulates the backward after :func:`_forward_pass`: per layer, last
-  first, its weight gradient (live until packed), the cotangent of its
-  input and, through the activation, of the layer below's output, freeing
-  what the forward kept once read. Returns the weight gradients' names."""
-  layers = _layers(widths)
-  L = len(layers)
-  heap.alloc(f"g{L - 1}", F32 * rows * layers[-1][1])
-  heap.free("loss", f"z{L - 1}")
-  grads = []
-  for l in range(L - 1, -1, -1):
-    i, o = layers[l]
-    heap.alloc(f"dw{l}", F32 * (i * o + o))
-    grads.append(f"dw{l}")
-    if l == 0:  # the input's cotangent is not needed
-      heap.free("g0")
-      break
-    heap.free(f"h{l - 1}")
-    heap.alloc(f"dh{l - 1}", F32 * rows * i)
-    heap.free(f"g{l}")
-    heap.alloc(f"g{l - 1}", F32 * rows * i)
-    heap.free(f"dh{l - 1}", f"z{l - 1}")
-  return grads
-
-
-def _plain_temporaries(config: PlanConfig, grad_bytes: int, local_batch: int) -> int:
-  """Peak temporary bytes of the unpipelined step (see the module docstring)."""
-  widths, accum = config.widths, config.grad_accum
-  rows = local_batch // accum
-  n = config.mesh.data
-  bucket = grad_bytes + F32  # the gradients and the loss, packed
-  heap = _Heap()
-  if accum > 1:
-    heap.alloc("grad_sum", grad_bytes)
-    heap.alloc("x_micro", F32 * rows * (widths[0] + 1))
-  _forward_pass(heap, widths, rows, config.activation)
-  if accum == 1:
-    heap.alloc("bucket", bucket)
-  grads = _backward_pass(heap, widths, rows)
-  heap.free(*grads)  # written into the bucket (or added to grad_sum) in place
-  if accum > 1:
-    heap.free("x_micro")
-    heap.alloc("bucket", bucket)
-    heap.free("grad_sum")
-  if config.deterministic and n > 1:
-    heap.alloc("rows", n * bucket)
-    heap.free("bucket")
-    heap.alloc("reduced", n * bucket)
-    heap.free("rows")
-  else:
-    heap.alloc("reduced", bucket)
-    heap.free("bucket")
-  heap.alloc("unpacked", grad_bytes)  # slices of the reduced bucket the update reads
-  return heap.peak
-
-
-def _abstract_pipeline(config: PlanConfig):
-  """The executor's :class:`~meshnet.pipeline.Pipeline` for this plan, on an
-  abstract mesh (no devices needed): bounds, widths, rounds."""
-  from jax.sharding import AbstractMesh
-
-  from meshnet.pipeline import make_pipeline
-  mesh = AbstractMesh(tuple(getattr(config.mesh, a) for a in AXES), AXES)
-  return make_pipeline(_model(config), mesh, (config.widths[0],), schedule=config.schedule,
-                       microbatches=config.parts, virtual_stages=config.virtual_stages,
-                       remat=config.remat)
-
-
-def _residual_words(pipe, config: PlanConfig, mb: int) -> dict[int, int]:
-  """uint32 words a forward of each stage group keeps per microbatch (the
-  executor's residual layout; with remat, the stage input ``mb x D``)."""
-  from meshnet import losses
-  from meshnet.pipeline import residuals
-
-  K, N, D = pipe.num_virtual_stages, pipe.param_width, pipe.activation_width
-  if config.remat:
-    return {k: mb * D for k in set(pipe.stage_groups)}
-  objective = losses.objective(config.loss)
-  M = pipe.schedule.num_microbatches
-  y = (jax.ShapeDtypeStruct((mb,), jnp.int32) if config.loss == "cross_entropy"
-       else jax.ShapeDtypeStruct((mb, config.widths[-1]), jnp.float32))
-  words = {}
-  for k in sorted(set(pipe.stage_groups)):
-    def fn(flat, x, y, keys, k=k):
-      out = pipe._stage_forward(k, flat, x, None, True)  # noqa: SLF001 (the executor's own)
-      return jnp.mean(objective.loss(out, y)) / M if k == K - 1 else out.astype(jnp.float32)
-
-    lay = residuals.layout(fn, jax.ShapeDtypeStruct((N,), jnp.float32),
-                           jax.ShapeDtypeStruct((mb, D), jnp.float32), y,
-                           jax.ShapeDtypeStruct((), jnp.uint32))
-    words[k] = lay.size
-  return words
-
-
-@dataclasses.dataclass(frozen=True)
-class _PipelineShape:
-  """What the executor allocates and runs for one plan."""
-
-  pipe: Any
-  mb: int
-  slots: tuple[int, int, int]  # activation, cotangent, residual slots per chunk
-  residual_words: dict[int, int]
-
-  @property
-  def S(self) -> int:
-    return self.pipe.schedule.num_stages
-
-  @property
-  def v(self) -> int:
-    return self.pipe.schedule.virtual_stages
-
-  @property
-  def N(self) -> int:
-    return self.pipe.param_width
-
-  @property
-  def D(self) -> int:
-    return self.pipe.activation_width
-
-  @property
-  def R(self) -> int:
-    return max(self.residual_words.values())
-
-  def stage_widths(self, widths: Sequence[int], k: int) -> list[int]:
-    b = self.pipe.bounds
-    return list(widths[b[k]:b[k + 1] + 1])
-
-  def buffers(self) -> int:
-    """The three ring buffers (each with its trash slot), per device."""
-    act, cot, res = self.slots
-    return F32 * self.v * ((act + 1) * self.mb * self.D + (cot + 1) * self.mb * self.D
-                           + (res + 1) * self.R)
-
-
-def _pipeline_shape(config: PlanConfig, local_batch: int) -> _PipelineShape:
-  from meshnet.pipeline import plan as buffer_plan
-
-  pipe = _abstract_pipeline(config)
-  mb = local_batch // config.parts
-  buffers = buffer_plan.plan(pipe.rounds, list(range(pipe.num_virtual_stages)))
-  return _PipelineShape(pipe, mb, (buffers.num_act, buffers.num_cot, buffers.num_res),
-                        _residual_words(pipe, config, mb))
-
-
-def _pipeline_phases(config: PlanConfig, shape: _PipelineShape, grad_bytes: int,
-                     largest_leaf: int, local_batch: int) -> dict[str, int]:
-  """Peak temporary bytes of the pipelined step's two phases: the rounds
-  (the scan over the schedule) and the gather (after it)."""
-  S, v, N, D, mb = shape.S, shape.v, shape.N, shape.D, shape.mb
-  sizes = shape.pipe._sizes  # noqa: SLF001 (the executor's stage sizes)
-  # One op: the stage's weights as leaves (a copy), its flat gradient (or
-  # the idle branch's zeros), its residuals unpacked, a cotangent in and out.
-  op = max(F32 * (sizes[k] + N + shape.residual_words[g] + 2 * mb * D)
-           for k, g in enumerate(shape.pipe.stage_groups))
-  padded_input = F32 * local_batch * D if config.widths[0] != D else 0
-  rounds = (F32 * 2 * v * N  # the stage's parameters, and the gradient accumulated
-            + shape.buffers()  # activation, cotangent and residual ring buffers
-            + F32 * 2 * mb * D  # received last round, stored this round
-            + padded_input + op)
-  # The [S, v, N] gradient gathered over stage, unstacked into the model's
-  # tree, and one leaf's update before it is written into the parameters.
-  gather = F32 * S * v * N + grad_bytes + largest_leaf
-  return {"rounds": rounds, "gather": gather}
-
-
 # --- time ---------------------------------------------------------------------------
-
-
-def _elementwise_bytes(param_bytes: int, opt_bytes: int) -> int:
-  """Bytes the step's elementwise work reads and writes: packing and
-  unpacking the gradient (4x), its norm (1x), the update (reads parameters,
-  gradient and state, writes parameters and state) and the finite check
-  (reads parameters and state)."""
-  return 4 * param_bytes + param_bytes + (3 * param_bytes + 2 * opt_bytes) \
-      + (param_bytes + opt_bytes)
 
 
 def _data_traffic(config: PlanConfig, leaves: list[tuple[tuple[int, ...], Any]]
@@ -603,80 +351,72 @@ def _data_traffic(config: PlanConfig, leaves: list[tuple[tuple[int, ...], Any]]
 
 def _plain_step(config: PlanConfig, param_bytes: int, opt_bytes: int, num_params: int,
                 leaves: list) -> tuple[StepTime, list[Traffic]]:
+  """The unpipelined step: compute, then the gradient exchange."""
   dev = config.device
   local = config.batch_size // config.mesh.data
   rows = local // config.grad_accum
   if config.widths is not None:
-    flops = config.grad_accum * (_forward_flops(config.widths, rows)
-                                 + _backward_flops(config.widths, rows, False))
+    flops = config.grad_accum * (stepcost.forward_flops(config.widths, rows)
+                                 + stepcost.backward_flops(config.widths, rows))
   else:
     flops = 6.0 * num_params * local
   compute = (flops / dev.rate(rows)
-             + _elementwise_bytes(param_bytes, opt_bytes) / dev.memory_bandwidth)
+             + stepcost.elementwise_bytes(param_bytes, opt_bytes) / dev.memory_bandwidth)
   sent, calls, seconds = _data_traffic(config, [((), jnp.float32)] + leaves)
   traffic = [Traffic(DATA, sent, calls, seconds)] if calls else []
-  step = _step_time(config, local, flops, compute, seconds, 0.0)
-  return step, traffic
+  return _step_time(config, local, flops, compute, seconds, 0.0), traffic
 
 
-def _pipeline_step(config: PlanConfig, shape: _PipelineShape, param_bytes: int,
-                   opt_bytes: int) -> tuple[StepTime, list[Traffic], float]:
-  """The pipelined step; also returns the lockstep rounds' bubble."""
-  dev, widths = config.device, config.widths
-  pipe, mb, S, v, N, D = shape.pipe, shape.mb, shape.S, shape.v, shape.N, shape.D
-  split = pipe.schedule.split_backward
-  groups = pipe.stage_groups
-  rate = dev.rate(mb)
-  cost: dict[tuple[str, int], float] = {}  # (op kind, virtual stage) -> seconds
-  for k in range(pipe.num_virtual_stages):
-    w = shape.stage_widths(widths, k)
-    fwd = _forward_flops(w, mb)
-    weight = fwd
-    input_grad = fwd - (2.0 * mb * w[0] * w[1] if k == 0 and groups.count(0) == 1 else 0.0)
-    recompute = fwd if config.remat else 0.0
-    cost[("F", k)] = fwd / rate
-    if split:
-      cost[("B", k)] = (input_grad + recompute) / rate
-      cost[("W", k)] = (weight + recompute) / rate
-    else:
-      cost[("B", k)] = (input_grad + weight + recompute) / rate
-  rounds = pipe.rounds
-  round_s, busy = [], 0.0
-  for row in rounds.ops:
-    times = [sum(cost[(op.kind, op.chunk * S + d)] for op in ops) for d, ops in enumerate(row)]
-    round_s.append(max(times))
-    busy += sum(times)
-  total_flops = busy * rate / S  # per device, on average
-  rounds_s = sum(round_s)
-  bubble = 1.0 - busy / (S * rounds_s) if rounds_s > 0 else 0.0
-  link = dev.link
-  # Each round: activations forward and cotangents back, one swap at S = 2.
-  message = F32 * mb * D
+def _pipeline_traffic(config: PlanConfig, shape: stepcost.PipelineShape) -> list[Traffic]:
+  """Per round, activations one device forward and cotangents one back
+  (one swap at S = 2, two ppermutes otherwise); after the rounds, the
+  gradient all-gathered over ``stage`` and the loss summed over it; over
+  ``data``, the stage gradient ``[v, N]``, the loss and the op counts."""
+  link, F32 = config.device.link, stepcost.F32
+  S, v, N, rounds = shape.S, shape.v, shape.N, shape.pipe.rounds.num_rounds
+  message = F32 * shape.mb * shape.D
   if S == 2:
-    per_round_bytes, per_round_s, per_round_calls = 2 * message, link.time(PPERMUTE, 2 * message, S), 1
+    round_s, round_calls = link.time(PPERMUTE, 2 * message, S), 1
   else:
-    per_round_bytes, per_round_s, per_round_calls = 2 * message, 2 * link.time(PPERMUTE, message, S), 2
-  R = rounds.num_rounds
+    round_s, round_calls = 2 * link.time(PPERMUTE, message, S), 2
   gathered = F32 * S * v * N
-  stage_bytes = R * per_round_bytes + bus_factor(ALL_GATHER, S) * gathered \
-      + bus_factor(ALL_REDUCE, S) * F32
-  stage_s = R * per_round_s + link.time(ALL_GATHER, gathered, S) + link.time(ALL_REDUCE, F32, S)
-  traffic = [Traffic(STAGE, int(round(stage_bytes)),
-                     {PPERMUTE: R * per_round_calls, ALL_GATHER: 1, ALL_REDUCE: 1}, stage_s)]
+  stage = Traffic(
+      STAGE,
+      int(round(rounds * 2 * message + bus_factor(ALL_GATHER, S) * gathered
+                + bus_factor(ALL_REDUCE, S) * F32)),
+      {PPERMUTE: rounds * round_calls, ALL_GATHER: 1, ALL_REDUCE: 1},
+      rounds * round_s + link.time(ALL_GATHER, gathered, S) + link.time(ALL_REDUCE, F32, S))
   n = config.mesh.data
-  if n > 1:
-    grad = F32 * v * N * (n if config.deterministic else 1)
-    data_bytes = bus_factor(ALL_REDUCE, n) * (grad + 2 * F32 + 2 * F32)
-    data_s = (link.time(ALL_REDUCE, grad, n) + link.time(ALL_REDUCE, F32, n)
-              + link.time(ALL_REDUCE, 2 * F32, n))
-    traffic.append(Traffic(DATA, int(round(data_bytes)), {ALL_REDUCE: 3}, data_s))
-  local = config.batch_size // n
-  per_round_traffic = F32 * (4 * mb * D + 2 * shape.R)  # stores into the ring buffers
-  elementwise = (_elementwise_bytes(param_bytes, opt_bytes) + R * per_round_traffic
+  if n == 1:
+    return [stage]
+  grad = F32 * v * N * (n if config.deterministic else 1)
+  data = Traffic(
+      DATA, int(round(bus_factor(ALL_REDUCE, n) * (grad + F32 + 2 * F32))), {ALL_REDUCE: 3},
+      link.time(ALL_REDUCE, grad, n) + link.time(ALL_REDUCE, F32, n)
+      + link.time(ALL_REDUCE, 2 * F32, n))
+  return [stage, data]
+
+
+def _pipeline_step(config: PlanConfig, shape: stepcost.PipelineShape, param_bytes: int,
+                   opt_bytes: int) -> tuple[StepTime, list[Traffic]]:
+  """The pipelined step: the lockstep rounds (each as long as its busiest
+  device, ops timed at the microbatch's rate), the elementwise work, and
+  the collectives (none overlapped)."""
+  dev, F32 = config.device, stepcost.F32
+  S, v, N = shape.S, shape.v, shape.N
+  rate = dev.rate(shape.mb)
+  flops = stepcost.pipeline_op_flops(shape, config.widths, config.remat)
+  duration, busy = stepcost.rounds_time(shape, {op: f / rate for op, f in flops.items()})
+  bubble = 1.0 - busy / (S * duration) if duration > 0 else 0.0
+  rounds = shape.pipe.rounds.num_rounds
+  stores = F32 * (4 * shape.mb * shape.D + 2 * shape.R)  # into the ring buffers, per round
+  elementwise = (stepcost.elementwise_bytes(param_bytes, opt_bytes) + rounds * stores
                  + F32 * (v * N + S * v * N) + 2 * param_bytes)  # stack and unstack
-  compute = rounds_s + elementwise / dev.memory_bandwidth
-  comm = sum(t.seconds for t in traffic)
-  return _step_time(config, local, total_flops, compute, comm, bubble), traffic, bubble
+  traffic = _pipeline_traffic(config, shape)
+  step = _step_time(config, config.batch_size // config.mesh.data, busy * rate / S,
+                    duration + elementwise / dev.memory_bandwidth,
+                    sum(t.seconds for t in traffic), bubble)
+  return step, traffic
 
 
 def _step_time(config: PlanConfig, local: int, flops: float, compute: float, comm: float,
@@ -689,50 +429,69 @@ def _step_time(config: PlanConfig, local: int, flops: float, compute: float, com
 # --- the plan ------------------------------------------------------------------------
 
 
+def _io_bytes(config: PlanConfig, params: Any, opt_state: Any) -> tuple[int, int]:
+  """XLA's argument and output bytes of the compiled step, per device: the
+  state (step counter, parameters, optimizer state, rng key) and the
+  device's share of the batch in; the new state, the three metrics and one
+  pointer per output leaf (the tuple XLA returns) out."""
+  F32 = stepcost.F32
+  local = config.batch_size // config.mesh.data
+  state_bytes = 4 + _nbytes(params) + _nbytes(opt_state) + 8
+  state_leaves = 2 + len(jax.tree.leaves(params)) + len(jax.tree.leaves(opt_state))
+  features = config.widths[0] if config.widths else 0  # unknown for a parameter count
+  targets = config.widths[-1] if config.loss == "mse" and config.widths else 1
+  arguments = state_bytes + F32 * local * (features + targets)
+  outputs = state_bytes + stepcost.METRICS_BYTES + stepcost.POINTER * (state_leaves + 3)
+  return arguments, outputs
+
+
+def _pipelined(config: PlanConfig, params: Any, param_bytes: int, opt_bytes: int):
+  """``(step, traffic, temporaries, buffers, pipeline summary)`` of a pipelined step."""
+  local = config.batch_size // config.mesh.data
+  shape = stepcost.pipeline_shape(
+      _model(config), {a: getattr(config.mesh, a) for a in AXES}, config.widths[0],
+      schedule=config.schedule, microbatches=config.parts,
+      virtual_stages=config.virtual_stages, remat=config.remat, loss=config.loss,
+      outputs=config.widths[-1], local_batch=local)
+  step, traffic = _pipeline_step(config, shape, param_bytes, opt_bytes)
+  largest = max(_nbytes(leaf) for leaf in jax.tree.leaves(params))
+  phases = stepcost.pipeline_temporaries(shape, config.widths[0], param_bytes, largest, local)
+  b = shape.pipe.bounds
+  summary = {
+      "schedule": config.schedule, "stages": shape.S, "virtual_stages": shape.v,
+      "microbatches": shape.pipe.schedule.num_microbatches, "microbatch": shape.mb,
+      "layers_per_stage": [b[k + 1] - b[k] for k in range(len(b) - 1)],
+      "rounds": shape.pipe.rounds.num_rounds, "bubble": step.bubble,
+      "schedule_bubble": shape.pipe.rounds.bubble,
+      "param_width": shape.N, "activation_width": shape.D,
+      "slots": {"activations": shape.slots[0], "cotangents": shape.slots[1],
+                "residuals": shape.slots[2]},
+      "residual_words": shape.R, "remat": config.remat, "temporaries": phases,
+  }
+  return step, traffic, max(phases.values()), shape.buffers(), summary
+
+
 def _estimate(config: PlanConfig) -> tuple[StepTime, list[Traffic], Memory, dict | None, int]:
   """Memory and time of ``config``'s step on its own mesh."""
   params = _param_shapes(config)
   opt_state = jax.eval_shape(_optimizer(config.optim).init, params)
   param_bytes, opt_bytes = _nbytes(params), _nbytes(opt_state)
   num_params = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params))
-  leaves = [(tuple(leaf.shape), leaf.dtype) for leaf in jax.tree.leaves(params)]
-  local = config.batch_size // config.mesh.data
-  state_bytes = 4 + param_bytes + opt_bytes + 8
-  state_leaves = 2 + len(jax.tree.leaves(params)) + len(jax.tree.leaves(opt_state))
-  in_size = config.widths[0] if config.widths else 0
-  label_bytes = F32 * local * (config.widths[-1] if config.loss == "mse" and config.widths
-                               else 1)
-  arguments = state_bytes + F32 * local * in_size + label_bytes
-  outputs = state_bytes + METRICS_BYTES + POINTER * (state_leaves + 3)
+  arguments, outputs = _io_bytes(config, params, opt_state)
   pipeline = None
   if config.stages > 1:
-    shape = _pipeline_shape(config, local)
-    step, traffic, bubble = _pipeline_step(config, shape, param_bytes, opt_bytes)
-    largest = max(_nbytes(leaf) for leaf in jax.tree.leaves(params))
-    phases = _pipeline_phases(config, shape, param_bytes, largest, local)
-    temporaries = max(phases.values())
-    activations = shape.buffers()
-    b = shape.pipe.bounds
-    pipeline = {
-        "schedule": config.schedule, "stages": shape.S, "virtual_stages": shape.v,
-        "microbatches": shape.pipe.schedule.num_microbatches, "microbatch": shape.mb,
-        "layers_per_stage": [b[k + 1] - b[k] for k in range(len(b) - 1)],
-        "rounds": shape.pipe.rounds.num_rounds, "bubble": bubble,
-        "schedule_bubble": shape.pipe.rounds.bubble,
-        "param_width": shape.N, "activation_width": shape.D,
-        "slots": {"activations": shape.slots[0], "cotangents": shape.slots[1],
-                  "residuals": shape.slots[2]},
-        "residual_words": shape.R, "remat": config.remat,
-        "temporaries": phases,
-    }
+    step, traffic, temporaries, activations, pipeline = _pipelined(
+        config, params, param_bytes, opt_bytes)
   else:
+    leaves = [(tuple(leaf.shape), leaf.dtype) for leaf in jax.tree.leaves(params)]
     step, traffic = _plain_step(config, param_bytes, opt_bytes, num_params, leaves)
+    temporaries = activations = None
     if config.widths is not None:
-      rows = local // config.grad_accum
-      temporaries = _plain_temporaries(config, param_bytes, local)
-      activations = _kept_activations(config.widths, rows, config.activation)
-    else:
-      temporaries = activations = None
+      rows = config.batch_size // config.mesh.data // config.grad_accum
+      temporaries = stepcost.plain_temporaries(
+          config.widths, rows, param_bytes, config.activation, grad_accum=config.grad_accum,
+          data=config.mesh.data, deterministic=config.deterministic)
+      activations = stepcost.kept_activation_bytes(config.widths, rows, config.activation)
   memory = Memory(param_bytes, param_bytes, opt_bytes, activations, arguments, outputs,
                   temporaries)
   step = dataclasses.replace(step, temporaries=temporaries)
@@ -881,7 +640,12 @@ def _device(kind: str, pc: PlanConfig, *, flops: float | None, bandwidth_GBps: f
     raise MeshnetError(f"unknown device kind {kind!r}; choose one of "
                        f"{', '.join(hardware.DEVICE_KINDS)} (or auto)")
   if kind == "cpu":
-    bandwidth = hardware.measure_cpu_bandwidth(_num_params(pc))
+    # The update streams the parameters, the gradient and the optimizer
+    # state: time it on arrays as large as all of them (cache effects).
+    params = _param_shapes(pc)
+    state_floats = (2 * _nbytes(params) + _nbytes(jax.eval_shape(
+        _optimizer(pc.optim).init, params))) // stepcost.F32
+    bandwidth = hardware.measure_cpu_bandwidth(state_floats // 2)
     if flops:
       spec = hardware.device_spec("cpu", flops=flops, memory_bandwidth=bandwidth)
       spec = dataclasses.replace(spec, source="--flops; update timed here")
@@ -917,10 +681,6 @@ def _matmul_rows(pc: PlanConfig) -> list[int]:
     local = config.batch_size // config.mesh.data
     rows.append(local // config.parts)
   return rows
-
-
-def _num_params(pc: PlanConfig) -> int:
-  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(_param_shapes(pc)))
 
 
 def make_plan(config: Config, *, layers: Sequence[int] | None = None,
@@ -1040,99 +800,3 @@ def compiled_memory(config: PlanConfig, devices: Sequence[jax.Device] | None = N
                    int(analysis.alias_size_in_bytes), int(analysis.temp_size_in_bytes),
                    devices[0].platform)
 
-
-# --- the table ----------------------------------------------------------------------
-
-
-def _size(nbytes: float | None) -> str:
-  if nbytes is None:
-    return "-"
-  for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-    if nbytes >= scale:
-      return f"{nbytes / scale:.2f} {unit}"
-  return f"{int(nbytes)} B"
-
-
-def _time(seconds: float) -> str:
-  if seconds >= 1:
-    return f"{seconds:.2f} s"
-  if seconds >= 1e-3:
-    return f"{seconds * 1e3:.2f} ms"
-  return f"{seconds * 1e6:.1f} us"
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-  widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-  line = lambda r: "  " + "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
-                                    for i, (c, w) in enumerate(zip(r, widths)))
-  return [line(header)] + [line(r) for r in rows]
-
-
-def format_plan(plan: Plan) -> str:
-  """The plan as text: a header, per-device memory (plan beside XLA when
-  compiled), per-step traffic and time, and the scaling projection."""
-  c, m, s, dev = plan.config, plan.memory, plan.step, plan.config.device
-  model = ("-".join(map(str, c.widths)) if c.widths else "")
-  lines = [f"meshnet plan: {c.label} {model} ({plan.num_params:,} parameters), "
-           f"{c.optim.optimizer}, global batch {c.batch_size}".replace("  ", " ")]
-  where = f"mesh {c.mesh_text()} ({c.devices} device{'s' * (c.devices > 1)}, {dev.kind})"
-  if plan.pipeline:
-    p = plan.pipeline
-    where += (f"; pipeline {p['schedule']}"
-              + (f" v={p['virtual_stages']}" if p["virtual_stages"] > 1 else "")
-              + f", {p['microbatches']} microbatches of {p['microbatch']}, layers per "
-              f"stage {p['layers_per_stage']}, {p['rounds']} rounds"
-              + (", remat" if p["remat"] else ""))
-  elif c.grad_accum > 1:
-    where += f"; grad_accum {c.grad_accum}"
-  lines.append(where)
-  lines.append(f"device: {dev.flops / 1e9:,.1f} GFLOP/s, memory {dev.memory_bandwidth / 1e9:.1f} "
-               f"GB/s ({dev.source}); links: {dev.link.describe()}")
-  lines.append("")
-  xla = plan.xla
-  header = ["per device", "plan"] + ([f"XLA ({xla.platform})", "plan/XLA"] if xla else [])
-
-  def row(name, value, xla_value=None):
-    cells = [name, _size(value)]
-    if xla:
-      cells.append(_size(xla_value) if xla_value is not None else "")
-      cells.append(f"{value / xla_value:.2f}" if xla_value and value is not None else "")
-    return cells
-
-  act_name = "activations (ring buffers)" if plan.pipeline else "activations (kept)"
-  rows = [row("parameters", m.params), row("gradients", m.grads),
-          row("optimizer state", m.optimizer), row(act_name, m.activations),
-          row("XLA arguments", m.arguments, xla.arguments if xla else None),
-          row("XLA outputs", m.outputs, xla.outputs if xla else None),
-          row("XLA temporaries", m.temporaries, xla.temporaries if xla else None)]
-  lines += _table(header, rows)
-  if dev.memory_bytes and m.temporaries is not None:
-    total = m.arguments + m.outputs - m.params - m.optimizer + m.temporaries
-    lines.append(f"  peak about {_size(total)} of {_size(dev.memory_bytes)} device memory"
-                 + ("" if total <= dev.memory_bytes else "  (does NOT fit)"))
-  lines.append("")
-  rows = []
-  for t in plan.traffic:
-    calls = ", ".join(f"{n} {name}" for name, n in t.calls.items())
-    rows.append([f"{t.axis} axis", _size(t.bytes_sent), calls, _time(t.seconds)])
-  if rows:
-    lines += _table(["per step", "sent per device", "collectives", "time"], rows)
-  else:
-    lines.append("  per step: no collectives (one device)")
-  lines.append(f"  compute {_time(s.compute_s)} ({s.flops / 1e9:.3g} GFLOP"
-               + (f", bubble {s.bubble:.1%}" if plan.pipeline else "")
-               + f"), communication {_time(s.comm_s)}: step {_time(s.step_s)}, "
-               f"{s.samples_per_s:,.0f} samples/s"
-               + (f", {s.speedup:.2f}x one device" if s.speedup else ""))
-  lines.append("")
-  lines.append(f"projection, global batch {c.batch_size} on 1, 2, 4, ... devices "
-               f"(data parallel{' x stage=' + str(c.stages) if c.stages > 1 else ''}):")
-  rows = [[str(r.devices), r.mesh, str(r.local_batch), _time(r.compute_s), _time(r.comm_s),
-           f"{r.bubble:.1%}" if r.bubble else "-", _time(r.step_s), f"{r.samples_per_s:,.0f}",
-           f"{r.speedup:.2f}x" if r.speedup else "-", _size(r.temporaries)]
-          for r in plan.scaling]
-  lines += _table(["devices", "mesh", "batch/replica", "compute", "comm", "bubble", "step",
-                   "samples/s", "speedup", "temp"], rows)
-  for note in plan.notes:
-    lines.append(f"note: {note}")
-  return "\n".join(lines)
