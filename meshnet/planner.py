@@ -101,6 +101,8 @@ class PlanConfig:
     if self.widths is not None and (len(self.widths) < 2 or min(self.widths) < 1):
       raise MeshnetError(f"layer widths {','.join(map(str, self.widths))} need an input and "
                          "an output width, all >= 1, e.g. --layers 784,1024,10")
+    if self.loss not in ("cross_entropy", "mse"):
+      raise MeshnetError(f"loss {self.loss!r} must be cross_entropy or mse")
     if self.num_params is not None and self.num_params < 1:
       raise MeshnetError(f"--params {self.num_params} must be a parameter count >= 1")
     if self.batch_size < 1:
@@ -256,7 +258,7 @@ class Plan:
   def to_dict(self) -> dict[str, Any]:
     """JSON-ready numbers (bytes as ints, times in seconds)."""
     c = self.config
-    d = self.device_dict()
+    d = self._device_dict()
     out = {
         "model": {"label": c.label, "widths": list(c.widths) if c.widths else None,
                   "params": self.num_params, "activation": c.activation, "loss": c.loss},
@@ -275,7 +277,7 @@ class Plan:
     }
     return _finite(out)
 
-  def device_dict(self) -> dict[str, Any]:
+  def _device_dict(self) -> dict[str, Any]:
     dev = self.config.device
     return {"kind": dev.kind, "flops": dev.flops, "memory_bandwidth": dev.memory_bandwidth,
             "memory_bytes": dev.memory_bytes, "source": dev.source,
@@ -322,9 +324,6 @@ def _optimizer(optim: OptimConfig):
 def _nbytes(tree: Any) -> int:
   return sum(int(np.prod(leaf.shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
              for leaf in jax.tree.leaves(tree))
-
-
-# --- memory: the compiled step's buffers --------------------------------------------
 
 
 # --- time ---------------------------------------------------------------------------
