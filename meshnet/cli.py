@@ -423,8 +423,8 @@ def _add_plan_parser(subparsers) -> None:
                    "gradient traffic and 6N FLOPs per example; no activations or pipeline")
   own.add_argument("--device-kind", default="auto", metavar="KIND",
                    help=f"device to plan for: {', '.join(DEVICE_KINDS)}, or auto (this "
-                   "host's first JAX device); cpu times a matmul and an update here, the "
-                   "others use nominal figures")
+                   "host's first JAX device); cpu times a training step of the model's "
+                   "layers and an update here, the others use nominal figures")
   own.add_argument("--flops", type=_count, default=None, metavar="FLOP/S",
                    help="sustained matmul FLOP/s per device (e.g. 150G), instead of the "
                    "kind's figure")

@@ -62,9 +62,11 @@ class PlanConfig:
     num_params: the parameter count when ``widths`` is ``None`` (one float32
       vector; no activations or pipeline can be planned then).
     activation: hidden activation (``linear`` keeps no separate activation).
+    dropout: the model's dropout rate (compiled as trained; its masks are
+      not in the plan's memory or time).
     loss: ``cross_entropy`` (int labels ``[B]``) or ``mse`` (targets ``[B, O]``).
     batch_size: global batch per step.
-    mesh: axis sizes (every axis a positive int).
+    mesh: axis sizes (an axis left ``None`` is 1).
     microbatches: pipeline microbatches per data replica (``None``: stages).
     grad_accum: micro-steps per step (a pipeline runs ``microbatches x
       grad_accum`` microbatches, as ``meshnet train`` does).
@@ -83,6 +85,7 @@ class PlanConfig:
   mesh: MeshConfig = MeshConfig(data=1, fsdp=1, stage=1, tensor=1)
   num_params: int | None = None
   activation: str = "relu"
+  dropout: float = 0.0
   loss: str = "cross_entropy"
   microbatches: int | None = None
   grad_accum: int = 1
@@ -95,6 +98,14 @@ class PlanConfig:
   label: str = "mlp"
 
   def __post_init__(self):
+    sizes = {axis: getattr(self.mesh, axis) for axis in AXES}
+    if -1 in sizes.values():
+      raise MeshnetError(f"a plan needs every mesh axis's size, not -1 (mesh "
+                         f"{','.join(f'{a}={n}' for a, n in sizes.items() if n is not None)})")
+    object.__setattr__(self, "mesh", MeshConfig(
+        **{axis: 1 if n is None else n for axis, n in sizes.items()}))
+    if self.widths is not None:
+      object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
     if self.widths is None and self.num_params is None:
       raise MeshnetError("a plan needs the model's layer widths (--layers W0,W1,...) or its "
                          "parameter count (--params N)")
@@ -306,7 +317,7 @@ def _finite(value: Any) -> Any:
 
 def _model(config: PlanConfig):
   from meshnet.models import mlp
-  return mlp(list(config.widths), activation=config.activation)
+  return mlp(list(config.widths), activation=config.activation, dropout=config.dropout)
 
 
 def _param_shapes(config: PlanConfig) -> Any:
@@ -540,6 +551,9 @@ def _notes(config: PlanConfig) -> tuple[str, ...]:
   notes = []
   if config.optim.grad_transport == "shm":
     notes.append("grad_transport shm: the exchange is priced as an all-reduce")
+  if config.dropout:
+    notes.append(f"dropout {config.dropout}: its masks and per-example keys are not in the "
+                 "plan's memory or time")
   return tuple(notes)
 
 
@@ -597,7 +611,7 @@ def plan_config(config: Config, device: DeviceSpec, *, layers: Sequence[int] | N
   size = math.prod(getattr(mesh, a) for a in AXES)
   pc = PlanConfig(
       widths=widths, num_params=num_params if widths is None else None,
-      activation=resolved.model.activation, loss=data.loss,
+      activation=resolved.model.activation, dropout=resolved.model.dropout, loss=data.loss,
       batch_size=resolved.data.batch_size, device=device,
       mesh=MeshConfig(**{a: getattr(mesh, a) for a in AXES}),
       microbatches=resolved.pipeline.microbatches, grad_accum=resolved.optim.grad_accum,
@@ -605,9 +619,6 @@ def plan_config(config: Config, device: DeviceSpec, *, layers: Sequence[int] | N
       remat=resolved.pipeline.remat, optim=resolved.optim,
       deterministic=resolved.optim.deterministic,
       max_devices=max_devices or max(8, size), label=label)
-  if resolved.model.dropout:
-    notes.append(f"dropout {resolved.model.dropout}: its masks and per-example keys are "
-                 "not modelled")
   return pc, notes
 
 

@@ -108,7 +108,8 @@ def test_traffic_and_time_follow_the_link():
                             for name in hardware.STEP_COLLECTIVES})
   device = hardware.DeviceSpec("cpu", 1e11, 1e10, 0, link)
   config = planner.PlanConfig(widths=MNIST_MLP, batch_size=1024, device=device,
-                              mesh=_mesh(data=4), optim=OptimConfig(optimizer="sgd"))
+                              mesh=MeshConfig(data=4), optim=OptimConfig(optimizer="sgd"))
+  assert config.mesh == _mesh(data=4)  # axes not given are 1
   result = planner.plan(config)
   (data,) = result.traffic
   bucket = 4 * 567_434 + 4  # every gradient and the loss, one all-reduce
