@@ -200,7 +200,7 @@ def device_spec(kind: str, *, flops: float | None = None,
   if kind == "cpu":
     if flops is None or memory_bandwidth is None:
       raise MeshnetError("device kind cpu needs its rates: measure them with "
-                         "meshnet.hardware.measure_cpu(), or pass --flops")
+                         "measure_cpu_flops() and measure_cpu_bandwidth(), or pass --flops")
     return DeviceSpec("cpu", flops, memory_bandwidth, _host_memory_bytes(), CPU_LINK,
                       source="given")
   if kind not in _NOMINAL:
@@ -215,16 +215,22 @@ def device_spec(kind: str, *, flops: float | None = None,
   return dataclasses.replace(spec, **changes)
 
 
+# Substrings of JAX's device_kind (lower case, spaces removed) -> kind.
+_KIND_NAMES = (("h200", "h200"), ("h100", "h100"), ("a100", "a100"), ("v6", "tpu-v6e"),
+               ("v5lite", "tpu-v5e"), ("v5e", "tpu-v5e"), ("v5", "tpu-v5p"), ("v4", "tpu-v4"))
+
+
 def detect_kind() -> str:
-  """The kind of this process's first JAX device (``cpu`` if unknown)."""
+  """The kind of this process's first JAX device (``cpu`` on the CPU
+  platform; an unknown GPU plans as ``h100``, an unknown TPU as ``tpu-v5e``)."""
   import jax
 
   device = jax.devices()[0]
   if device.platform == "cpu":
     return "cpu"
   name = device.device_kind.lower().replace(" ", "")
-  for kind in _NOMINAL:
-    if kind.replace("tpu-", "") in name:
+  for part, kind in _KIND_NAMES:
+    if part in name:
       return kind
   return "h100" if device.platform == "gpu" else "tpu-v5e"
 
@@ -340,8 +346,9 @@ def read_link_file(path: str, base: LinkSpec | None = None) -> LinkSpec:
     if points:
       fits[collective] = dataclasses.replace(_fit(points), points=_medians(points))
   if not fits:
-    raise MeshnetError(f"{path} times none of {', '.join(sorted(set(sum(_BENCH_NAMES.values(), ()))))}: "
-                       "nothing to fit the step's collectives to")
+    names = ", ".join(name for names in _BENCH_NAMES.values() for name in names)
+    raise MeshnetError(f"{path} times none of {names}: nothing to fit the step's "
+                       "collectives to; run `meshnet bench collectives` with them")
   fallback = base.costs if base is not None else {}
   costs = {}
   for collective in STEP_COLLECTIVES:

@@ -38,7 +38,7 @@ from meshnet import collectives, stepcost
 from meshnet.config import Config, MeshConfig, OptimConfig
 from meshnet.errors import MeshnetError
 from meshnet.hardware import (
-    ALL_GATHER, ALL_REDUCE, PPERMUTE, DeviceSpec, bus_factor,
+    ALL_GATHER, ALL_REDUCE, CPU_LINK, PPERMUTE, DeviceSpec, bus_factor,
 )
 from meshnet.mesh import AXES, DATA, FSDP, STAGE, TENSOR
 from meshnet.plan_report import format_plan
@@ -649,29 +649,7 @@ def _device(kind: str, pc: PlanConfig, *, flops: float | None, bandwidth_GBps: f
   if kind not in hardware.DEVICE_KINDS:
     raise MeshnetError(f"unknown device kind {kind!r}; choose one of "
                        f"{', '.join(hardware.DEVICE_KINDS)} (or auto)")
-  if kind == "cpu":
-    # The update streams the parameters, the gradient and the optimizer
-    # state: time it on arrays as large as all of them (cache effects).
-    params = _param_shapes(pc)
-    state_floats = (2 * _nbytes(params) + _nbytes(jax.eval_shape(
-        _optimizer(pc.optim).init, params))) // stepcost.F32
-    bandwidth = hardware.measure_cpu_bandwidth(state_floats // 2)
-    if flops:
-      spec = hardware.device_spec("cpu", flops=flops, memory_bandwidth=bandwidth)
-      spec = dataclasses.replace(spec, source="--flops; update timed here")
-    else:
-      rows = sorted({min(r, hardware.MAX_MEASURED_ROWS) for r in _matmul_rows(pc)})
-      measured = tuple((r, hardware.measure_cpu_flops(pc.widths, r)) for r in rows)
-      main = min(_matmul_rows(pc)[0], hardware.MAX_MEASURED_ROWS)
-      spec = hardware.device_spec("cpu", flops=dict(measured)[main],
-                                  memory_bandwidth=bandwidth)
-      what = "the model's matmuls" if pc.widths else "a 1024x1024 matmul"
-      spec = dataclasses.replace(
-          spec, flops_by_rows=measured,
-          source=f"measured here: {what} at {', '.join(str(r) for r in rows)} rows; "
-          "an update")
-  else:
-    spec = hardware.device_spec(kind, flops=flops)
+  spec = _cpu_device(pc, flops) if kind == "cpu" else hardware.device_spec(kind, flops=flops)
   link = spec.link
   if link_file:
     link = hardware.read_link_file(link_file, base=link)
@@ -684,6 +662,30 @@ def _device(kind: str, pc: PlanConfig, *, flops: float | None, bandwidth_GBps: f
   return dataclasses.replace(spec, link=link)
 
 
+def _cpu_device(pc: PlanConfig, flops: float | None) -> DeviceSpec:
+  """This host's CPU device, timed here: a training step of the model's
+  layers at each batch size the plan and its projection run (unless
+  ``flops`` is given), and an update over as many floats as the parameters,
+  gradient and optimizer state hold (cache effects included)."""
+  from meshnet import hardware
+
+  params = _param_shapes(pc)
+  state = 2 * _nbytes(params) + _nbytes(jax.eval_shape(_optimizer(pc.optim).init, params))
+  bandwidth = hardware.measure_cpu_bandwidth(state // stepcost.F32 // 2)
+  if flops:
+    spec = hardware.device_spec("cpu", flops=flops, memory_bandwidth=bandwidth)
+    return dataclasses.replace(spec, source="--flops; update timed here")
+  rows = [min(r, hardware.MAX_MEASURED_ROWS) for r in _matmul_rows(pc)]
+  measured = tuple((r, hardware.measure_cpu_flops(pc.widths, r)) for r in sorted(set(rows)))
+  spec = hardware.device_spec("cpu", flops=dict(measured)[rows[0]],
+                              memory_bandwidth=bandwidth)
+  what = "a training step of the model's layers" if pc.widths else "a 1024-wide MLP's step"
+  return dataclasses.replace(
+      spec, flops_by_rows=measured,
+      source=f"timed here: {what} at {', '.join(str(r) for r, _ in measured)} rows; an "
+      "update")
+
+
 def _matmul_rows(pc: PlanConfig) -> list[int]:
   """Rows per matmul of the plan's step, then of its projection's meshes."""
   rows = []
@@ -691,6 +693,10 @@ def _matmul_rows(pc: PlanConfig) -> list[int]:
     local = config.batch_size // config.mesh.data
     rows.append(local // config.parts)
   return rows
+
+
+# The device before :func:`_device` times it (plan_config needs one).
+_UNMEASURED = DeviceSpec("cpu", 1.0, 1.0, 0, CPU_LINK, source="not measured yet")
 
 
 def make_plan(config: Config, *, layers: Sequence[int] | None = None,
@@ -732,8 +738,7 @@ def make_plan(config: Config, *, layers: Sequence[int] | None = None,
     set_cpu_device_count(n_devices)
   except MeshnetError:
     pass
-  provisional = _placeholder_device()
-  pc, notes = plan_config(config, provisional, layers=layers,
+  pc, notes = plan_config(config, _UNMEASURED, layers=layers,
                           num_params=None if num_params is None else int(num_params),
                           n_devices=n_devices, max_devices=max_devices)
   device = _device(device_kind, pc, flops=flops, bandwidth_GBps=bandwidth_GBps,
@@ -750,11 +755,6 @@ def make_plan(config: Config, *, layers: Sequence[int] | None = None,
     else:
       result = result.with_xla(compiled_memory(pc, devices))
   return result, notes
-
-
-def _placeholder_device() -> DeviceSpec:
-  from meshnet.hardware import CPU_LINK
-  return DeviceSpec("cpu", 1.0, 1.0, 0, CPU_LINK)
 
 
 # --- XLA's numbers ------------------------------------------------------------------
