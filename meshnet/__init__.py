@@ -25,12 +25,14 @@ from meshnet.mesh import (
     AXES, DATA, FSDP, STAGE, TENSOR, describe_mesh, make_mesh, set_cpu_device_count,
 )
 from meshnet.model import Model, sequential
+from meshnet.models import from_flax, from_nnx
 from meshnet.pipeline import make_pipeline
 from meshnet.optim import make_optimizer
 from meshnet.planner import Plan, PlanConfig, format_plan, plan
 from meshnet.plot import plot_metrics
 from meshnet.profile_report import ProfileSummary, format_profile, profile_summary
 from meshnet.profiling import StepProfiler
+from meshnet.sharding import DEFAULT_RULES, logical_to_mesh, param_shardings, param_specs
 from meshnet.step import (
     TrainState, init_train_state, make_eval_step, make_grad_fn, make_train_step,
 )
@@ -49,6 +51,7 @@ __all__ = [
     "resolve_defaults", "sequential", "set_cpu_device_count", "sharding", "TensorBoardWriter",
     "train", "default_data_dir", "DownloadError", "fetch", "fetch_mnist", "faults",
     "EXIT_PEER_FAILED", "DiskFullError", "ProfileSummary", "StepProfiler", "format_profile",
-    "profile_summary", "profiling", "BenchConfig", "commbench", "run_bench", "Plan",
-    "PlanConfig", "format_plan", "hardware", "plan", "planner",
+    "profile_summary", "profiling", "BenchConfig", "commbench", "run_bench",
+    "DEFAULT_RULES", "from_flax", "from_nnx", "logical_to_mesh", "param_shardings",
+    "param_specs", "Plan", "PlanConfig", "format_plan", "hardware", "plan", "planner",
 ]

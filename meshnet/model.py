@@ -15,6 +15,9 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from meshnet.errors import MeshnetError
 
 Params = Any  # a pytree of jax.Array
 InitFn = Callable[[jax.Array], Params]
@@ -50,6 +53,14 @@ class Model:
       ``jax.random.split(key, len(layers))[i]``. Pipeline parallelism cuts a
       model along its layers, so only models with ``layers`` can be
       pipelined. See :func:`sequential`.
+    logical_axes: what each parameter's dimensions are, for sharding: a
+      pytree of ``params``' structure (or a prefix of it) whose leaves are
+      ``jax.sharding.PartitionSpec`` s of logical names, one entry per
+      dimension (``None`` for an unnamed one), e.g. ``{"w": P("embed",
+      "mlp"), "b": P("mlp")}``; a stacked block's leaf ``P("layers",
+      "embed", "mlp")``. ``None`` (the whole field, or a subtree) means no
+      names: those parameters get the default FSDP rule.
+      :mod:`meshnet.sharding` maps names to mesh axes with a rules table.
 
   Randomness (dropout) in training is drawn per example: meshnet calls
   ``apply`` on one example at a time (``jax.vmap``) with the key
@@ -61,10 +72,12 @@ class Model:
   init: InitFn
   apply: ApplyFn
   layers: tuple["Model", ...] | None = None
+  logical_axes: Any = None
 
   def __post_init__(self):
     if not callable(self.init) or not callable(self.apply):
       raise TypeError("Model(init, apply) needs two callables")
+    _check_logical_axes(self.logical_axes)
     if not _accepts_train_and_key(self.apply):
       plain = self.apply
 
@@ -76,11 +89,24 @@ class Model:
       object.__setattr__(self, "apply", apply)
 
 
+def _check_logical_axes(logical_axes: Any) -> None:
+  is_spec = lambda x: x is None or isinstance(x, PartitionSpec)
+  for path, leaf in jax.tree_util.tree_leaves_with_path(logical_axes, is_leaf=is_spec):
+    if not is_spec(leaf):
+      where = jax.tree_util.keystr(path) or "the root"
+      raise MeshnetError(
+          f"Model.logical_axes has {leaf!r} at {where}; its leaves must be "
+          "jax.sharding.PartitionSpec of logical names, e.g. P('embed', 'mlp') (a tuple "
+          "of names is a pytree, not a spec), or None for no names")
+
+
 def sequential(layers: Sequence[Model]) -> Model:
   """The layers run one after another, as one :class:`Model`.
 
   ``params`` is a list with one entry per layer; when training with a key,
-  layer ``i`` gets ``jax.random.split(key, len(layers))[i]``.
+  layer ``i`` gets ``jax.random.split(key, len(layers))[i]``. ``logical_axes``
+  is the list of the layers' own (``None`` for a layer without names), or
+  ``None`` when no layer has names.
   """
   layers = tuple(layers)
 
@@ -94,7 +120,9 @@ def sequential(layers: Sequence[Model]) -> Model:
       x = layer.apply(p, x, train=train, key=k)
     return x
 
-  return Model(init, apply, layers=layers)
+  names = [layer.logical_axes for layer in layers]
+  return Model(init, apply, layers=layers,
+               logical_axes=names if any(n is not None for n in names) else None)
 
 
 def uses_key(apply: ApplyFn, params: Params, x: jax.Array) -> bool:

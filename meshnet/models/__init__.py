@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 
 from meshnet.errors import MeshnetError
 from meshnet.model import Model
-from meshnet.models.flax_adapter import from_flax
+from meshnet.models.flax_adapter import from_flax, from_nnx
 from meshnet.models.mlp import mlp
 
 
@@ -41,4 +41,4 @@ def build(
   )
 
 
-__all__ = ["MODELS", "build", "from_flax", "mlp"]
+__all__ = ["MODELS", "build", "from_flax", "from_nnx", "mlp"]

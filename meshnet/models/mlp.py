@@ -5,12 +5,34 @@ from __future__ import annotations
 from typing import Sequence
 
 import jax
+from jax.sharding import PartitionSpec as P
 
 from meshnet import nn
 from meshnet.errors import MeshnetError
 from meshnet.model import Model, sequential
 
 _GAIN = {"relu": 2.0, "gelu": 2.0, "silu": 2.0}
+
+
+def layer_logical_axes(i: int, n_layers: int) -> dict[str, P]:
+  """Logical names of layer ``i``'s ``{"w": [I, O], "b": [O]}`` in an MLP of
+  ``n_layers`` dense layers.
+
+  Hidden layers come in Megatron pairs: an even layer is column-split
+  (``w: P("embed", "mlp")``, ``b: P("mlp")``: its outputs split over
+  ``tensor``), the odd layer after it row-split (``w: P("mlp", "embed")``,
+  ``b: P("embed")``: partial products summed over ``tensor``). The output
+  layer is ``w: P("embed", None)``, ``b: P(None)``: the class count is never
+  split, and its input width is split over ``fsdp`` like every ``embed``
+  width. So ``widths[0]``, the output of each row-split layer and the input
+  of the output layer must divide by ``fsdp``; the other hidden widths by
+  ``tensor``.
+  """
+  if i == n_layers - 1:
+    return {"w": P("embed", None), "b": P(None)}
+  if i % 2 == 0:
+    return {"w": P("embed", "mlp"), "b": P("mlp")}
+  return {"w": P("mlp", "embed"), "b": P("embed")}
 
 
 def mlp(
@@ -37,6 +59,9 @@ def mlp(
     A :class:`Model` with ``layers`` (one dense layer each, so it can be
     pipelined). ``params`` is a list with one ``{"w": [I, O], "b": [O]}``
     per layer; ``apply`` maps ``x: [B, widths[0]]`` to ``[B, widths[-1]]``.
+    ``logical_axes`` (see :func:`layer_logical_axes`) pair the hidden
+    layers Megatron-style, column-split then row-split; the input width, each
+    row-split layer's output and the output layer's input are ``embed``.
   """
   widths = [int(w) for w in widths]
   if len(widths) < 2 or min(widths) < 1:
@@ -65,7 +90,7 @@ def mlp(
         return output_fn(h)
       return nn.dropout(hidden_fn(h), dropout, key=key, train=train)
 
-    return Model(init, apply)
+    return Model(init, apply, logical_axes=layer_logical_axes(i, n_layers))
 
   return sequential(
       [make_layer(i, a, b) for i, (a, b) in enumerate(zip(widths[:-1], widths[1:]))])
