@@ -105,7 +105,7 @@ def init_train_state(
 
   if not shards_params(mesh):
     return jax.jit(init, out_shardings=replicated(mesh))(init_key, rng_key)
-  _check_mesh(mesh, pipelined=False)
+  check_mesh(mesh, pipelined=False)
   params_shapes = jax.eval_shape(model.init, init_key)
   layout = sharded.param_layout(model, params_shapes, mesh, rules)
   shardings = sharded.state_shardings(jax.eval_shape(init, init_key, rng_key),
@@ -210,7 +210,9 @@ def check_batch_size(global_batch: int, mesh: Mesh, grad_accum: int = 1, *,
   return global_batch // (data * grad_accum)
 
 
-def _check_mesh(mesh: Mesh, *, pipelined: bool) -> None:
+def check_mesh(mesh: Mesh, *, pipelined: bool) -> None:
+  """Refuses, with one line, a mesh the step cannot run: ``fsdp`` or
+  ``tensor`` > 1 with a pipeline (not yet), ``stage`` > 1 without one."""
   if pipelined:
     for axis in (FSDP, TENSOR):
       if axis_size(mesh, axis) > 1:
@@ -303,7 +305,7 @@ def make_grad_fn(
   :func:`meshnet.sharding.param_specs` with ``rules``, and the batch is split
   over ``data`` x ``fsdp``.
   """
-  _check_mesh(mesh, pipelined=False)
+  check_mesh(mesh, pipelined=False)
   if shards_params(mesh):
     return _make_sharded_grad_fn(
         model, mesh, loss=loss, grad_accum=grad_accum, bucket_bytes=bucket_bytes,
@@ -467,7 +469,7 @@ def make_train_step(
       raise MeshnetError(
           f"grad_transport={grad_transport!r} with a pipeline: the pipelined step "
           "averages over data with the compiled all-reduce; use the default transport")
-    _check_mesh(mesh, pipelined=True)
+    check_mesh(mesh, pipelined=True)
     if grad_accum != 1:
       raise MeshnetError(
           f"grad_accum={grad_accum} with a pipeline: build the pipeline with "
@@ -513,9 +515,9 @@ def make_eval_step(
   """
   objective = losses.objective(loss)
   if shards_params(mesh):
-    _check_mesh(mesh, pipelined=axis_size(mesh, STAGE) > 1)
+    check_mesh(mesh, pipelined=axis_size(mesh, STAGE) > 1)
   else:
-    _check_mesh(mesh, pipelined=True)  # replicated over stage: each stage evaluates
+    check_mesh(mesh, pipelined=True)  # replicated over stage: each stage evaluates
 
   def sums_of(params, x, y, mask):
     outputs = model.apply(params, x, train=False)
