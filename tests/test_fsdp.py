@@ -4,6 +4,7 @@ restore across these meshes."""
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -220,36 +221,45 @@ def test_unsupported_combinations_are_one_line():
 def _config(path, mesh, steps, resume=False):
   return Config(
       mesh=mesh, model=ModelConfig(hidden=(64, 32, 48)),
-      checkpoint=CheckpointConfig(dir=str(path), every=5, resume=resume),
+      checkpoint=CheckpointConfig(dir=str(path), every=6, resume=resume),
       train=TrainConfig(steps=steps, eval_every=0, log_every=1, progress=False))
 
 
-@pytest.mark.parametrize("first, then", [
-    (MeshConfig(fsdp=4, tensor=2), MeshConfig(data=8)),
-    (MeshConfig(fsdp=4, tensor=2), MeshConfig(data=1, devices=1)),
-    (MeshConfig(data=8), MeshConfig(fsdp=4, tensor=2)),
-    (MeshConfig(data=1, devices=1), MeshConfig(data=2, fsdp=2, tensor=2)),
+SAVED_ON = {"fsdp4tensor2": MeshConfig(fsdp=4, tensor=2), "data8": MeshConfig(data=8),
+            "one": MeshConfig(data=1, devices=1)}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+  """A 12-step run on fsdp=4,tensor=2 (the trajectory every layout follows),
+  and 6-step checkpoints saved on each mesh of :data:`SAVED_ON`."""
+  root = tmp_path_factory.mktemp("checkpoints")
+  whole = run(_config(root / "whole", SAVED_ON["fsdp4tensor2"], 12), log=lambda _: None)
+  for name, mesh in SAVED_ON.items():
+    run(_config(root / name, mesh, 6), log=lambda _: None)
+  return root, whole
+
+
+@pytest.mark.parametrize("saved_on, then", [
+    ("fsdp4tensor2", MeshConfig(data=8)), ("fsdp4tensor2", MeshConfig(data=1, devices=1)),
+    ("data8", MeshConfig(fsdp=4, tensor=2)), ("one", MeshConfig(data=2, fsdp=2, tensor=2)),
+    ("fsdp4tensor2", MeshConfig(fsdp=4, tensor=2)),
 ], ids=["fsdp4tensor2-to-data8", "fsdp4tensor2-to-1", "data8-to-fsdp4tensor2",
-        "1-to-data2fsdp2tensor2"])
-def test_checkpoint_restores_across_meshes_on_the_same_trajectory(tmp_path, first, then):
-  whole = run(_config(tmp_path / "whole", first, 20), log=lambda _: None)
-  run(_config(tmp_path / "part", first, 10), log=lambda _: None)
+        "1-to-data2fsdp2tensor2", "same-mesh"])
+def test_checkpoint_restores_across_meshes_on_the_same_trajectory(tmp_path, checkpoints,
+                                                                   saved_on, then):
+  root, whole = checkpoints
+  shutil.copytree(root / saved_on, tmp_path / "part")
   messages = []
-  resumed = run(_config(tmp_path / "part", then, 20, resume=True), log=messages.append)
-  assert "resumed from step 10" in " ".join(messages)
-  assert [r["step"] for r in resumed.history] == list(range(11, 21))
-  expected = [r["loss"] for r in whole.history if r["step"] > 10]
+  resumed = run(_config(tmp_path / "part", then, 12, resume=True), log=messages.append)
+  assert "resumed from step 6" in " ".join(messages)
+  assert [r["step"] for r in resumed.history] == list(range(7, 13))
+  expected = [r["loss"] for r in whole.history if r["step"] > 6]
   np.testing.assert_allclose([r["loss"] for r in resumed.history], expected, rtol=2e-4)
   chex.assert_trees_all_close(reference.to_numpy(resumed.params),
                               reference.to_numpy(whole.params), rtol=2e-3, atol=2e-5)
-
-
-def test_resume_on_the_same_sharded_mesh_is_bit_identical(tmp_path):
-  mesh = MeshConfig(data=2, fsdp=2, tensor=2)
-  whole = run(_config(tmp_path / "whole", mesh, 12), log=lambda _: None)
-  run(_config(tmp_path / "part", mesh, 6), log=lambda _: None)
-  resumed = run(_config(tmp_path / "part", mesh, 12, resume=True), log=lambda _: None)
-  assert meshnet.checkpoint.digest(resumed.state) == meshnet.checkpoint.digest(whole.state)
+  if then == SAVED_ON[saved_on]:  # the same mesh: bit for bit
+    assert meshnet.checkpoint.digest(resumed.state) == meshnet.checkpoint.digest(whole.state)
 
 
 def test_cli_trains_on_data_fsdp_tensor_like_data_parallel():
