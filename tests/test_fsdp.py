@@ -17,7 +17,6 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import meshnet
-from meshnet import losses
 from meshnet.config import CheckpointConfig, Config, MeshConfig, ModelConfig, TrainConfig
 from meshnet.sharding import batch_sharding
 from meshnet.train import run
