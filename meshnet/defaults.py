@@ -29,7 +29,7 @@ from typing import Any, Mapping, NamedTuple
 
 from meshnet.config import Config, MeshConfig
 from meshnet.errors import MeshnetError
-from meshnet.mesh import AXES, DATA, STAGE, resolve_axis_sizes
+from meshnet.mesh import AXES, DATA, FSDP, STAGE, resolve_axis_sizes
 
 # The value of each field that may be left unset, when no recipe sets it.
 DEFAULTS: dict[str, Any] = {
@@ -235,7 +235,9 @@ def _fit_batch_and_mesh(config: Config, n_train: int, name: str, n_devices: int,
   else:
     mesh = dataclasses.replace(mesh, **axes)
   if config.data.batch_size is None:
-    batch = _default_batch(batch, n_train, axes[DATA], parts, what, name, notes)
+    batch = _default_batch(batch, n_train, axes[DATA] * axes[FSDP], parts, what, name, notes,
+                           split=f"data={axes[DATA]}" + (
+                               f" x fsdp={axes[FSDP]}" if axes[FSDP] > 1 else ""))
   if narrowed:
     notes.append(f"mesh data={axes[DATA]} on {axes[DATA]} of the {n_devices} devices (a "
                  f"batch of {batch} cannot be split over {n_devices}; default "
@@ -244,10 +246,12 @@ def _fit_batch_and_mesh(config: Config, n_train: int, name: str, n_devices: int,
 
 
 def _default_batch(inherited: int | None, n_train: int, data: int, parts: int, what: str,
-                   name: str, notes: list[str]) -> int:
+                   name: str, notes: list[str], *, split: str | None = None) -> int:
   """The global batch when none was given: the checkpoint's, else the
   smaller of the default and the training set, rounded down to a multiple of
-  ``data * parts``; with a note when it is not the default."""
+  ``data * parts`` (``data``: the devices the batch is split over, described
+  by ``split``); with a note when it is not the default."""
+  split_axes = split or f"data={data}"
   default = DEFAULTS["data.batch_size"]
   if inherited is not None:
     if inherited != default:
@@ -257,7 +261,7 @@ def _default_batch(inherited: int | None, n_train: int, data: int, parts: int, w
   cap = min(default, n_train)
   batch = cap // unit * unit
   if batch < 1:
-    split = f"data={data}" + (f" x {what}" if parts > 1 else "")
+    split = split_axes + (f" x {what}" if parts > 1 else "")
     raise MeshnetError(
         f"dataset {name} has {n_train} training examples, fewer than {split} = {unit} "
         f"(one example per device and micro-step); use a smaller --mesh"
@@ -265,7 +269,7 @@ def _default_batch(inherited: int | None, n_train: int, data: int, parts: int, w
   if batch != default:
     why = (f"the data set has {n_train} examples" if n_train < default else "")
     if batch != cap:
-      split = f"data={data}" + (f" x {what}" if parts > 1 else "")
+      split = split_axes + (f" x {what}" if parts > 1 else "")
       why += ("; " if why else "") + f"rounded down to a multiple of {split} = {unit}"
     notes.append(f"batch size {batch} ({why}; default {default})")
   return batch

@@ -174,8 +174,13 @@ def make_mesh(
     **axes: axis sizes by name; absent axes are 1 and one axis may be -1.
 
   Returns:
-    A ``jax.sharding.Mesh`` with all four axes (size-1 axes included) of type
-    ``Explicit``. meshnet places its collectives itself inside ``shard_map``.
+    A ``jax.sharding.Mesh`` with all four axes (size-1 axes included):
+    ``data``, ``fsdp`` and ``stage`` of type ``Explicit`` (meshnet places
+    their collectives itself inside ``shard_map``); ``tensor`` too when its
+    size is 1, and ``Auto`` when it is larger: the compiler then splits each
+    layer's matmuls over it (Megatron's one all-reduce per column/row pair,
+    as MaxText runs under GSPMD), so a model's own ``apply`` needs no
+    sharding annotations (see :func:`axis_types`).
 
   Raises:
     MeshnetError: the sizes don't multiply to the number of devices (the
@@ -198,12 +203,24 @@ def make_mesh(
   shape = tuple(sizes.values())
   if devices == list(jax.devices()):
     # Topology-aware device order (rings on TPU, NVLink islands on GPU).
-    return jax.make_mesh(shape, AXES, axis_types=(AxisType.Explicit,) * len(AXES))
-  return Mesh(
-      np.asarray(devices, dtype=object).reshape(shape),
-      AXES,
-      axis_types=(AxisType.Explicit,) * len(AXES),
-  )
+    return jax.make_mesh(shape, AXES, axis_types=axis_types(sizes))
+  return Mesh(np.asarray(devices, dtype=object).reshape(shape), AXES,
+              axis_types=axis_types(sizes))
+
+
+def axis_types(sizes: dict[str, int]) -> tuple[AxisType, ...]:
+  """The type of each of :data:`AXES` in a mesh of these sizes: ``Explicit``,
+  but ``tensor`` > 1 is ``Auto``.
+
+  Why ``Auto``: in jax 0.10.2 a ``shard_map`` manual over some axes replicates
+  its operands over the ``Explicit`` axes it leaves to the compiler (an
+  all-gather over ``tensor`` on the way in), and an ``Explicit``
+  row-parallel matmul needs an ``out_sharding=`` in every model; over an
+  ``Auto`` axis neither happens. A size-1 ``tensor`` stays ``Explicit`` so
+  that data- and pipeline-parallel programs do not change.
+  """
+  return tuple(AxisType.Auto if name == TENSOR and sizes.get(name, 1) > 1
+               else AxisType.Explicit for name in AXES)
 
 
 def axis_size(mesh: Mesh, axis: str) -> int:

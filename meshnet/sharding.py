@@ -11,7 +11,7 @@ go::
 :func:`param_specs` applies the table to a model's parameters on a mesh and
 checks that every sharded dimension divides; a leaf without names is split
 over ``fsdp`` by a default rule (:func:`default_fsdp_spec`). The batch
-splits its leading axis over ``data``.
+splits its leading axis over ``data`` (``data`` x ``fsdp`` when ``fsdp`` > 1).
 """
 
 from __future__ import annotations
@@ -51,14 +51,24 @@ per-head width ``kv`` is never split."""
 LogicalAxes = Any  # a pytree prefix of params whose leaves are PartitionSpec or None
 
 
-def batch_spec() -> P:
-  """Spec of a batch ``[B, ...]``: ``B`` split over ``data``."""
-  return P(DATA)
+def batch_axes(mesh: Mesh | None = None) -> tuple[str, ...]:
+  """The mesh axes a batch's leading dimension is split over: ``(data,)``,
+  or ``(data, fsdp)`` on a mesh with ``fsdp`` > 1 (ZeRO-3 splits the batch
+  too; device ``(d, f)`` holds block ``d * fsdp + f``)."""
+  if mesh is not None and int(mesh.shape.get(FSDP, 1)) > 1:
+    return (DATA, FSDP)
+  return (DATA,)
+
+
+def batch_spec(mesh: Mesh | None = None) -> P:
+  """Spec of a batch ``[B, ...]``: ``B`` split over :func:`batch_axes`."""
+  axes = batch_axes(mesh)
+  return P(axes[0] if len(axes) == 1 else axes)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Sharding of a global batch ``[B, ...]`` on ``mesh``."""
-  return NamedSharding(mesh, batch_spec())
+  return NamedSharding(mesh, batch_spec(mesh))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -313,3 +323,38 @@ def param_shardings(model_or_logical_axes: Model | LogicalAxes, params: Any, mes
   specs = param_specs(model_or_logical_axes, params, mesh, rules)
   return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs,
                       is_leaf=lambda x: isinstance(x, P))
+
+
+def fsdp_dim(spec: P) -> int | None:
+  """The dimension ``spec`` splits over ``fsdp`` (``None`` if none)."""
+  for dim, entry in enumerate(spec):
+    if FSDP in _as_axes(entry):
+      return dim
+  return None
+
+
+def check_param_specs(specs: Any, *, allowed: Sequence[str] = (FSDP, TENSOR)) -> None:
+  """Refuses parameter specs the unpipelined step cannot run: a parameter
+  split over an axis outside ``allowed`` (rules that send a name to ``data``
+  or ``stage``), or one dimension split over ``fsdp`` together with another
+  axis.
+
+  Raises:
+    MeshnetError: naming the parameter, its spec and the fix.
+  """
+  for path, spec in jax.tree_util.tree_leaves_with_path(
+      specs, is_leaf=lambda x: isinstance(x, P)):
+    where = jax.tree_util.keystr(path) or "params"
+    for entry in spec:
+      axes = _as_axes(entry)
+      outside = [a for a in axes if a not in allowed]
+      if outside:
+        raise MeshnetError(
+            f"parameter {where} would be split over {outside[0]} ({spec}); parameters "
+            f"are split over {' and '.join(allowed)} only: pass rules that map its "
+            f"names to {' or '.join(allowed)} or None")
+      if FSDP in axes and len(axes) > 1:
+        raise MeshnetError(
+            f"parameter {where} splits one dimension over {' x '.join(axes)} ({spec}); "
+            "a dimension split over fsdp must not be split over another axis: pass "
+            "rules that map it to fsdp alone")

@@ -6,6 +6,17 @@ share of the batch (accumulated over micro-steps), the gradients are averaged
 over ``data`` with a bucketed ``pmean``, and the optax update runs on the
 averaged (replicated) gradient.
 
+On a mesh with ``fsdp`` or ``tensor`` > 1 the parameters and the optimizer
+state live sharded (:func:`meshnet.sharding.param_specs`: logical names
+through the rules table, the default FSDP rule for unnamed leaves). The batch
+is split over ``data`` x ``fsdp``; inside a ``shard_map`` manual over
+``data`` and ``fsdp`` each device all-gathers the ``fsdp``-split weights,
+computes the gradient of its rows, and the gradient comes back
+reduce-scattered over ``fsdp`` (then the bucketed ``pmean`` over ``data``).
+``tensor`` stays with the compiler (an ``Auto`` axis inside the loss), which
+places one all-reduce per Megatron column/row pair in the forward pass. The
+optax update runs on the sharded gradient, parameters and state.
+
 The gradient computation is the part a parallelism replaces (a pipeline over
 ``stage`` computes the same ``(loss, grads)`` differently); the optimizer
 update and the state are shared by all of them.
@@ -13,6 +24,7 @@ update and the state are shared by all of them.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import jax
@@ -21,11 +33,11 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from meshnet import collectives, losses
+from meshnet import collectives, losses, sharded
 from meshnet.errors import MeshnetError
 from meshnet.mesh import DATA, FSDP, STAGE, TENSOR, axis_size
 from meshnet.model import Model, Params, apply_train
-from meshnet.sharding import batch_sharding, batch_spec, replicated
+from meshnet.sharding import Rules, batch_axes, batch_sharding, batch_spec, replicated
 
 if TYPE_CHECKING:
   from meshnet.pipeline.executor import Pipeline
@@ -53,23 +65,30 @@ class TrainState(NamedTuple):
 
 def init_train_state(
     model: Model, optimizer: optax.GradientTransformation, mesh: Mesh, key: jax.Array,
-    *, pipeline: "Pipeline | None" = None,
+    *, pipeline: "Pipeline | None" = None, rules: Rules | None = None,
 ) -> TrainState:
   """Initial state, built directly in its sharding on ``mesh``.
 
   Args:
     model: the model; ``model.init`` receives a key derived from ``key``.
     optimizer: the optax transformation whose state to create.
-    mesh: the mesh; parameters and optimizer state are replicated on it.
+    mesh: the mesh. With ``fsdp`` = ``tensor`` = 1 parameters and optimizer
+      state are replicated on it; otherwise each parameter is laid out by
+      :func:`meshnet.sharding.param_specs` and the optimizer state's
+      per-parameter leaves (Adam's ``mu``, ``nu``...) like their parameter,
+      its scalars replicated.
     key: a ``jax.random.key``.
     pipeline: accepted for code written for either layout; the state is the
       same with or without a pipeline: ``params`` in the model's own tree
       (one entry per layer) and ``optimizer.init(params)``, so any optax
       transformation (masks by path or rank, LAMB, Adafactor) sees the real
       parameter tree. The pipelined step stacks them per stage itself.
+    rules: the logical-axis rules table (``None``:
+      :data:`meshnet.sharding.DEFAULT_RULES`); pass the same to the step.
 
   Raises:
-    MeshnetError: a parameter that is not a floating-point array.
+    MeshnetError: a parameter that is not a floating-point array, or a
+      dimension that the mesh axes it is split over do not divide.
   """
   del pipeline  # the state's layout is the model's own, pipelined or not
   init_key, rng_key = jax.random.split(key)
@@ -84,7 +103,19 @@ def init_train_state(
         rng=jax.random.key_data(rng_key),
     )
 
-  return jax.jit(init, out_shardings=replicated(mesh))(init_key, rng_key)
+  if not shards_params(mesh):
+    return jax.jit(init, out_shardings=replicated(mesh))(init_key, rng_key)
+  check_mesh(mesh, pipelined=False)
+  params_shapes = jax.eval_shape(model.init, init_key)
+  layout = sharded.param_layout(model, params_shapes, mesh, rules)
+  shardings = sharded.state_shardings(jax.eval_shape(init, init_key, rng_key),
+                                      params_shapes, layout, mesh)
+  return jax.jit(init, out_shardings=shardings)(init_key, rng_key)
+
+
+def shards_params(mesh: Mesh) -> bool:
+  """Whether ``mesh`` splits parameters (``fsdp`` or ``tensor`` > 1)."""
+  return axis_size(mesh, FSDP) > 1 or axis_size(mesh, TENSOR) > 1
 
 
 def check_params(model: Model, key: jax.Array) -> None:
@@ -120,6 +151,8 @@ def check_outputs(model: Model, objective: losses.Objective, params: Params,
       targets do not fit the built-in loss (integer labels with ``mse``,
       float targets or a wrong shape with ``cross_entropy``).
   """
+  # Shapes without shardings: a tensor-split matmul is the compiler's to place.
+  params, x = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (params, x))
   out = jax.eval_shape(lambda p, x: model.apply(p, x, train=False), params, x)
   if not isinstance(out, jax.ShapeDtypeStruct):
     raise MeshnetError(f"model.apply must return one array [B, ...], got {out}")
@@ -154,19 +187,21 @@ def check_batch_size(global_batch: int, mesh: Mesh, grad_accum: int = 1, *,
 
   Args:
     global_batch: examples per step over all devices.
-    mesh: the mesh (its ``data`` size splits the batch).
+    mesh: the mesh (its ``data`` x ``fsdp`` size splits the batch).
     grad_accum: parts each replica's batch is cut into (accumulation
       micro-steps, or pipeline microbatches).
     what: the name of those parts, for the message.
 
   Raises:
-    MeshnetError: ``global_batch`` is not divisible by ``data * grad_accum``.
+    MeshnetError: ``global_batch`` is not divisible by
+      ``data * fsdp * grad_accum``.
   """
   if grad_accum < 1:
     raise MeshnetError(f"{what}={grad_accum} must be >= 1")
-  data = axis_size(mesh, DATA)
+  data = axis_size(mesh, DATA) * axis_size(mesh, FSDP)
   if global_batch % (data * grad_accum):
-    hint = f"data={data}" + (f" x {what}={grad_accum}" if grad_accum > 1 else "")
+    hint = " x ".join(f"{a}={axis_size(mesh, a)}" for a in batch_axes(mesh))
+    hint += f" x {what}={grad_accum}" if grad_accum > 1 else ""
     raise MeshnetError(
         f"global batch size {global_batch} is not divisible by {hint} = "
         f"{data * grad_accum}; use a batch size that is a multiple of "
@@ -175,13 +210,16 @@ def check_batch_size(global_batch: int, mesh: Mesh, grad_accum: int = 1, *,
   return global_batch // (data * grad_accum)
 
 
-def _check_mesh(mesh: Mesh, *, pipelined: bool) -> None:
-  for axis in (FSDP, TENSOR):
-    if axis_size(mesh, axis) > 1:
-      raise MeshnetError(
-          f"mesh axis {axis}={axis_size(mesh, axis)} is not supported yet (data "
-          f"and stage parallelism only); set {axis}=1"
-      )
+def check_mesh(mesh: Mesh, *, pipelined: bool) -> None:
+  """Refuses, with one line, a mesh the step cannot run: ``fsdp`` or
+  ``tensor`` > 1 with a pipeline (not yet), ``stage`` > 1 without one."""
+  if pipelined:
+    for axis in (FSDP, TENSOR):
+      if axis_size(mesh, axis) > 1:
+        raise MeshnetError(
+            f"mesh axis {axis}={axis_size(mesh, axis)} with a pipeline is not supported "
+            f"yet (the pipeline splits over data and stage only); set {axis}=1, or "
+            "stage=1 to shard the parameters without a pipeline")
   if not pipelined and axis_size(mesh, STAGE) > 1:
     raise MeshnetError(
         f"mesh has stage={axis_size(mesh, STAGE)}: pass pipeline="
@@ -191,13 +229,15 @@ def _check_mesh(mesh: Mesh, *, pipelined: bool) -> None:
 def _local_value_and_grad(
     loss_of: Callable[..., jax.Array], params: Params, x: jax.Array, y: jax.Array,
     key: jax.Array, first_index: jax.Array, grad_accum: int,
+    varying: tuple[str, ...] = (DATA,),
 ) -> tuple[jax.Array, Params]:
   """Mean loss and gradient over this device's batch, in ``grad_accum`` parts.
 
   Shapes are local: ``x: [b, ...]``, ``y: [b, ...]`` with ``b`` the per-device
   batch, rows ``first_index ..`` of the global batch. ``params`` must already
-  be varying over ``data`` so the gradient is this device's own (no
-  implicit reduction). ``loss_of(params, x, y, key, first_index)``.
+  be varying over the batch's axes ``varying`` so the gradient is this
+  device's own (no implicit reduction). ``loss_of(params, x, y, key,
+  first_index)``.
   """
   value_and_grad = jax.value_and_grad(loss_of)
   if grad_accum == 1:
@@ -215,7 +255,7 @@ def _local_value_and_grad(
 
   zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
                        (jax.ShapeDtypeStruct((), jnp.float32), params))
-  zeros = jax.lax.pcast(zeros, (DATA,), to="varying")  # the scan carry varies per device
+  zeros = jax.lax.pcast(zeros, varying, to="varying")  # the scan carry varies per device
   firsts = first_index + part * jnp.arange(grad_accum)
   (loss_sum, grad_sum), _ = jax.lax.scan(micro_step, zeros, (split(x), split(y), firsts))
   return loss_sum / grad_accum, jax.tree.map(lambda g: g / grad_accum, grad_sum)
@@ -239,6 +279,7 @@ def make_grad_fn(
     model: Model, mesh: Mesh, *, loss: str | losses.Objective | Callable = "cross_entropy",
     grad_accum: int = 1, bucket_bytes: int = collectives.DEFAULT_BUCKET_BYTES,
     flatten_buckets: bool = True, deterministic: bool = False, grad_transport: str = "xla",
+    rules: Rules | None = None,
 ) -> Callable[[Params, Batch, jax.Array], tuple[jax.Array, Params]]:
   """``(params, (x, y), key) -> (loss, grads)`` averaged over the global batch.
 
@@ -258,8 +299,18 @@ def make_grad_fn(
   processes of one host instead of an all-reduce (one device per process;
   summed in ``data`` order, so runs repeat bit for bit; see
   :mod:`meshnet.shm`). Setting it up synchronises the processes.
+
+  On a mesh with ``fsdp`` or ``tensor`` > 1 (see :func:`_make_sharded_grad_fn`)
+  ``params`` and ``grads`` are laid out by
+  :func:`meshnet.sharding.param_specs` with ``rules``, and the batch is split
+  over ``data`` x ``fsdp``.
   """
-  _check_mesh(mesh, pipelined=False)
+  check_mesh(mesh, pipelined=False)
+  if shards_params(mesh):
+    return _make_sharded_grad_fn(
+        model, mesh, loss=loss, grad_accum=grad_accum, bucket_bytes=bucket_bytes,
+        flatten_buckets=flatten_buckets, deterministic=deterministic,
+        grad_transport=grad_transport, rules=rules)
   objective = losses.objective(loss)
   mean = _host_mean(model, mesh, bucket_bytes) if grad_transport == "shm" else None
 
@@ -297,12 +348,77 @@ def make_grad_fn(
   return grad_fn
 
 
+def _check_transport(mesh: Mesh, deterministic: bool, grad_transport: str) -> None:
+  sizes = ", ".join(f"{a}={axis_size(mesh, a)}" for a in (FSDP, TENSOR)
+                    if axis_size(mesh, a) > 1)
+  if grad_transport != "xla":
+    raise MeshnetError(
+        f"grad_transport={grad_transport!r} with {sizes}: shared memory averages one "
+        "device per process over data; use the default transport (xla) on this mesh")
+  if deterministic:
+    raise MeshnetError(
+        f"deterministic=True with {sizes}: the fixed-order mean covers the data axis "
+        "only (the fsdp/tensor reductions are the compiler's); drop --deterministic or "
+        "set fsdp=1 and tensor=1")
+
+
+def _make_sharded_grad_fn(
+    model: Model, mesh: Mesh, *, loss: str | losses.Objective | Callable, grad_accum: int,
+    bucket_bytes: int, flatten_buckets: bool, deterministic: bool, grad_transport: str,
+    rules: Rules | None,
+) -> Callable[[Params, Batch, jax.Array], tuple[jax.Array, Params]]:
+  """:func:`make_grad_fn` on a mesh with ``fsdp`` or ``tensor`` > 1 (ZeRO-3
+  and Megatron tensor parallelism).
+
+  Global shapes: ``x: [B, ...]``, ``y: [B, ...]`` split over ``data`` x
+  ``fsdp``; ``params`` and ``grads`` laid out by their specs (each leaf
+  ``[.., d, ..]`` held as ``[.., d / fsdp, ..]`` on its split dimension, and
+  over ``tensor`` where its names say). Inside a ``shard_map`` manual over
+  ``data`` and ``fsdp`` each device gathers the weights (``fsdp_gather``),
+  computes loss and gradient of its ``B / (data * fsdp)`` rows with ``tensor``
+  left to the compiler, reduce-scatters the gradient over ``fsdp``
+  (``fsdp_scatter``; never all-reduced then sliced) and averages it over
+  ``data`` with the bucketed ``pmean`` (``gradient_exchange``).
+  """
+  _check_transport(mesh, deterministic, grad_transport)
+  objective = losses.objective(loss)
+  varying = batch_axes(mesh)
+
+  def loss_of(params, x, y, key, first_index):
+    outputs = apply_train(model.apply, params, x, key, first_index)
+    return jnp.mean(objective.loss(outputs, y))
+
+  def local(params, x, y, key, *, layout):
+    first_index = collectives.axis_index(varying) * x.shape[0]  # of this device's rows
+    params = sharded.vary(sharded.gather_fsdp(params, layout, mesh), varying)
+    loss, grads = _local_value_and_grad(loss_of, params, x, y, key, first_index,
+                                        grad_accum, varying)
+    return sharded.exchange_gradients(loss, grads, layout, mesh, bucket_bytes=bucket_bytes,
+                                      flatten=flatten_buckets)
+
+  def grad_fn(params, batch, key):
+    x, y = batch
+    check_batch_size(x.shape[0], mesh, grad_accum)
+    check_outputs(model, objective, params, x, y)
+    layout = sharded.param_layout(model, params, mesh, rules)
+    params = sharded.constrain(params, layout, mesh)  # no-op when already so
+    x, y = (jax.reshard(a, batch_sharding(mesh)) for a in (x, y))
+    spec = batch_spec(mesh)
+    return jax.shard_map(
+        functools.partial(local, layout=layout), mesh=mesh,
+        in_specs=(layout.manual, spec, spec, P()), out_specs=(P(), layout.manual),
+        axis_names=sharded.manual_axes(mesh))(params, x, y, key)
+
+  return grad_fn
+
+
 def make_train_step(
     model: Model, optimizer: optax.GradientTransformation, mesh: Mesh, *,
     loss: str | losses.Objective | Callable = "cross_entropy", grad_accum: int = 1,
     bucket_bytes: int = collectives.DEFAULT_BUCKET_BYTES,
     flatten_buckets: bool = True, deterministic: bool = False,
     donate: bool = True, pipeline: "Pipeline | None" = None, grad_transport: str = "xla",
+    rules: Rules | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
   """A jitted ``step(state, (x, y)) -> (state, metrics)``.
 
@@ -325,6 +441,8 @@ def make_train_step(
       not be used after the call).
     grad_transport: ``xla`` (all-reduce) or ``shm`` (shared memory between
       the processes of one host; see :func:`make_grad_fn`).
+    rules: the logical-axis rules the parameters are laid out by on a mesh
+      with ``fsdp`` or ``tensor`` > 1 (the same as :func:`init_train_state`'s).
     pipeline: pipeline the model over ``stage`` with this
       :class:`~meshnet.pipeline.Pipeline`. The state is the same as without
       one; each step stacks the parameters per stage (``[S, v, N]`` sharded
@@ -344,13 +462,14 @@ def make_train_step(
   if pipeline is None:
     grad_fn = make_grad_fn(model, mesh, loss=loss, grad_accum=grad_accum,
                            bucket_bytes=bucket_bytes, flatten_buckets=flatten_buckets,
-                           deterministic=deterministic, grad_transport=grad_transport)
+                           deterministic=deterministic, grad_transport=grad_transport,
+                           rules=rules)
   else:
     if grad_transport != "xla":
       raise MeshnetError(
           f"grad_transport={grad_transport!r} with a pipeline: the pipelined step "
           "averages over data with the compiled all-reduce; use the default transport")
-    _check_mesh(mesh, pipelined=True)
+    check_mesh(mesh, pipelined=True)
     if grad_accum != 1:
       raise MeshnetError(
           f"grad_accum={grad_accum} with a pipeline: build the pipeline with "
@@ -383,18 +502,24 @@ def make_train_step(
 
 def make_eval_step(
     model: Model, mesh: Mesh, *, loss: str | losses.Objective | Callable = "cross_entropy",
+    rules: Rules | None = None,
 ) -> Callable[[Params, Batch, jax.Array], dict[str, jax.Array]]:
   """A jitted ``eval_step(params, (x, y), mask) -> sums``.
 
   ``x``, ``y`` are ``[B, ...]`` and ``mask`` ``[B]`` (1 for real examples, 0
-  for padding), all sharded over ``data``. Returns replicated sums over the
-  real examples: ``loss_sum``, ``count`` and, if the objective has a
-  correctness test, ``correct``. Divide by ``count`` for means.
+  for padding), all sharded over ``data`` (``data`` x ``fsdp`` when ``fsdp``
+  > 1; ``params`` then laid out as the train step's, by ``rules``). Returns
+  replicated sums over the real examples: ``loss_sum``, ``count`` and, if the
+  objective has a correctness test, ``correct``. Divide by ``count`` for
+  means.
   """
-  _check_mesh(mesh, pipelined=True)  # replicated over stage: each stage evaluates
   objective = losses.objective(loss)
+  if shards_params(mesh):
+    check_mesh(mesh, pipelined=axis_size(mesh, STAGE) > 1)
+  else:
+    check_mesh(mesh, pipelined=True)  # replicated over stage: each stage evaluates
 
-  def local(params, x, y, mask):
+  def sums_of(params, x, y, mask):
     outputs = model.apply(params, x, train=False)
     sums = {
         "loss_sum": jnp.sum(objective.loss(outputs, y) * mask),
@@ -402,16 +527,38 @@ def make_eval_step(
     }
     if objective.correct is not None:
       sums["correct"] = jnp.sum(objective.correct(outputs, y) * mask)
+    return sums
+
+  if not shards_params(mesh):
+    def local(params, x, y, mask):
+      sums = sums_of(params, x, y, mask)
+      with jax.named_scope("eval_reduce"):
+        return collectives.all_reduce(sums, DATA, "sum")
+
+    reduce_sums = jax.shard_map(
+        local, mesh=mesh, in_specs=(P(), batch_spec(), batch_spec(), batch_spec()),
+        out_specs=P(),
+    )
+
+    def eval_step(params, batch, mask):
+      x, y, mask = (jax.reshard(a, batch_sharding(mesh)) for a in (*batch, mask))
+      return reduce_sums(params, x, y, mask)
+
+    return jax.jit(eval_step)
+
+  def sharded_local(params, x, y, mask, *, layout):
+    sums = sums_of(sharded.gather_fsdp(params, layout, mesh), x, y, mask)
     with jax.named_scope("eval_reduce"):
-      return collectives.all_reduce(sums, DATA, "sum")
+      return collectives.all_reduce(sums, batch_axes(mesh), "sum")
 
-  sharded = jax.shard_map(
-      local, mesh=mesh, in_specs=(P(), batch_spec(), batch_spec(), batch_spec()),
-      out_specs=P(),
-  )
-
-  def eval_step(params, batch, mask):
+  def sharded_eval_step(params, batch, mask):
+    layout = sharded.param_layout(model, params, mesh, rules)
+    params = sharded.constrain(params, layout, mesh)
     x, y, mask = (jax.reshard(a, batch_sharding(mesh)) for a in (*batch, mask))
-    return sharded(params, x, y, mask)
+    spec = batch_spec(mesh)
+    return jax.shard_map(
+        functools.partial(sharded_local, layout=layout), mesh=mesh,
+        in_specs=(layout.manual, spec, spec, spec), out_specs=P(),
+        axis_names=sharded.manual_axes(mesh))(params, x, y, mask)
 
-  return jax.jit(eval_step)
+  return jax.jit(sharded_eval_step)

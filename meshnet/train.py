@@ -28,7 +28,8 @@ from meshnet.distributed import initialize
 from meshnet.errors import MeshnetError, NonFiniteLossError, NonFiniteStateError
 from meshnet.faults import PeerGuard, StepWatchdog, catch_abort
 from meshnet.mesh import (
-    DATA, STAGE, axis_size, describe_mesh, make_mesh, select_devices, set_cpu_device_count,
+    DATA, FSDP, STAGE, axis_size, describe_mesh, make_mesh, select_devices,
+    set_cpu_device_count,
 )
 from meshnet.metrics import Bar, MetricsWriter, Progress, check_metrics_file, is_main_process
 from meshnet.model import Model, Params
@@ -39,7 +40,8 @@ from meshnet.pipeline.timeline import text as timeline_text
 from meshnet.profiling import StepProfiler
 from meshnet.sharding import batch_sharding
 from meshnet.step import (
-    TrainState, check_batch_size, init_train_state, make_eval_step, make_train_step,
+    TrainState, check_batch_size, check_mesh, init_train_state, make_eval_step,
+    make_train_step,
 )
 from meshnet.tensorboard import TensorBoardWriter, check_logdir
 
@@ -71,7 +73,7 @@ def evaluate(
   """Mean loss (and accuracy) of ``params`` on ``(x, y)``, over the mesh.
 
   The examples are cut into batches of ``batch_size`` rounded up to a
-  multiple of the ``data`` axis; the last batch is padded and the padding
+  multiple of ``data`` x ``fsdp``; the last batch is padded and the padding
   masked out, so every example counts exactly once. With ``progress``, an
   evaluation of several batches draws a bar on process 0 (erased when done).
 
@@ -79,7 +81,7 @@ def evaluate(
     ``{"eval_loss": ..., "eval_accuracy": ...}`` (accuracy only when the
     objective defines correctness).
   """
-  data = axis_size(mesh, DATA)
+  data = axis_size(mesh, DATA) * axis_size(mesh, FSDP)  # the devices the batch is split over
   batch_size = -(-min(batch_size, len(x)) // data) * data
   sharding = batch_sharding(mesh)
   totals: dict[str, float] = {}
@@ -226,6 +228,7 @@ def run(
   pipeline = None
   grad_accum = oc.grad_accum
   if axis_size(mesh, STAGE) > 1:
+    check_mesh(mesh, pipelined=True)  # fsdp/tensor with a pipeline: not yet
     pc = config.pipeline
     microbatches = (pc.microbatches or axis_size(mesh, STAGE)) * oc.grad_accum
     pipeline = make_pipeline(model, mesh, dataset.x_train.shape[1:], schedule=pc.schedule,

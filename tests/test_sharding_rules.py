@@ -141,7 +141,7 @@ def test_mlp_names_place_real_arrays_on_eight_devices(inputs, hidden, axes):
       array = placed_layer[name]
       assert _split(array.shape, specs[i][name], mesh) == shard
       assert {s.data.shape for s in array.addressable_shards} == {shard}, (i, name)
-      assert jax.typeof(array).sharding.spec == specs[i][name]
+      assert array.sharding.spec == specs[i][name]  # (tensor > 1 is Auto: not in the type)
       np.testing.assert_array_equal(np.asarray(array), np.asarray(layer[name]))
 
 
