@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -120,11 +120,12 @@ class PlanConfig:
       raise MeshnetError(f"batch size {self.batch_size} must be >= 1")
     if self.max_devices < 1:
       raise MeshnetError(f"--max-devices {self.max_devices} must be >= 1")
-    for axis in (FSDP, TENSOR):
-      if getattr(self.mesh, axis) > 1:
-        raise MeshnetError(
-            f"mesh axis {axis}={getattr(self.mesh, axis)} is not runnable yet (the train "
-            f"step has data and stage parallelism only); plan with {axis}=1")
+    if self.stages > 1 and self.shards_params:
+      axis = FSDP if self.mesh.fsdp > 1 else TENSOR
+      raise MeshnetError(
+          f"mesh axis {axis}={getattr(self.mesh, axis)} with a pipeline is not supported "
+          f"yet (the pipeline splits over data and stage only); set {axis}=1, or "
+          "stage=1 to shard the parameters without a pipeline")
     if self.stages > 1 and self.widths is None:
       raise MeshnetError(f"a pipeline (stage={self.stages}) needs the layer widths to cut "
                          "into stages; give --layers W0,W1,... instead of --params")
@@ -132,17 +133,34 @@ class PlanConfig:
       raise MeshnetError(
           f"stage={self.stages} x virtual_stages={self.virtual_stages} stages but the model "
           f"has {len(self.widths) - 1} layers; use fewer stages or more layers")
-    parts = self.parts
-    if self.batch_size % (self.mesh.data * parts):
+    parts, replicas = self.parts, self.batch_replicas
+    if self.batch_size % (replicas * parts):
       what = "microbatches" if self.stages > 1 else "grad_accum"
+      split = f"data={self.mesh.data}" + (f" x fsdp={self.mesh.fsdp}" if self.mesh.fsdp > 1
+                                          else "")
       raise MeshnetError(
-          f"global batch size {self.batch_size} is not divisible by data={self.mesh.data} "
-          f"x {what}={parts} = {self.mesh.data * parts}; use a batch size that is a "
-          f"multiple of {self.mesh.data * parts}")
+          f"global batch size {self.batch_size} is not divisible by {split} "
+          f"x {what}={parts} = {replicas * parts}; use a batch size that is a "
+          f"multiple of {replicas * parts}")
 
   @property
   def stages(self) -> int:
     return self.mesh.stage
+
+  @property
+  def shards_params(self) -> bool:
+    """Whether the mesh splits parameters (``fsdp`` or ``tensor`` > 1)."""
+    return self.mesh.fsdp > 1 or self.mesh.tensor > 1
+
+  @property
+  def batch_replicas(self) -> int:
+    """Devices the global batch is split over: ``data`` x ``fsdp``."""
+    return self.mesh.data * self.mesh.fsdp
+
+  @property
+  def local_batch(self) -> int:
+    """Examples per device per step."""
+    return self.batch_size // self.batch_replicas
 
   @property
   def parts(self) -> int:
@@ -332,6 +350,58 @@ def _optimizer(optim: OptimConfig):
   return make_optimizer(optim, max(2, optim.warmup_steps + 1))
 
 
+class _Shapes(NamedTuple):
+  """The state's shapes: global, and one device's shard of each leaf.
+
+  Attributes:
+    params, opt_state: global ``jax.ShapeDtypeStruct`` trees.
+    local_params, local_opt: the same trees with each leaf's shape one
+      device's shard (laid out as :func:`meshnet.init_train_state` lays them).
+    layout: :func:`meshnet.sharded.param_layout` on the plan's mesh, or
+      ``None`` when nothing is split (``fsdp`` = ``tensor`` = 1).
+  """
+
+  params: Any
+  opt_state: Any
+  local_params: Any
+  local_opt: Any
+  layout: Any
+
+
+def _abstract_mesh(config: PlanConfig):
+  from jax.sharding import AbstractMesh
+
+  from meshnet.mesh import axis_types
+  sizes = {a: getattr(config.mesh, a) for a in AXES}
+  return AbstractMesh(tuple(sizes[a] for a in AXES), AXES, axis_types=axis_types(sizes))
+
+
+def _layout_model(config: PlanConfig):
+  """The model whose logical axes lay the parameters out (``None`` for a
+  parameter count: no names, the default FSDP rule)."""
+  return _model(config) if config.widths is not None else None
+
+
+def _shapes(config: PlanConfig) -> _Shapes:
+  """The state's global and per-device shapes on ``config``'s mesh, from
+  the same :func:`meshnet.sharding.param_specs` the step lays them out by."""
+  from meshnet import sharded
+
+  params = _param_shapes(config)
+  opt_state = jax.eval_shape(_optimizer(config.optim).init, params)
+  if not config.shards_params:
+    return _Shapes(params, opt_state, params, opt_state, None)
+  mesh = _abstract_mesh(config)
+  layout = sharded.param_layout(_layout_model(config), params, mesh)
+  opt_shardings = sharded.state_shardings(opt_state, params, layout, mesh)
+
+  def local(leaf, sharding):
+    return jax.ShapeDtypeStruct(sharding.shard_shape(leaf.shape), leaf.dtype)
+
+  return _Shapes(params, opt_state, jax.tree.map(local, params, layout.shardings),
+                 jax.tree.map(local, opt_state, opt_shardings), layout)
+
+
 def _nbytes(tree: Any) -> int:
   return sum(int(np.prod(leaf.shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
              for leaf in jax.tree.leaves(tree))
@@ -363,7 +433,7 @@ def _plain_step(config: PlanConfig, param_bytes: int, opt_bytes: int, num_params
                 leaves: list) -> tuple[StepTime, list[Traffic]]:
   """The unpipelined step: compute, then the gradient exchange."""
   dev = config.device
-  local = config.batch_size // config.mesh.data
+  local = config.local_batch
   rows = local // config.grad_accum
   if config.widths is not None:
     flops = config.grad_accum * (stepcost.forward_flops(config.widths, rows)
@@ -445,7 +515,7 @@ def _io_bytes(config: PlanConfig, params: Any, opt_state: Any) -> tuple[int, int
   device's share of the batch in; the new state, the three metrics and one
   pointer per output leaf (the tuple XLA returns) out."""
   F32 = stepcost.F32
-  local = config.batch_size // config.mesh.data
+  local = config.local_batch
   state_bytes = 4 + _nbytes(params) + _nbytes(opt_state) + 8
   state_leaves = 2 + len(jax.tree.leaves(params)) + len(jax.tree.leaves(opt_state))
   features = config.widths[0] if config.widths else 0  # unknown for a parameter count
@@ -483,11 +553,11 @@ def _pipelined(config: PlanConfig, params: Any, param_bytes: int, opt_bytes: int
 
 def _estimate(config: PlanConfig) -> tuple[StepTime, list[Traffic], Memory, dict | None, int]:
   """Memory and time of ``config``'s step on its own mesh."""
-  params = _param_shapes(config)
-  opt_state = jax.eval_shape(_optimizer(config.optim).init, params)
-  param_bytes, opt_bytes = _nbytes(params), _nbytes(opt_state)
+  shapes = _shapes(config)
+  params = shapes.params
+  param_bytes, opt_bytes = _nbytes(shapes.local_params), _nbytes(shapes.local_opt)
   num_params = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params))
-  arguments, outputs = _io_bytes(config, params, opt_state)
+  arguments, outputs = _io_bytes(config, shapes.local_params, shapes.local_opt)
   pipeline = None
   if config.stages > 1:
     step, traffic, temporaries, activations, pipeline = _pipelined(
@@ -497,7 +567,7 @@ def _estimate(config: PlanConfig) -> tuple[StepTime, list[Traffic], Memory, dict
     step, traffic = _plain_step(config, param_bytes, opt_bytes, num_params, leaves)
     temporaries = activations = None
     if config.widths is not None:
-      rows = config.batch_size // config.mesh.data // config.grad_accum
+      rows = config.local_batch // config.grad_accum
       temporaries = stepcost.plain_temporaries(
           config.widths, rows, param_bytes, config.activation, grad_accum=config.grad_accum,
           data=config.mesh.data, deterministic=config.deterministic)
@@ -773,7 +843,7 @@ def compiled_memory(config: PlanConfig, devices: Sequence[jax.Device] | None = N
   Raises:
     MeshnetError: no layer widths, or too few devices.
   """
-  from meshnet import make_mesh, make_pipeline, make_train_step
+  from meshnet import make_mesh, make_pipeline, make_train_step, sharded
   from meshnet.sharding import batch_sharding, replicated
   from meshnet.step import TrainState
 
@@ -799,8 +869,13 @@ def compiled_memory(config: PlanConfig, devices: Sequence[jax.Device] | None = N
   shapes = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params,
                       jax.eval_shape(optimizer.init, params),
                       jax.ShapeDtypeStruct((2,), jnp.uint32))
-  rep = replicated(mesh)
-  state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), shapes)
+  if config.shards_params:  # laid out as init_train_state lays them
+    layout = sharded.param_layout(model, params, mesh)
+    shardings = sharded.state_shardings(shapes, params, layout, mesh)
+  else:
+    shardings = jax.tree.map(lambda _: replicated(mesh), shapes)
+  state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                       shapes, shardings)
   B, batch = config.batch_size, batch_sharding(mesh)
   x = jax.ShapeDtypeStruct((B, config.widths[0]), jnp.float32, sharding=batch)
   y = (jax.ShapeDtypeStruct((B,), jnp.int32, sharding=batch) if config.loss == "cross_entropy"
