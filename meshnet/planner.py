@@ -402,6 +402,35 @@ def _shapes(config: PlanConfig) -> _Shapes:
                  jax.tree.map(local, opt_state, opt_shardings), layout)
 
 
+def _sharded_layers(config: PlanConfig, shapes: _Shapes) -> list[stepcost.ShardedLayer]:
+  """Each dense layer of the MLP as one device runs it on a mesh that splits
+  its parameters: widths after ``tensor``, bytes gathered over ``fsdp``
+  and the bytes of its gradient's reduce-scattered piece."""
+  from jax.sharding import PartitionSpec as P
+
+  t = config.mesh.tensor
+  layout = shapes.layout
+  global_leaves = jax.tree.leaves(shapes.params)
+  local_leaves = jax.tree.leaves(shapes.local_params)
+  tensor_specs = jax.tree.leaves(layout.tensor, is_leaf=lambda x: isinstance(x, P))
+  layers = []
+  for l in range(len(config.widths) - 1):
+    # The MLP's params are [{"b", "w"}, ...]: leaves 2l (b) and 2l + 1 (w).
+    gathered = piece = 0
+    for i in (2 * l, 2 * l + 1):
+      spec, leaf = tensor_specs[i], global_leaves[i]
+      block = [n // t if entry == TENSOR else n for n, entry in zip(leaf.shape, spec)]
+      block_bytes = int(np.prod(block, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+      gathered += block_bytes if layout.dims[i] is not None else 0
+      piece += _nbytes(local_leaves[i])
+    w_spec = tuple(tensor_specs[2 * l + 1])
+    i, o = config.widths[l], config.widths[l + 1]
+    layers.append(stepcost.ShardedLayer(i // t if w_spec[0] == TENSOR else i,
+                                        o // t if w_spec[1] == TENSOR else o,
+                                        gathered, piece))
+  return layers
+
+
 def _nbytes(tree: Any) -> int:
   return sum(int(np.prod(leaf.shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
              for leaf in jax.tree.leaves(tree))
@@ -566,7 +595,14 @@ def _estimate(config: PlanConfig) -> tuple[StepTime, list[Traffic], Memory, dict
     leaves = [(tuple(leaf.shape), leaf.dtype) for leaf in jax.tree.leaves(params)]
     step, traffic = _plain_step(config, param_bytes, opt_bytes, num_params, leaves)
     temporaries = activations = None
-    if config.widths is not None:
+    if config.widths is not None and shapes.layout is not None:
+      rows = config.local_batch // config.grad_accum
+      layers = _sharded_layers(config, shapes)
+      temporaries = stepcost.sharded_temporaries(
+          layers, rows, config.activation, data=config.mesh.data, grad_accum=config.grad_accum)
+      local_widths = [layers[0].inputs] + [layer.outputs for layer in layers]
+      activations = stepcost.kept_activation_bytes(local_widths, rows, config.activation)
+    elif config.widths is not None:
       rows = config.local_batch // config.grad_accum
       temporaries = stepcost.plain_temporaries(
           config.widths, rows, param_bytes, config.activation, grad_accum=config.grad_accum,

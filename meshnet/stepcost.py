@@ -176,6 +176,91 @@ def plain_temporaries(widths: Sequence[int], rows: int, grad_bytes: int, activat
   return heap.peak
 
 
+@dataclasses.dataclass(frozen=True)
+class ShardedLayer:
+  """One dense layer of the sharded step (``fsdp`` or ``tensor`` > 1), on one device.
+
+  Attributes:
+    inputs, outputs: its widths on this device (a column-split layer's
+      outputs and the next row-split layer's inputs divided by ``tensor``).
+    gathered: bytes of its weights all-gathered over ``fsdp`` (0 when none
+      of its leaves is split over ``fsdp``).
+    piece: bytes of its gradient once reduce-scattered over ``fsdp`` (the
+      whole gradient of the leaves not split over it).
+  """
+
+  inputs: int
+  outputs: int
+  gathered: int
+  piece: int
+
+  @property
+  def grad(self) -> int:
+    """Bytes of its weight gradient before the reduce-scatter."""
+    return F32 * (self.inputs * self.outputs + self.outputs)
+
+
+def sharded_temporaries(layers: Sequence[ShardedLayer], rows: int, activation: str, *,
+                        data: int = 1, grad_accum: int = 1) -> int:
+  """Peak temporary bytes per device of the step whose parameters are split
+  over ``fsdp`` and ``tensor`` (:func:`meshnet.step.make_grad_fn`).
+
+  The liveness of :func:`plain_temporaries` on each device's own widths
+  (tensor parallelism makes it a narrower MLP), with ZeRO-3's buffers: each
+  layer's gathered weights, live from the all-gather until their last read
+  (the first layer's in the forward, the others' in the backward, for the
+  input cotangent); each weight gradient until its reduce-scatter, whose
+  piece stays until the ``data`` mean; then, over ``data`` > 1, the pieces
+  packed into a bucket, its all-reduce and the unpacked gradient the update
+  reads.
+
+  Args:
+    layers: the dense layers, input first.
+    rows: examples per micro-step on one device.
+    activation: hidden activation.
+    data: devices averaging the pieces.
+    grad_accum: micro-steps (a scan carrying the summed gradient).
+  """
+  widths = [layers[0].inputs] + [layer.outputs for layer in layers]
+  L = len(layers)
+  pieces = sum(layer.piece for layer in layers) + F32  # and the loss
+  heap = Heap()
+  for l, layer in enumerate(layers):
+    if layer.gathered:
+      heap.alloc(f"w{l}", layer.gathered)
+  if grad_accum > 1:
+    heap.alloc("grad_sum", sum(layer.grad for layer in layers))
+    heap.alloc("micro_batch", F32 * rows * (widths[0] + 1))
+  _forward(heap, widths, rows, activation)
+  heap.free("w0")  # only the forward reads the first layer's weights
+  heap.alloc(f"g{L - 1}", F32 * rows * widths[-1])
+  heap.free("loss", f"z{L - 1}")
+  for l in range(L - 1, -1, -1):
+    heap.alloc(f"dw{l}", layers[l].grad)
+    if l > 0:
+      heap.free(f"h{l - 1}")
+      heap.alloc(f"dh{l - 1}", F32 * rows * widths[l])
+      heap.free(f"w{l}", f"g{l}")
+      heap.alloc(f"g{l - 1}", F32 * rows * widths[l])
+      heap.free(f"dh{l - 1}", f"z{l - 1}")
+    else:
+      heap.free("g0")
+    if grad_accum == 1:
+      heap.alloc(f"piece{l}", layers[l].piece)
+      heap.free(f"dw{l}")
+  if grad_accum > 1:
+    heap.free("micro_batch", *(f"dw{l}" for l in range(L)))
+    heap.alloc("pieces", pieces)
+    heap.free("grad_sum")
+  if data > 1:
+    heap.alloc("bucket", pieces)
+    heap.free("pieces", *(f"piece{l}" for l in range(L)))
+    heap.alloc("reduced", pieces)
+    heap.free("bucket")
+    heap.alloc("unpacked", pieces - F32)
+  return heap.peak
+
+
 # --- pipelines ------------------------------------------------------------------------
 
 
