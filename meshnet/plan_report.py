@@ -96,13 +96,22 @@ def _step(plan: "Plan") -> list[str]:
                + (f", bubble {s.bubble:.1%}" if plan.pipeline else "")
                + f"), communication {_time(s.comm_s)}: step {_time(s.step_s)}, "
                f"{s.samples_per_s:,.0f} samples/s"
-               + (f", {s.speedup:.2f}x one device" if s.speedup else ""))
+               + (f", {s.speedup:.2f}x {_base(plan)}" if s.speedup else ""))
   return lines
+
+
+def _base(plan: "Plan") -> str:
+  """What the speedups are against."""
+  c = plan.config
+  shard = c.mesh.fsdp * c.mesh.tensor
+  return "one device" if shard == 1 else f"data=1 on {shard} devices"
 
 
 def _projection(plan: "Plan") -> list[str]:
   c = plan.config
   pipelined = f" x stage={c.stages}" if c.stages > 1 else ""
+  if c.mesh.fsdp > 1 or c.mesh.tensor > 1:
+    pipelined = f" x fsdp={c.mesh.fsdp} x tensor={c.mesh.tensor}"
   rows = [[str(r.devices), r.mesh, str(r.local_batch), _time(r.compute_s), _time(r.comm_s),
            f"{r.bubble:.1%}" if r.bubble else "-", _time(r.step_s), f"{r.samples_per_s:,.0f}",
            f"{r.speedup:.2f}x" if r.speedup else "-", _size(r.temporaries)]

@@ -20,7 +20,14 @@ collectives cost ``latency + bus_bytes / bandwidth`` each and do not
 overlap compute (the step exchanges the gradient after the backward, and
 the executor sends between rounds). The projection keeps the global batch
 and the planned ``stage`` and varies ``data`` (fewer devices than stages
-run unpipelined).
+run unpipelined); a mesh that splits parameters keeps its ``fsdp`` and
+``tensor`` and varies ``data`` (speedups against the smallest such mesh).
+
+On ``fsdp``/``tensor`` meshes the bytes per device are each leaf's shard
+under :func:`meshnet.sharding.param_specs` (the step's own layout), the
+batch is split over ``data`` x ``fsdp``, matmuls over ``tensor``, and the
+traffic adds ``fsdp``'s all-gather and reduce-scatter and ``tensor``'s
+all-reduces per Megatron pair (see :func:`_sharded_step`).
 """
 
 from __future__ import annotations
@@ -476,6 +483,68 @@ def _plain_step(config: PlanConfig, param_bytes: int, opt_bytes: int, num_params
   return _step_time(config, local, flops, compute, seconds, 0.0), traffic
 
 
+def _sharded_step(config: PlanConfig, shapes: _Shapes, param_bytes: int, opt_bytes: int,
+                  num_params: int) -> tuple[StepTime, list[Traffic]]:
+  """The step whose parameters are split over ``fsdp`` and ``tensor``:
+  compute on each device's rows (``B / (data x fsdp)``) and widths (matmuls
+  split over ``tensor``), then the collectives, none overlapped. Over
+  ``fsdp``: one all-gather of each split leaf (the gathered weights serve
+  the forward and the backward), one reduce-scatter of its gradient, and the
+  mean of the loss and the unsplit leaves' gradients (one bucketed
+  all-reduce over ``data`` x ``fsdp``, counted here). Over ``tensor``: per
+  Megatron column/row pair, an all-reduce of the row layer's output
+  ``[rows, out]`` in the forward and of the column layer's input cotangent
+  ``[rows, in]`` in the backward (none for the first layer: no input
+  gradient). Over ``data``: the bucketed mean of the reduce-scattered pieces."""
+  dev, link, F32 = config.device, config.device.link, stepcost.F32
+  f, t, d = config.mesh.fsdp, config.mesh.tensor, config.mesh.data
+  local = config.local_batch
+  rows = local // config.grad_accum
+  layout = shapes.layout
+  leaves = jax.tree.leaves(shapes.local_params)
+  split = [((tuple(a.shape), a.dtype), dim) for a, dim in zip(leaves, layout.dims)]
+  pieces = [shape for shape, dim in split if dim is not None]
+  whole = [((), jnp.float32)] + [shape for shape, dim in split if dim is None]
+  traffic = []
+  if config.widths is not None:
+    layers = _sharded_layers(config, shapes)
+    widths = [layers[0].inputs] + [layer.outputs for layer in layers]
+    flops = config.grad_accum * (stepcost.forward_flops(widths, rows)
+                                 + stepcost.backward_flops(widths, rows))
+  else:
+    flops = 6.0 * num_params * local / t
+  if f > 1:
+    gathered = [_nbytes(jax.ShapeDtypeStruct(s, dt)) * f for s, dt in pieces]
+    whole_bytes = sum(_nbytes(jax.ShapeDtypeStruct(s, dt)) for s, dt in whole)
+    n_whole = len(collectives.plan_buckets(whole, collectives.DEFAULT_BUCKET_BYTES))
+    sent = (2 * bus_factor(ALL_GATHER, f) * sum(gathered)
+            + bus_factor(ALL_REDUCE, f) * whole_bytes)
+    seconds = (2 * sum(link.time(ALL_GATHER, g, f) for g in gathered)
+               + n_whole * link.time(ALL_REDUCE, whole_bytes / n_whole, f))
+    traffic.append(Traffic(FSDP, int(round(sent)),
+                           {ALL_GATHER: len(gathered), "reduce_scatter": len(gathered),
+                            ALL_REDUCE: n_whole}, seconds))
+  if t > 1 and config.widths is not None:
+    messages = []
+    for l, layer in enumerate(layers[:-1]):
+      if layer.outputs != config.widths[l + 1]:  # a column-split layer, then its row layer
+        messages.append(F32 * rows * config.widths[l + 2])
+        if l > 0:
+          messages.append(F32 * rows * config.widths[l])
+    messages *= config.grad_accum
+    traffic.append(Traffic(TENSOR, int(round(sum(bus_factor(ALL_REDUCE, t) * m
+                                                 for m in messages))),
+                           {ALL_REDUCE: len(messages)},
+                           sum(link.time(ALL_REDUCE, m, t) for m in messages)))
+  if d > 1:
+    sent, calls, seconds = _data_traffic(config, pieces + (whole if f == 1 else []))
+    traffic.append(Traffic(DATA, sent, calls, seconds))
+  compute = (flops / dev.rate(rows)
+             + stepcost.elementwise_bytes(param_bytes, opt_bytes) / dev.memory_bandwidth)
+  return (_step_time(config, local, flops, compute, sum(x.seconds for x in traffic), 0.0),
+          traffic)
+
+
 def _pipeline_traffic(config: PlanConfig, shape: stepcost.PipelineShape) -> list[Traffic]:
   """Per round, activations one device forward and cotangents one back
   (one swap at S = 2, two ppermutes otherwise); after the rounds, the
@@ -593,7 +662,10 @@ def _estimate(config: PlanConfig) -> tuple[StepTime, list[Traffic], Memory, dict
         config, params, param_bytes, opt_bytes)
   else:
     leaves = [(tuple(leaf.shape), leaf.dtype) for leaf in jax.tree.leaves(params)]
-    step, traffic = _plain_step(config, param_bytes, opt_bytes, num_params, leaves)
+    if shapes.layout is not None:
+      step, traffic = _sharded_step(config, shapes, param_bytes, opt_bytes, num_params)
+    else:
+      step, traffic = _plain_step(config, param_bytes, opt_bytes, num_params, leaves)
     temporaries = activations = None
     if config.widths is not None and shapes.layout is not None:
       rows = config.local_batch // config.grad_accum
@@ -620,13 +692,23 @@ def _projection_configs(config: PlanConfig) -> list[tuple[int, PlanConfig | str]
   fewer devices than stages), or why that mesh cannot run it."""
   rows = []
   n = 1
+  shard = config.mesh.fsdp * config.mesh.tensor
   while n <= max(config.max_devices, 1):
-    S = config.stages if n % config.stages == 0 and n >= config.stages else 1
-    mesh = MeshConfig(data=n // S, fsdp=1, stage=S, tensor=1)
+    if shard > 1:  # fsdp and tensor kept, data varied
+      if n % shard:
+        rows.append((n, f"{n} devices do not hold fsdp={config.mesh.fsdp} x "
+                        f"tensor={config.mesh.tensor}"))
+        n *= 2
+        continue
+      mesh = MeshConfig(data=n // shard, fsdp=config.mesh.fsdp, stage=1,
+                        tensor=config.mesh.tensor)
+    else:
+      S = config.stages if n % config.stages == 0 and n >= config.stages else 1
+      mesh = MeshConfig(data=n // S, fsdp=1, stage=S, tensor=1)
     try:
       rows.append((n, dataclasses.replace(config, mesh=mesh)))
     except MeshnetError:
-      rows.append((n, f"batch {config.batch_size} does not split over data={n // S}"))
+      rows.append((n, f"batch {config.batch_size} does not split over data={mesh.data}"))
     n *= 2
   return rows
 
@@ -644,7 +726,7 @@ def plan(config: PlanConfig) -> Plan:
     if isinstance(row, str):
       continue
     row_step = step if row == config else _estimate(row)[0]
-    if n == 1:
+    if base is None:  # one device, or the smallest mesh that holds fsdp x tensor
       base = row_step
     speedup = base.step_s / row_step.step_s if base is not None else None
     scaling.append(dataclasses.replace(row_step, speedup=speedup))
@@ -655,6 +737,11 @@ def plan(config: PlanConfig) -> Plan:
 
 def _notes(config: PlanConfig) -> tuple[str, ...]:
   notes = []
+  if config.shards_params:
+    shard = config.mesh.fsdp * config.mesh.tensor
+    notes.append(f"projection: fsdp={config.mesh.fsdp} and tensor={config.mesh.tensor} "
+                 f"kept, data varied; speedup against {shard} device{'s' * (shard > 1)} "
+                 "(data=1)")
   if config.optim.grad_transport == "shm":
     notes.append("grad_transport shm: the exchange is priced as an all-reduce")
   if config.dropout:
@@ -796,8 +883,7 @@ def _matmul_rows(pc: PlanConfig) -> list[int]:
   """Rows per matmul of the plan's step, then of its projection's meshes."""
   rows = []
   for config in [pc] + [row for _, row in _projection_configs(pc) if not isinstance(row, str)]:
-    local = config.batch_size // config.mesh.data
-    rows.append(local // config.parts)
+    rows.append(config.local_batch // config.parts)
   return rows
 
 
