@@ -32,7 +32,7 @@ def _config(widths=DIGITS_MLP, batch=128, optimizer="adam", **kw) -> planner.Pla
 
 def _real_state(config: planner.PlanConfig):
   """``init_train_state``'s real arrays for the plan's model, optimizer and mesh."""
-  model = meshnet.models.mlp(list(config.widths))
+  model = meshnet.models.mlp(list(config.widths), activation=config.activation)
   optimizer = meshnet.make_optimizer(config.optim, 10)
   axes = {a: getattr(config.mesh, a) for a in meshnet.AXES}
   mesh = meshnet.make_mesh(devices=jax.devices()[:config.devices], **axes)
@@ -222,7 +222,8 @@ def test_parameter_count_plans_without_layers():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--mesh", "fsdp=2,data=4"], "mesh axis fsdp=2 is not runnable yet"),
+    (["--mesh", "fsdp=2,stage=2"], "mesh axis fsdp=2 with a pipeline is not supported"),
+    (["--mesh", "tensor=2,stage=2"], "mesh axis tensor=2 with a pipeline is not supported"),
     (["--link-file", "/nonexistent.jsonl"], "cannot read link file /nonexistent.jsonl"),
     (["--bandwidth", "-1"], "--bandwidth -1 must be a finite number > 0"),
     (["--device-kind", "tpu-v9"], "unknown device kind 'tpu-v9'"),
@@ -244,3 +245,93 @@ def test_bad_link_file_line_is_named(tmp_path):
   path.write_text('{"collective": "all_reduce", "devices": 2}\n')
   with pytest.raises(MeshnetError, match="bad.jsonl line 1 is not a `meshnet bench"):
     hardware.read_link_file(str(path))
+
+
+# --- fsdp and tensor --------------------------------------------------------------
+
+CUSTOM_MLP = (48, 96, 64, 32, 8)  # a --layers MLP whose hidden widths divide
+SHARDED = [
+    (_mesh(fsdp=8), DIGITS_MLP, "adam"),
+    (_mesh(fsdp=8), DIGITS_MLP, "sgd"),
+    (_mesh(data=2, fsdp=4), DIGITS_MLP, "adam"),
+    (_mesh(data=2, fsdp=2, tensor=2), DIGITS_MLP, "adam"),
+    (_mesh(data=2, fsdp=2, tensor=2), CUSTOM_MLP, "adam"),
+    (_mesh(fsdp=4, tensor=2), CUSTOM_MLP, "momentum"),
+]
+SHARDED_IDS = [f"{m.data}-{m.fsdp}-{m.tensor}-{'x'.join(map(str, w))}-{o}"
+               for m, w, o in SHARDED]
+
+
+@pytest.mark.parametrize("mesh, widths, optimizer", SHARDED, ids=SHARDED_IDS)
+def test_sharded_bytes_are_the_real_shards(mesh, widths, optimizer):
+  config = _config(widths, batch=128, optimizer=optimizer, mesh=mesh)
+  memory = planner.plan(config).memory
+  *_, state = _real_state(config)
+  assert memory.params == _device_bytes(state.params)
+  assert memory.grads == _device_bytes(state.params)
+  assert memory.optimizer == _device_bytes(state.opt_state)  # Adam's count included
+  total = 4 * sum(i * o + o for i, o in zip(widths[:-1], widths[1:]))
+  # within 10% of total / (fsdp x tensor): only biases stay whole
+  assert memory.params <= 1.1 * total / (mesh.fsdp * mesh.tensor)
+
+
+@pytest.mark.parametrize("mesh, widths, optimizer", SHARDED, ids=SHARDED_IDS)
+def test_sharded_memory_matches_xlas_compiled_step(mesh, widths, optimizer):
+  config = _config(widths, batch=128, optimizer=optimizer, mesh=mesh)
+  memory = planner.plan(config).memory
+  xla = planner.compiled_memory(config)
+  assert memory.arguments == xla.arguments
+  assert memory.outputs == xla.outputs
+  assert abs(memory.temporaries / xla.temporaries - 1) <= 0.25, (
+      memory.temporaries, xla.temporaries)
+
+
+def test_sharded_traffic_and_projection():
+  link = hardware.LinkSpec({name: hardware.LinkCost(1e-3, 1e9)
+                            for name in hardware.STEP_COLLECTIVES})
+  device = hardware.DeviceSpec("cpu", 1e11, 1e10, 0, link)
+  config = planner.PlanConfig(widths=DIGITS_MLP, batch_size=128, device=device,
+                              mesh=_mesh(data=2, fsdp=2, tensor=2),
+                              optim=OptimConfig(optimizer="sgd"))
+  result = planner.plan(config)
+  traffic = {t.axis: t for t in result.traffic}
+  # fsdp: the weights and the row layer's bias are split; per tensor block,
+  # gathered and reduce-scattered once each, (n - 1) / n of the block; the
+  # loss and the whole biases (b0's tensor half, b2) averaged in one bucket.
+  blocks = 4 * (64 * 256 // 2 + 256 * 128 // 2 + 128 + 128 * 10)
+  fsdp = traffic["fsdp"]
+  assert fsdp.calls == {"all_gather": 4, "reduce_scatter": 4, "all_reduce": 1}
+  assert fsdp.bytes_sent == round(2 * 0.5 * blocks + 2 * 0.5 * 4 * (1 + 128 + 10))
+  # tensor: one column/row pair, its forward all-reduce of [32 rows, 128];
+  # the column layer is the first (no input cotangent to reduce).
+  assert traffic["tensor"].calls == {"all_reduce": 1}
+  assert traffic["tensor"].bytes_sent == round(2 * 0.5 * 4 * 32 * 128)
+  assert traffic["data"].bytes_sent == round(2 * 0.5 * (blocks // 2))
+  step = result.step
+  assert step.local_batch == 32
+  local = (64, 128, 128, 10)  # widths on one device: the column layer's outputs halved
+  forward = 2 * 32 * sum(i * o for i, o in zip(local[:-1], local[1:]))
+  assert step.flops == pytest.approx(3 * forward - 2 * 32 * 64 * 128)
+  assert [(r.devices, r.mesh) for r in result.scaling] == [
+      (4, "data=1,fsdp=2,tensor=2"), (8, "data=2,fsdp=2,tensor=2")]
+  assert result.scaling[0].speedup == 1.0
+  assert any("data varied" in note for note in result.notes)
+
+
+def test_stage_with_fsdp_is_refused_in_one_line():
+  with pytest.raises(MeshnetError, match="fsdp=2 with a pipeline is not supported") as e:
+    _config(mesh=_mesh(fsdp=2, stage=2))
+  assert "\n" not in str(e.value)
+
+
+def test_command_plans_fsdp_as_json():
+  proc = _run("--mesh", "fsdp=8", "--flops", "100G", "--json")
+  assert proc.returncode == 0, proc.stderr
+  result = json.loads(proc.stdout)
+  config, _ = planner.plan_config(Config(mesh=meshnet.MeshConfig(fsdp=8)), DEVICE,
+                                  n_devices=8)
+  memory = planner.plan(config).memory
+  for key in ("params", "grads", "optimizer", "arguments", "outputs", "temporaries"):
+    assert result["memory"][key] == getattr(memory, key), key
+  assert result["memory"]["arguments"] == result["xla"]["arguments"]
+  assert result["mesh"] == {"data": 1, "fsdp": 8, "stage": 1, "tensor": 1}
