@@ -244,3 +244,36 @@ def test_bad_link_file_line_is_named(tmp_path):
   path.write_text('{"collective": "all_reduce", "devices": 2}\n')
   with pytest.raises(MeshnetError, match="bad.jsonl line 1 is not a `meshnet bench"):
     hardware.read_link_file(str(path))
+
+
+def _compiled_hlo(config: planner.PlanConfig):
+  """The parsed HLO of the pipelined step meshnet train compiles for ``config``."""
+  from meshnet import hlo
+  model = meshnet.models.mlp(list(config.widths))
+  optimizer = meshnet.make_optimizer(config.optim, 10)
+  axes = {a: getattr(config.mesh, a) for a in meshnet.AXES}
+  mesh = meshnet.make_mesh(devices=jax.devices()[:config.devices], **axes)
+  pipeline = meshnet.make_pipeline(model, mesh, (config.widths[0],),
+                                   schedule=config.schedule, microbatches=config.parts)
+  step = meshnet.make_train_step(model, optimizer, mesh, pipeline=pipeline)
+  state = meshnet.init_train_state(model, optimizer, mesh, jax.random.key(0))
+  B = config.batch_size
+  batch = meshnet.global_batch((np.zeros((B, config.widths[0]), np.float32),
+                                np.zeros((B,), np.int32)), np.arange(B),
+                               meshnet.sharding.batch_sharding(mesh))
+  return hlo.parse_hlo(step.lower(state, batch).compile().as_text())
+
+
+def test_pipeline_all_reduces_are_the_compiled_steps():
+  """XLA joins the loss's mean over data to the gradient's: one all-reduce
+  over data, one (the loss) over stage, as many as the compiled step has."""
+  config = _config(DIGITS_MLP, batch=128, mesh=_mesh(data=2, stage=2), microbatches=4)
+  result = planner.plan(config)
+  module = _compiled_hlo(config)
+  compiled = [op for op in module.ops.values() if op.kind == "all-reduce" and op.bytes]
+  planned = sum(t.calls.get("all_reduce", 0) for t in result.traffic)
+  assert planned == len(compiled) == 2
+  data = next(t for t in result.traffic if t.axis == "data")
+  exchanged = max(op.bytes for op in compiled)  # [v, N] gradient and the loss
+  assert data.calls == {"all_reduce": 1}
+  assert data.bytes_sent == round(2 * 1 / 2 * exchanged)
