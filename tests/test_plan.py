@@ -277,3 +277,12 @@ def test_pipeline_all_reduces_are_the_compiled_steps():
   exchanged = max(op.bytes for op in compiled)  # [v, N] gradient and the loss
   assert data.calls == {"all_reduce": 1}
   assert data.bytes_sent == round(2 * 1 / 2 * exchanged)
+
+
+def test_parameter_count_takes_a_billion_suffix(capsys):
+  """``--params 7B`` (how model sizes are written) is 7e9 parameters."""
+  assert meshnet.cli.main(["plan", "--no-xla", "--flops", "1G", "--device-kind", "h100",
+                           "--params", "7B", "--mesh", "data=8", "--json"]) == 0
+  result = json.loads(capsys.readouterr().out)
+  assert result["model"]["params"] == 7_000_000_000
+  assert result["memory"]["params"] == 28_000_000_000
