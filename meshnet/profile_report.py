@@ -142,7 +142,8 @@ class ProfileSummary:
     return {"directory": self.directory, "module": self.module,
             "platform": self.platform, "processes": self.processes,
             "units": {"time": "ms per device (mean over the process's devices)",
-                      "bytes": "per device per step"},
+                      "bytes": "buffer per device per step (nccl-tests' size: an "
+                               "all-gather's result, the others' input)"},
             "steps": [s.to_dict() for s in self.steps], "notes": list(self.notes)}
 
 
@@ -345,8 +346,11 @@ def format_profile(summary: ProfileSummary) -> str:
   plural = "es" if summary.processes != 1 else ""
   lines = [f"profile {summary.directory}: {summary.module or 'train step'} on "
            f"{summary.platform}, {summary.processes} process{plural}, {span}",
-           "times in ms per device (the mean over each process's devices); bytes per "
-           "device per step; idle: no op of the step running on the device"]
+           "times in ms per device (the mean over each process's devices); idle: no op "
+           "of the step running on the device",
+           "bytes: each collective's buffer per device per step (nccl-tests' size, as "
+           "bench collectives counts it; a ring all-reduce sends 2(n-1)/n of it: the "
+           "bytes meshnet plan reports as sent)"]
   kinds = _kinds(steps)
   header = (["process", "step", "devices", "step ms", "compute ms"]
             + [f"{k} ms" for k in kinds] + ["idle ms"] + [f"{k} bytes" for k in kinds])

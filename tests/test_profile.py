@@ -68,9 +68,13 @@ def test_one_process_trace_shows_the_gradient_all_reduce(tmp_path, capsys):
   text = meshnet.format_profile(summary)
   assert "gradient_exchange" in text and f"{_gradient_bytes():,}" in text
   assert "waiting for the slowest peer" in text  # the CPU caveat
+  # The bytes are the buffer (nccl-tests' size), not what a ring sends: says so.
+  assert "bytes: each collective's buffer per device per step" in text
+  assert "2(n-1)/n" in text
 
   report = _profile_json(directory, capsys)
   assert [s["step"] for s in report["steps"]] == [4, 5]
+  assert report["units"]["bytes"].startswith("buffer per device per step")
   for step in report["steps"]:
     _assert_gradient_all_reduce(step, devices=2)
 
