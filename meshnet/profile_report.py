@@ -34,7 +34,7 @@ from typing import Any, Iterable, Sequence
 
 from meshnet.errors import MeshnetError
 from meshnet.hlo import COLLECTIVE_KINDS, HloModule, HloOp, parse_hlo
-from meshnet.profiling import HLO_FILE, META_FILE
+from meshnet.profiling import HLO_FILE, META_FILE, holds_trace
 
 # Named scopes of meshnet's steps (meshnet.step, meshnet.pipeline.executor); a
 # collective counts under the innermost of them in its path.
@@ -192,7 +192,15 @@ def _process_dirs(directory: str) -> list[str]:
   dirs = [os.path.dirname(p) for p in found]
   dirs.sort(key=lambda d: int(d.rsplit("_", 1)[-1]) if d.rsplit("_", 1)[-1].isdigit() else -1)
   if not dirs:
-    what = "does not exist" if not os.path.exists(directory) else "holds no meshnet profile"
+    if not os.path.exists(directory):
+      what = "does not exist"
+    elif not os.path.isdir(directory):
+      what = "is a file, not a directory"
+    elif holds_trace(directory):
+      what = ("holds a jax.profiler trace of another program, without the step's HLO "
+              "meshnet profile reads; open its .trace.json.gz in Perfetto instead")
+    else:
+      what = "holds no meshnet profile"
     raise MeshnetError(
         f"no profile trace in {directory}: it {what} (looked for "
         f"{os.path.join(directory, 'process_*', META_FILE)}); write one with meshnet train "

@@ -176,3 +176,18 @@ ENTRY %main (p: f32[8]) -> f32[2,8] {
   assert module.ops["g"].bytes == 64  # the gathered result
   assert module.ops["s"].bytes == 32  # the scattered operand
   assert module.ops["p"].kind is None
+
+
+def test_another_programs_trace_is_named_as_such(tmp_path, capsys):
+  """A plain jax.profiler trace (no meshnet HLO or steps): one line saying so."""
+  directory = tmp_path / "other"
+  jax.profiler.start_trace(str(directory))
+  x = jax.numpy.ones((64, 64))
+  (x @ x).block_until_ready()
+  jax.profiler.stop_trace()
+  assert glob.glob(str(directory / "plugins" / "profile" / "*" / "*.xplane.pb"))
+  assert cli.main(["profile", str(directory)]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "holds a jax.profiler trace of another program" in err
+  assert cli.main(["profile", __file__]) == 2
+  assert "is a file, not a directory" in capsys.readouterr().err
