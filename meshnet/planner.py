@@ -533,9 +533,10 @@ def plan(config: PlanConfig) -> Plan:
   or run. See the module docstring for what is modelled.
   """
   step, traffic, memory, pipeline, num_params = _estimate(config)
-  scaling, base = [], None
+  scaling, base, left_out = [], None, []
   for n, row in _projection_configs(config):
     if isinstance(row, str):
+      left_out.append(str(n))
       continue
     row_step = step if row == config else _estimate(row)[0]
     if n == 1:
@@ -543,8 +544,15 @@ def plan(config: PlanConfig) -> Plan:
     speedup = base.step_s / row_step.step_s if base is not None else None
     scaling.append(dataclasses.replace(row_step, speedup=speedup))
   step = dataclasses.replace(step, speedup=base.step_s / step.step_s if base else None)
+  notes = _notes(config)
+  if left_out:
+    per = "data replicas x microbatches" if config.stages > 1 else (
+        "data replicas x grad_accum" if config.grad_accum > 1 else "data replicas")
+    notes += (f"projection: no row for {', '.join(left_out)} devices: global batch "
+              f"{config.batch_size} does not split over their {per}; plan a batch size "
+              "they divide to see them",)
   return Plan(config, num_params, memory, tuple(traffic), step, tuple(scaling), pipeline,
-              _notes(config))
+              notes)
 
 
 def _notes(config: PlanConfig) -> tuple[str, ...]:

@@ -286,3 +286,13 @@ def test_parameter_count_takes_a_billion_suffix(capsys):
   result = json.loads(capsys.readouterr().out)
   assert result["model"]["params"] == 7_000_000_000
   assert result["memory"]["params"] == 28_000_000_000
+
+
+def test_projection_says_which_device_counts_it_leaves_out():
+  """A batch of 6 splits over 1 and 2 replicas, not 4 or 8: those rows are
+  left out of the projection, and a note says so instead of nothing."""
+  result = planner.plan(_config(DIGITS_MLP, batch=6, mesh=_mesh(data=2)))
+  assert [row.devices for row in result.scaling] == [1, 2]
+  (note,) = [n for n in result.notes if n.startswith("projection:")]
+  assert "no row for 4, 8 devices" in note and "global batch 6" in note
+  assert note in planner.format_plan(result)
