@@ -67,12 +67,20 @@ REDUCE_OPS = ("sum", "mean", "max", "min")
 
 
 def _axes(axis: AxisName) -> str | tuple[str, ...]:
-  """``axis`` as ``lax`` takes it: a name, or a tuple of names."""
-  if isinstance(axis, str):
-    return axis
-  axes = tuple(axis)
+  """``axis`` as ``lax`` takes it: a name, or a tuple of names, each an axis
+  of the enclosing ``shard_map``."""
+  axes = (axis,) if isinstance(axis, str) else (
+      tuple(axis) if isinstance(axis, (tuple, list)) else ())
   if not axes or not all(isinstance(a, str) for a in axes):
     raise MeshnetError(f"axis={axis!r} must be a mesh axis name or a tuple of names")
+  for name in axes:
+    try:
+      jax.lax.axis_size(name)
+    except NameError:
+      raise MeshnetError(
+          f"axis {name!r} is not an axis of the enclosing shard_map; call the collective "
+          "inside jax.shard_map over a mesh with that axis (e.g. 'data' or 'stage')"
+      ) from None
   return axes[0] if len(axes) == 1 else axes
 
 
@@ -99,10 +107,21 @@ def _check_index(name: str, value: int, n: int, axis: AxisName) -> int:
 
 
 def _check_dim(x: jax.Array, dim: int, what: str) -> int:
-  if not -x.ndim <= dim < max(x.ndim, 1):
+  if x.ndim == 0:
+    raise MeshnetError(f"{what}: the local array is a scalar (shape ()), which has no "
+                       "dimension to split or join; reshape it to [1] first")
+  if not -x.ndim <= dim < x.ndim:
     raise MeshnetError(f"{what}: dim={dim} is out of range for a local array of shape "
                        f"{tuple(x.shape)}; pass a dim in [{-x.ndim}, {x.ndim})")
   return dim % x.ndim
+
+
+def _stack_dim(x: jax.Array, dim: int, what: str) -> int:
+  """``dim`` as the position of a new stacking axis in ``[0, x.ndim]``."""
+  if not -(x.ndim + 1) <= dim <= x.ndim:
+    raise MeshnetError(f"{what}: dim={dim} is out of range for stacking a local array of "
+                       f"shape {tuple(x.shape)}; pass a dim in [{-x.ndim - 1}, {x.ndim}]")
+  return dim % (x.ndim + 1)
 
 
 def _check_divides(x: jax.Array, dim: int, n: int, what: str) -> None:
@@ -166,7 +185,7 @@ def all_gather(x: Any, axis: AxisName, *, dim: int = 0, tiled: bool = False) -> 
       stacking on a new axis at ``dim`` (``[..., n, d, ...]``).
   """
   def one(leaf):
-    d = _check_dim(leaf, dim, "all_gather") if tiled else dim % (leaf.ndim + 1)
+    d = (_check_dim if tiled else _stack_dim)(leaf, dim, "all_gather")
     return jax.lax.all_gather(leaf, _axes(axis), axis=d, tiled=tiled)
   return _per_leaf(one, x)
 
@@ -320,7 +339,7 @@ def gather(x: Any, axis: AxisName, *, dest: int = 0, dim: int = 0, tiled: bool =
   dest = _check_index("dest", dest, n, axis)
 
   def one(leaf):
-    d = _check_dim(leaf, dim, "gather") if tiled else dim % (leaf.ndim + 1)
+    d = (_check_dim if tiled else _stack_dim)(leaf, dim, "gather")
     width = _pow2(n)
     rel = (axis_index(axis) - dest) % n
     buf = jnp.zeros((width, *leaf.shape), leaf.dtype)
@@ -476,6 +495,7 @@ def ordered_pmean(x: jax.Array, axis_name: str, axis_size: int) -> jax.Array:
 
 def _reduce_bucketed(name: str, op: Callable[[jax.Array, AxisName], jax.Array], tree: Any,
                      axis_name: AxisName, bucket_bytes: int, flatten: bool) -> Any:
+  _axes(axis_name)  # every name an axis of the shard_map, or one line saying so
   with jax.named_scope(f"{name}[{axis_name}]"):
     reduce = lambda x: op(x, axis_name)
     if not flatten:
