@@ -27,6 +27,12 @@ shift              ``[...]``                   ``[...]`` (from i - offset)
 moves only what the operation needs and ``broadcast``/``scatter``/
 ``gather`` copy bits exactly for any dtype.
 
+Types: only ``all_reduce``'s result is typed invariant over ``axis``
+(``out_specs=P()`` accepts it). The others are typed as varying over
+``axis``, as ``lax.all_gather``'s is, even where every device holds the
+same value (``broadcast``): return them with ``axis`` in ``out_specs``, or
+reduce them with ``all_reduce`` first.
+
 A gradient pytree has many small leaves; reducing each on its own costs one
 collective launch (and, across hosts, one network round trip: about 2 ms per
 gloo all-reduce here, whatever its size up to ~100k floats) per leaf. The
@@ -390,7 +396,7 @@ def shift(x: Any, axis: AxisName, *, offset: int = 1) -> Any:
   Returns:
     Local ``[...]``: device ``(i - offset) mod n``'s ``x``.
   """
-  if not isinstance(offset, (int, np.integer)):
+  if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)):
     raise MeshnetError(f"shift: offset={offset!r} must be an int")
   n = axis_size(axis)
   if offset % n == 0:

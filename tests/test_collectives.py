@@ -272,6 +272,7 @@ def test_pytrees_and_axis_subsets():
     (lambda a, ax: C.all_gather(a, ax, dim=3, tiled=True), "dim=3"),
     (lambda a, ax: C.all_reduce(a > 0, ax, op="sum"), "boolean"),
     (lambda a, ax: C.shift(a, ax, offset=1.5), "offset=1.5"),
+    (lambda a, ax: C.shift(a, ax, offset=True), "offset=True"),
     (lambda a, ax: C.all_gather(a, ax, dim=5), "dim=5 is out of range for stacking"),
     (lambda a, ax: C.gather(a, ax, dim=-4, tiled=False), "dim=-4 is out of range for stacking"),
     (lambda a, ax: C.all_gather(a[0, 0], ax, tiled=True)[:1][None], "is a scalar"),

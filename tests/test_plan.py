@@ -168,6 +168,22 @@ def test_link_file_fits_latency_and_bandwidth(tmp_path):
   assert link.costs["all_gather"] == hardware.CPU_LINK.costs["all_gather"]  # not in the file
 
 
+def test_link_file_with_one_size_keeps_the_default_latency(tmp_path):
+  """One size cannot split latency from bandwidth: the default latency stays
+  and the bandwidth makes up the rest (it used to read as infinite)."""
+  path = tmp_path / "one.jsonl"
+  lines = [json.loads(l) for l in _bench_lines(tmp_path / "all.jsonl").read_text().splitlines()]
+  path.write_text("\n".join(json.dumps(l) for l in lines if l["shape"] == [1_000_000]))
+  link = hardware.read_link_file(str(path), base=hardware.CPU_LINK)
+  cost = link.costs["all_reduce"]
+  measured = next(l["median_s"] for l in lines if l["collective"] == "all_reduce"
+                  and l["shape"] == [1_000_000])
+  assert cost.latency_s == min(hardware.CPU_LINK.costs["all_reduce"].latency_s, measured / 2)
+  assert 0 < cost.bandwidth_Bps < float("inf")
+  assert cost.time(4_000_000) == pytest.approx(measured)  # the one measured point
+  assert "one size only" in link.source
+
+
 def _run(*args):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
