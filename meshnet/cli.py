@@ -384,15 +384,16 @@ def _add_profile_parser(subparsers) -> None:
 
 
 def _count(text: str) -> float:
-  """``1.5e11``, ``150G``, ``125M``, ``7k``: a number with an optional SI suffix."""
-  scale = {"k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "p": 1e15}
+  """``1.5e11``, ``150G``, ``125M``, ``7B``, ``7k``: a number with an optional SI
+  suffix (``B``: billion, as model sizes are written)."""
+  scale = {"k": 1e3, "m": 1e6, "g": 1e9, "b": 1e9, "t": 1e12, "p": 1e15}
   text = text.strip()
   factor = scale.get(text[-1:].lower(), 1.0)
   try:
     value = float(text[:-1] if factor != 1.0 else text) * factor
   except ValueError:
     raise argparse.ArgumentTypeError(
-        f"{text!r} is not a number (e.g. 1.5e11, 150G, 125M)") from None
+        f"{text!r} is not a number (e.g. 1.5e11, 150G, 125M, 7B)") from None
   return value
 
 

@@ -27,6 +27,12 @@ shift              ``[...]``                   ``[...]`` (from i - offset)
 moves only what the operation needs and ``broadcast``/``scatter``/
 ``gather`` copy bits exactly for any dtype.
 
+Types: only ``all_reduce``'s result is typed invariant over ``axis``
+(``out_specs=P()`` accepts it). The others are typed as varying over
+``axis``, as ``lax.all_gather``'s is, even where every device holds the
+same value (``broadcast``): return them with ``axis`` in ``out_specs``, or
+reduce them with ``all_reduce`` first.
+
 A gradient pytree has many small leaves; reducing each on its own costs one
 collective launch (and, across hosts, one network round trip: about 2 ms per
 gloo all-reduce here, whatever its size up to ~100k floats) per leaf. The
@@ -67,12 +73,20 @@ REDUCE_OPS = ("sum", "mean", "max", "min")
 
 
 def _axes(axis: AxisName) -> str | tuple[str, ...]:
-  """``axis`` as ``lax`` takes it: a name, or a tuple of names."""
-  if isinstance(axis, str):
-    return axis
-  axes = tuple(axis)
+  """``axis`` as ``lax`` takes it: a name, or a tuple of names, each an axis
+  of the enclosing ``shard_map``."""
+  axes = (axis,) if isinstance(axis, str) else (
+      tuple(axis) if isinstance(axis, (tuple, list)) else ())
   if not axes or not all(isinstance(a, str) for a in axes):
     raise MeshnetError(f"axis={axis!r} must be a mesh axis name or a tuple of names")
+  for name in axes:
+    try:
+      jax.lax.axis_size(name)
+    except NameError:
+      raise MeshnetError(
+          f"axis {name!r} is not an axis of the enclosing shard_map; call the collective "
+          "inside jax.shard_map over a mesh with that axis (e.g. 'data' or 'stage')"
+      ) from None
   return axes[0] if len(axes) == 1 else axes
 
 
@@ -99,10 +113,21 @@ def _check_index(name: str, value: int, n: int, axis: AxisName) -> int:
 
 
 def _check_dim(x: jax.Array, dim: int, what: str) -> int:
-  if not -x.ndim <= dim < max(x.ndim, 1):
+  if x.ndim == 0:
+    raise MeshnetError(f"{what}: the local array is a scalar (shape ()), which has no "
+                       "dimension to split or join; reshape it to [1] first")
+  if not -x.ndim <= dim < x.ndim:
     raise MeshnetError(f"{what}: dim={dim} is out of range for a local array of shape "
                        f"{tuple(x.shape)}; pass a dim in [{-x.ndim}, {x.ndim})")
   return dim % x.ndim
+
+
+def _stack_dim(x: jax.Array, dim: int, what: str) -> int:
+  """``dim`` as the position of a new stacking axis in ``[0, x.ndim]``."""
+  if not -(x.ndim + 1) <= dim <= x.ndim:
+    raise MeshnetError(f"{what}: dim={dim} is out of range for stacking a local array of "
+                       f"shape {tuple(x.shape)}; pass a dim in [{-x.ndim - 1}, {x.ndim}]")
+  return dim % (x.ndim + 1)
 
 
 def _check_divides(x: jax.Array, dim: int, n: int, what: str) -> None:
@@ -166,7 +191,7 @@ def all_gather(x: Any, axis: AxisName, *, dim: int = 0, tiled: bool = False) -> 
       stacking on a new axis at ``dim`` (``[..., n, d, ...]``).
   """
   def one(leaf):
-    d = _check_dim(leaf, dim, "all_gather") if tiled else dim % (leaf.ndim + 1)
+    d = (_check_dim if tiled else _stack_dim)(leaf, dim, "all_gather")
     return jax.lax.all_gather(leaf, _axes(axis), axis=d, tiled=tiled)
   return _per_leaf(one, x)
 
@@ -320,7 +345,7 @@ def gather(x: Any, axis: AxisName, *, dest: int = 0, dim: int = 0, tiled: bool =
   dest = _check_index("dest", dest, n, axis)
 
   def one(leaf):
-    d = _check_dim(leaf, dim, "gather") if tiled else dim % (leaf.ndim + 1)
+    d = (_check_dim if tiled else _stack_dim)(leaf, dim, "gather")
     width = _pow2(n)
     rel = (axis_index(axis) - dest) % n
     buf = jnp.zeros((width, *leaf.shape), leaf.dtype)
@@ -371,7 +396,7 @@ def shift(x: Any, axis: AxisName, *, offset: int = 1) -> Any:
   Returns:
     Local ``[...]``: device ``(i - offset) mod n``'s ``x``.
   """
-  if not isinstance(offset, (int, np.integer)):
+  if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)):
     raise MeshnetError(f"shift: offset={offset!r} must be an int")
   n = axis_size(axis)
   if offset % n == 0:
@@ -476,6 +501,7 @@ def ordered_pmean(x: jax.Array, axis_name: str, axis_size: int) -> jax.Array:
 
 def _reduce_bucketed(name: str, op: Callable[[jax.Array, AxisName], jax.Array], tree: Any,
                      axis_name: AxisName, bucket_bytes: int, flatten: bool) -> Any:
+  _axes(axis_name)  # every name an axis of the shard_map, or one line saying so
   with jax.named_scope(f"{name}[{axis_name}]"):
     reduce = lambda x: op(x, axis_name)
     if not flatten:

@@ -482,7 +482,8 @@ def table_header(config: BenchConfig, mesh: Mesh) -> str:
            f"devices={group_size(mesh, config.axes)} processes={processes} "
            f"platform={devices[0].platform} dtype={config.dtype} "
            f"mesh={','.join(f'{a}={s}' for a, s in mesh.shape.items())}; "
-           f"time per call, median and interquartile range of {config.iters} runs")
+           f"time per call, median and interquartile range of {config.iters} "
+           f"run{'s' if config.iters != 1 else ''}")
   names = "  ".join(f"{name:>{width}}" if i > 1 else f"{name:<{width}}"
                     for i, (name, width) in enumerate(_COLUMNS))
   return f"{title}\n{names}"

@@ -340,21 +340,43 @@ def read_link_file(path: str, base: LinkSpec | None = None) -> LinkSpec:
   if any(r[4] > 1 for r in records):
     records = [r for r in records if r[4] > 1]
   fits = {}
+  one_size = []
+  fallback = base.costs if base is not None else {}
   for collective, names in _BENCH_NAMES.items():
     points = [(bus_factor(name, n) * nbytes, seconds)
               for name, n, nbytes, seconds, _ in records if name in names]
-    if points:
-      fits[collective] = dataclasses.replace(_fit(points), points=_medians(points))
+    if not points:
+      continue
+    if len({x for x, _ in points}) == 1:  # latency and bandwidth cannot be told apart
+      one_size.append(collective)
+      hint = fallback.get(collective)
+      points_fit = _fit_one_size(points, hint.latency_s if hint else None)
+    else:
+      points_fit = _fit(points)
+    fits[collective] = dataclasses.replace(points_fit, points=_medians(points))
   if not fits:
     names = ", ".join(name for names in _BENCH_NAMES.values() for name in names)
     raise MeshnetError(f"{path} times none of {names}: nothing to fit the step's "
                        "collectives to; run `meshnet bench collectives` with them")
-  fallback = base.costs if base is not None else {}
   costs = {}
   for collective in STEP_COLLECTIVES:
     costs[collective] = (fits.get(collective) or fallback.get(collective)
                          or next(iter(fits.values())))
-  return LinkSpec(costs, f"fitted to {os.path.basename(path)}")
+  source = f"fitted to {os.path.basename(path)}"
+  if one_size:
+    source += (f"; {', '.join(one_size)} timed at one size only: latency kept from the "
+               "defaults (bench two or more --sizes to measure it)")
+  return LinkSpec(costs, source)
+
+
+def _fit_one_size(points: Sequence[tuple[float, float]],
+                  latency_s: float | None) -> LinkCost:
+  """A link timed at one message size: the default ``latency_s`` (at most
+  half the measured time; half of it without a default) and the bandwidth
+  that makes up the rest."""
+  x, t = points[0][0], float(np.median([y for _, y in points]))
+  latency = min(latency_s if latency_s is not None else t / 2, t / 2)
+  return LinkCost(latency, x / (t - latency) if x > 0 else math.inf)
 
 
 def _medians(points: Iterable[tuple[float, float]]) -> tuple[tuple[float, float], ...]:

@@ -549,7 +549,7 @@ def _pipeline_traffic(config: PlanConfig, shape: stepcost.PipelineShape) -> list
   """Per round, activations one device forward and cotangents one back
   (one swap at S = 2, two ppermutes otherwise); after the rounds, the
   gradient all-gathered over ``stage`` and the loss summed over it; over
-  ``data``, the stage gradient ``[v, N]``, the loss and the op counts."""
+  ``data``, the stage gradient ``[v, N]`` and the loss, in one all-reduce."""
   link, F32 = config.device.link, stepcost.F32
   S, v, N, rounds = shape.S, shape.v, shape.N, shape.pipe.rounds.num_rounds
   message = F32 * shape.mb * shape.D
@@ -567,11 +567,11 @@ def _pipeline_traffic(config: PlanConfig, shape: stepcost.PipelineShape) -> list
   n = config.mesh.data
   if n == 1:
     return [stage]
+  # XLA's all-reduce combiner joins the loss's mean to the gradient's (one
+  # all-reduce of both); the op counts' sum is dead code in the train step.
   grad = F32 * v * N * (n if config.deterministic else 1)
-  data = Traffic(
-      DATA, int(round(bus_factor(ALL_REDUCE, n) * (grad + F32 + 2 * F32))), {ALL_REDUCE: 3},
-      link.time(ALL_REDUCE, grad, n) + link.time(ALL_REDUCE, F32, n)
-      + link.time(ALL_REDUCE, 2 * F32, n))
+  data = Traffic(DATA, int(round(bus_factor(ALL_REDUCE, n) * (grad + F32))), {ALL_REDUCE: 1},
+                 link.time(ALL_REDUCE, grad + F32, n))
   return [stage, data]
 
 
@@ -695,9 +695,7 @@ def _projection_configs(config: PlanConfig) -> list[tuple[int, PlanConfig | str]
   shard = config.mesh.fsdp * config.mesh.tensor
   while n <= max(config.max_devices, 1):
     if shard > 1:  # fsdp and tensor kept, data varied
-      if n % shard:
-        rows.append((n, f"{n} devices do not hold fsdp={config.mesh.fsdp} x "
-                        f"tensor={config.mesh.tensor}"))
+      if n % shard:  # too few devices for fsdp x tensor (a note says so)
         n *= 2
         continue
       mesh = MeshConfig(data=n // shard, fsdp=config.mesh.fsdp, stage=1,
@@ -721,9 +719,10 @@ def plan(config: PlanConfig) -> Plan:
   or run. See the module docstring for what is modelled.
   """
   step, traffic, memory, pipeline, num_params = _estimate(config)
-  scaling, base = [], None
+  scaling, base, left_out = [], None, []
   for n, row in _projection_configs(config):
     if isinstance(row, str):
+      left_out.append(str(n))
       continue
     row_step = step if row == config else _estimate(row)[0]
     if base is None:  # one device, or the smallest mesh that holds fsdp x tensor
@@ -731,8 +730,17 @@ def plan(config: PlanConfig) -> Plan:
     speedup = base.step_s / row_step.step_s if base is not None else None
     scaling.append(dataclasses.replace(row_step, speedup=speedup))
   step = dataclasses.replace(step, speedup=base.step_s / step.step_s if base else None)
+  notes = _notes(config)
+  if left_out:
+    per = "data replicas x microbatches" if config.stages > 1 else (
+        "data replicas x grad_accum" if config.grad_accum > 1 else "data replicas")
+    if config.mesh.fsdp > 1:
+      per = per.replace("data replicas", "data x fsdp")
+    notes += (f"projection: no row for {', '.join(left_out)} devices: global batch "
+              f"{config.batch_size} does not split over their {per}; plan a batch size "
+              "they divide to see them",)
   return Plan(config, num_params, memory, tuple(traffic), step, tuple(scaling), pipeline,
-              _notes(config))
+              notes)
 
 
 def _notes(config: PlanConfig) -> tuple[str, ...]:

@@ -34,7 +34,7 @@ from typing import Any, Iterable, Sequence
 
 from meshnet.errors import MeshnetError
 from meshnet.hlo import COLLECTIVE_KINDS, HloModule, HloOp, parse_hlo
-from meshnet.profiling import HLO_FILE, META_FILE
+from meshnet.profiling import HLO_FILE, META_FILE, holds_trace
 
 # Named scopes of meshnet's steps (meshnet.step, meshnet.pipeline.executor); a
 # collective counts under the innermost of them in its path.
@@ -142,7 +142,8 @@ class ProfileSummary:
     return {"directory": self.directory, "module": self.module,
             "platform": self.platform, "processes": self.processes,
             "units": {"time": "ms per device (mean over the process's devices)",
-                      "bytes": "per device per step"},
+                      "bytes": "buffer per device per step (nccl-tests' size: an "
+                               "all-gather's result, the others' input)"},
             "steps": [s.to_dict() for s in self.steps], "notes": list(self.notes)}
 
 
@@ -191,7 +192,15 @@ def _process_dirs(directory: str) -> list[str]:
   dirs = [os.path.dirname(p) for p in found]
   dirs.sort(key=lambda d: int(d.rsplit("_", 1)[-1]) if d.rsplit("_", 1)[-1].isdigit() else -1)
   if not dirs:
-    what = "does not exist" if not os.path.exists(directory) else "holds no meshnet profile"
+    if not os.path.exists(directory):
+      what = "does not exist"
+    elif not os.path.isdir(directory):
+      what = "is a file, not a directory"
+    elif holds_trace(directory):
+      what = ("holds a jax.profiler trace of another program, without the step's HLO "
+              "meshnet profile reads; open its .trace.json.gz in Perfetto instead")
+    else:
+      what = "holds no meshnet profile"
     raise MeshnetError(
         f"no profile trace in {directory}: it {what} (looked for "
         f"{os.path.join(directory, 'process_*', META_FILE)}); write one with meshnet train "
@@ -345,8 +354,11 @@ def format_profile(summary: ProfileSummary) -> str:
   plural = "es" if summary.processes != 1 else ""
   lines = [f"profile {summary.directory}: {summary.module or 'train step'} on "
            f"{summary.platform}, {summary.processes} process{plural}, {span}",
-           "times in ms per device (the mean over each process's devices); bytes per "
-           "device per step; idle: no op of the step running on the device"]
+           "times in ms per device (the mean over each process's devices); idle: no op "
+           "of the step running on the device",
+           "bytes: each collective's buffer per device per step (nccl-tests' size, as "
+           "bench collectives counts it; a ring all-reduce sends 2(n-1)/n of it: the "
+           "bytes meshnet plan reports as sent)"]
   kinds = _kinds(steps)
   header = (["process", "step", "devices", "step ms", "compute ms"]
             + [f"{k} ms" for k in kinds] + ["idle ms"] + [f"{k} bytes" for k in kinds])

@@ -272,8 +272,30 @@ def test_pytrees_and_axis_subsets():
     (lambda a, ax: C.all_gather(a, ax, dim=3, tiled=True), "dim=3"),
     (lambda a, ax: C.all_reduce(a > 0, ax, op="sum"), "boolean"),
     (lambda a, ax: C.shift(a, ax, offset=1.5), "offset=1.5"),
+    (lambda a, ax: C.shift(a, ax, offset=True), "offset=True"),
+    (lambda a, ax: C.all_gather(a, ax, dim=5), "dim=5 is out of range for stacking"),
+    (lambda a, ax: C.gather(a, ax, dim=-4, tiled=False), "dim=-4 is out of range for stacking"),
+    (lambda a, ax: C.all_gather(a[0, 0], ax, tiled=True)[:1][None], "is a scalar"),
+    (lambda a, ax: C.reduce_scatter(a[0, 0], ax)[None, None], "is a scalar"),
+    (lambda a, ax: C.scatter(a[0, 0], ax)[None, None], "is a scalar"),
+    (lambda a, ax: C.all_to_all(a[0, 0], ax)[None, None], "is a scalar"),
+    (lambda a, ax: C.all_reduce(a, "nope"), "axis 'nope' is not an axis of the enclosing"),
+    (lambda a, ax: C.broadcast(a, ("data", "nope")), "axis 'nope' is not an axis"),
+    (lambda a, ax: C.pmean_bucketed({"a": a}, "nope")["a"], "axis 'nope' is not an axis"),
+    (lambda a, ax: C.all_reduce(a, 0), "axis=0 must be a mesh axis name"),
 ])
 def test_bad_arguments_say_what_to_do(call, message):
   with pytest.raises(meshnet.MeshnetError, match=message.replace("(", r"\(")) as info:
     _run(call, _values(np.float32, SHAPE), "one axis")
   assert "\n" not in str(info.value)
+
+
+def test_scalars_and_axis_lists():
+  """0-d leaves reduce, broadcast and shift; an axis tuple may come as a list."""
+  x = _values(np.float32, ())
+  total = _run(lambda a, ax: C.all_reduce(a, list(ax), op="sum"), x, "two axes")
+  np.testing.assert_allclose(total, np.full(N, x.sum()), rtol=1e-6)
+  moved = _run(lambda a, ax: C.shift(a, list(ax), offset=-3), x, "two axes")
+  np.testing.assert_array_equal(moved, np.roll(x, -3))
+  sent = _run(lambda a, ax: C.broadcast(a, list(ax), source=5), x, "two axes")
+  np.testing.assert_array_equal(sent, np.full(N, x[5]))

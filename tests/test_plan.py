@@ -168,6 +168,22 @@ def test_link_file_fits_latency_and_bandwidth(tmp_path):
   assert link.costs["all_gather"] == hardware.CPU_LINK.costs["all_gather"]  # not in the file
 
 
+def test_link_file_with_one_size_keeps_the_default_latency(tmp_path):
+  """One size cannot split latency from bandwidth: the default latency stays
+  and the bandwidth makes up the rest (it used to read as infinite)."""
+  path = tmp_path / "one.jsonl"
+  lines = [json.loads(l) for l in _bench_lines(tmp_path / "all.jsonl").read_text().splitlines()]
+  path.write_text("\n".join(json.dumps(l) for l in lines if l["shape"] == [1_000_000]))
+  link = hardware.read_link_file(str(path), base=hardware.CPU_LINK)
+  cost = link.costs["all_reduce"]
+  measured = next(l["median_s"] for l in lines if l["collective"] == "all_reduce"
+                  and l["shape"] == [1_000_000])
+  assert cost.latency_s == min(hardware.CPU_LINK.costs["all_reduce"].latency_s, measured / 2)
+  assert 0 < cost.bandwidth_Bps < float("inf")
+  assert cost.time(4_000_000) == pytest.approx(measured)  # the one measured point
+  assert "one size only" in link.source
+
+
 def _run(*args):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
@@ -335,3 +351,53 @@ def test_command_plans_fsdp_as_json():
     assert result["memory"][key] == getattr(memory, key), key
   assert result["memory"]["arguments"] == result["xla"]["arguments"]
   assert result["mesh"] == {"data": 1, "fsdp": 8, "stage": 1, "tensor": 1}
+def _compiled_hlo(config: planner.PlanConfig):
+  """The parsed HLO of the pipelined step meshnet train compiles for ``config``."""
+  from meshnet import hlo
+  model = meshnet.models.mlp(list(config.widths))
+  optimizer = meshnet.make_optimizer(config.optim, 10)
+  axes = {a: getattr(config.mesh, a) for a in meshnet.AXES}
+  mesh = meshnet.make_mesh(devices=jax.devices()[:config.devices], **axes)
+  pipeline = meshnet.make_pipeline(model, mesh, (config.widths[0],),
+                                   schedule=config.schedule, microbatches=config.parts)
+  step = meshnet.make_train_step(model, optimizer, mesh, pipeline=pipeline)
+  state = meshnet.init_train_state(model, optimizer, mesh, jax.random.key(0))
+  B = config.batch_size
+  batch = meshnet.global_batch((np.zeros((B, config.widths[0]), np.float32),
+                                np.zeros((B,), np.int32)), np.arange(B),
+                               meshnet.sharding.batch_sharding(mesh))
+  return hlo.parse_hlo(step.lower(state, batch).compile().as_text())
+
+
+def test_pipeline_all_reduces_are_the_compiled_steps():
+  """XLA joins the loss's mean over data to the gradient's: one all-reduce
+  over data, one (the loss) over stage, as many as the compiled step has."""
+  config = _config(DIGITS_MLP, batch=128, mesh=_mesh(data=2, stage=2), microbatches=4)
+  result = planner.plan(config)
+  module = _compiled_hlo(config)
+  compiled = [op for op in module.ops.values() if op.kind == "all-reduce" and op.bytes]
+  planned = sum(t.calls.get("all_reduce", 0) for t in result.traffic)
+  assert planned == len(compiled) == 2
+  data = next(t for t in result.traffic if t.axis == "data")
+  exchanged = max(op.bytes for op in compiled)  # [v, N] gradient and the loss
+  assert data.calls == {"all_reduce": 1}
+  assert data.bytes_sent == round(2 * 1 / 2 * exchanged)
+
+
+def test_parameter_count_takes_a_billion_suffix(capsys):
+  """``--params 7B`` (how model sizes are written) is 7e9 parameters."""
+  assert meshnet.cli.main(["plan", "--no-xla", "--flops", "1G", "--device-kind", "h100",
+                           "--params", "7B", "--mesh", "data=8", "--json"]) == 0
+  result = json.loads(capsys.readouterr().out)
+  assert result["model"]["params"] == 7_000_000_000
+  assert result["memory"]["params"] == 28_000_000_000
+
+
+def test_projection_says_which_device_counts_it_leaves_out():
+  """A batch of 6 splits over 1 and 2 replicas, not 4 or 8: those rows are
+  left out of the projection, and a note says so instead of nothing."""
+  result = planner.plan(_config(DIGITS_MLP, batch=6, mesh=_mesh(data=2)))
+  assert [row.devices for row in result.scaling] == [1, 2]
+  (note,) = [n for n in result.notes if n.startswith("projection:")]
+  assert "no row for 4, 8 devices" in note and "global batch 6" in note
+  assert note in planner.format_plan(result)

@@ -68,9 +68,13 @@ def test_one_process_trace_shows_the_gradient_all_reduce(tmp_path, capsys):
   text = meshnet.format_profile(summary)
   assert "gradient_exchange" in text and f"{_gradient_bytes():,}" in text
   assert "waiting for the slowest peer" in text  # the CPU caveat
+  # The bytes are the buffer (nccl-tests' size), not what a ring sends: says so.
+  assert "bytes: each collective's buffer per device per step" in text
+  assert "2(n-1)/n" in text
 
   report = _profile_json(directory, capsys)
   assert [s["step"] for s in report["steps"]] == [4, 5]
+  assert report["units"]["bytes"].startswith("buffer per device per step")
   for step in report["steps"]:
     _assert_gradient_all_reduce(step, devices=2)
 
@@ -172,3 +176,18 @@ ENTRY %main (p: f32[8]) -> f32[2,8] {
   assert module.ops["g"].bytes == 64  # the gathered result
   assert module.ops["s"].bytes == 32  # the scattered operand
   assert module.ops["p"].kind is None
+
+
+def test_another_programs_trace_is_named_as_such(tmp_path, capsys):
+  """A plain jax.profiler trace (no meshnet HLO or steps): one line saying so."""
+  directory = tmp_path / "other"
+  jax.profiler.start_trace(str(directory))
+  x = jax.numpy.ones((64, 64))
+  (x @ x).block_until_ready()
+  jax.profiler.stop_trace()
+  assert glob.glob(str(directory / "plugins" / "profile" / "*" / "*.xplane.pb"))
+  assert cli.main(["profile", str(directory)]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "holds a jax.profiler trace of another program" in err
+  assert cli.main(["profile", __file__]) == 2
+  assert "is a file, not a directory" in capsys.readouterr().err
