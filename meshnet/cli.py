@@ -98,6 +98,10 @@ TRAIN_FLAGS: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
     "--steps": ("train", "steps", _optional_int, "optimizer steps (default: from --epochs)"),
     "--epochs": ("train", "epochs", int, "epochs when --steps is not given"),
     "--seed": ("train", "seed", int, "random seed"),
+    "--precision": ("train", "precision", str,
+                    "fp32 or bf16: bf16 runs matmuls and activations in bfloat16 on "
+                    "float32 master weights and optimizer state, loss and gradients in "
+                    "float32 (not yet with stage > 1)"),
     "--eval-every": ("train", "eval_every", int, "evaluate every N steps (0: off)"),
     "--log-every": ("train", "log_every", int, "log every N steps"),
     "--step-timeout": ("train", "step_timeout", _auto_float,
@@ -192,10 +196,13 @@ def _add_train_flags(parser: argparse.ArgumentParser | Any,
   parser.add_argument("--deterministic", action="store_true",
                       help="average gradients in a fixed order: bit-identical results on "
                       "any process layout (OptimConfig.deterministic)")
-  parser.add_argument("--remat", action="store_true",
-                      help="pipeline: keep only stage inputs and recompute each stage's "
-                      "forward in its backward (less memory, more compute; "
-                      "PipelineConfig.remat)")
+  parser.add_argument("--remat", nargs="?", const="full", default="none",
+                      metavar="{none,layer,full}",
+                      help="what the backward recomputes instead of keeping "
+                      "(jax.checkpoint): none keeps the forward's residuals, layer keeps "
+                      "each layer's input, full (--remat alone) keeps only the model's "
+                      "(each stage's, with a pipeline) input; less memory, more compute "
+                      "(TrainConfig.remat; default: none)")
   parser.add_argument("--resume", action="store_true",
                       help="continue from the newest complete checkpoint in "
                       "--checkpoint-dir (CheckpointConfig.resume)")
@@ -255,7 +262,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
   fields["checkpoint"]["overwrite"] = args.overwrite
   fields["checkpoint"]["allow_data_change"] = args.allow_data_change
   fields["optim"]["deterministic"] = args.deterministic
-  fields["pipeline"]["remat"] = args.remat
+  fields["train"]["remat"] = args.remat
   if args.profile_steps is not None:
     from meshnet.profiling import parse_step_range
     steps, directory = args.profile_steps

@@ -17,6 +17,7 @@ import math
 import numbers
 from typing import Any, Callable
 
+from meshnet.compute import check_precision, check_remat
 from meshnet.errors import MeshnetError
 from meshnet.mesh import AXES, DATA, check_axis_sizes
 from meshnet.pipeline.schedules import SCHEDULES
@@ -238,9 +239,10 @@ class PipelineConfig:
       number of stages). With gradient accumulation the pipeline runs
       ``microbatches * grad_accum`` microbatches: the same mean gradient.
     virtual_stages: chunks per device for ``interleaved``.
-    remat: keep only each stage's input from its forward to its backward
-      and recompute the forward there (about a third more compute, less
-      memory); by default the forward's vjp residuals are kept.
+    remat: the former switch for ``train.remat="full"`` (kept for configs
+      written before the policy): ``True`` sets ``train.remat`` to ``full``
+      when it is ``none``. :class:`Config` keeps the two in step: this is
+      ``True`` whenever ``train.remat`` is not ``none``.
   """
 
   schedule: str = "1f1b"
@@ -256,6 +258,7 @@ class PipelineConfig:
     _check_optional_int("pipeline.microbatches", self.microbatches, 1,
                         "for one per stage")
     _check_int("pipeline.virtual_stages", self.virtual_stages, 1)
+    check_remat(self.remat)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -327,6 +330,13 @@ class TrainConfig:
       trace is refused unless ``checkpoint.overwrite`` (or a resumed run
       traces again).
     profile_dir: the directory for ``profile_steps``' traces.
+    precision: ``fp32`` or ``bf16``: the forward's compute dtype (bf16:
+      float32 master parameters and optimizer state, bfloat16 matmuls and
+      activations, float32 loss and gradients; :mod:`meshnet.compute`).
+      ``bf16`` with a pipeline (``stage`` > 1) is not supported yet.
+    remat: ``none``, ``layer`` or ``full``: what the backward recomputes
+      instead of keeping (``jax.checkpoint``; :mod:`meshnet.compute`), with
+      or without a pipeline. ``True``/``False`` mean ``full``/``none``.
   """
 
   steps: int | None = None
@@ -341,8 +351,12 @@ class TrainConfig:
   step_timeout: float | None = None
   profile_steps: tuple[int, int] | None = None
   profile_dir: str | None = None
+  precision: str = "fp32"
+  remat: str = "none"
 
   def __post_init__(self):
+    check_precision(self.precision)
+    object.__setattr__(self, "remat", check_remat(self.remat))
     _check_optional_int("train.steps", self.steps, 1, "to run train.epochs epochs")
     _check_optional_int("train.epochs", self.epochs, 1, "for the data set's default")
     if not _is_int(self.seed) or not 0 <= self.seed <= _MAX_SEED:
@@ -391,6 +405,18 @@ class Config:
   pipeline: PipelineConfig = PipelineConfig()
   checkpoint: CheckpointConfig = CheckpointConfig()
   train: TrainConfig = TrainConfig()
+
+  def __post_init__(self):
+    # One policy, two fields: pipeline.remat (a bool, older configs) follows
+    # train.remat, and True there asks for "full".
+    remat = self.train.remat
+    legacy = check_remat(self.pipeline.remat)
+    if legacy != "none" and remat == "none":
+      remat = legacy
+      object.__setattr__(self, "train", dataclasses.replace(self.train, remat=remat))
+    if self.pipeline.remat is not (remat != "none"):
+      object.__setattr__(self, "pipeline",
+                         dataclasses.replace(self.pipeline, remat=remat != "none"))
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

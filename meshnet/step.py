@@ -33,7 +33,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from meshnet import collectives, losses, sharded
+from meshnet import collectives, compute, losses, sharded
 from meshnet.errors import MeshnetError
 from meshnet.mesh import DATA, FSDP, STAGE, TENSOR, axis_size
 from meshnet.model import Model, Params, apply_train
@@ -226,6 +226,20 @@ def check_mesh(mesh: Mesh, *, pipelined: bool) -> None:
         "meshnet.pipeline.make_pipeline(model, mesh, ...) to pipeline the model")
 
 
+def check_pipeline_compute(precision: str, remat: str) -> None:
+  """Refuses, with one line, what the pipelined step does not do: ``bf16``
+  (its stage buffers are float32) and a remat policy given to the step rather
+  than to the pipeline."""
+  if compute.check_precision(precision) != "fp32":
+    raise MeshnetError(
+        f"precision={precision!r} with a pipeline (stage > 1) is not supported yet (its "
+        "activations between stages are float32); use precision 'fp32' or stage=1")
+  if compute.check_remat(remat) != "none":
+    raise MeshnetError(
+        f"remat={remat!r} given to the step with a pipeline: pass it to "
+        "meshnet.pipeline.make_pipeline(..., remat=...) instead")
+
+
 def _local_value_and_grad(
     loss_of: Callable[..., jax.Array], params: Params, x: jax.Array, y: jax.Array,
     key: jax.Array, first_index: jax.Array, grad_accum: int,
@@ -279,7 +293,7 @@ def make_grad_fn(
     model: Model, mesh: Mesh, *, loss: str | losses.Objective | Callable = "cross_entropy",
     grad_accum: int = 1, bucket_bytes: int = collectives.DEFAULT_BUCKET_BYTES,
     flatten_buckets: bool = True, deterministic: bool = False, grad_transport: str = "xla",
-    rules: Rules | None = None,
+    rules: Rules | None = None, precision: str = "fp32", remat: str = "none",
 ) -> Callable[[Params, Batch, jax.Array], tuple[jax.Array, Params]]:
   """``(params, (x, y), key) -> (loss, grads)`` averaged over the global batch.
 
@@ -304,8 +318,15 @@ def make_grad_fn(
   ``params`` and ``grads`` are laid out by
   :func:`meshnet.sharding.param_specs` with ``rules``, and the batch is split
   over ``data`` x ``fsdp``.
+
+  ``precision`` (``fp32``, ``bf16``) and ``remat`` (``none``, ``layer``,
+  ``full``) are applied to the model (:func:`meshnet.compute.policy_model`):
+  with ``bf16`` the forward runs in bfloat16 on float32 master parameters and
+  the loss, the gradient (float32, the cast's transpose), its accumulation
+  and its exchange stay float32.
   """
   check_mesh(mesh, pipelined=False)
+  model = compute.policy_model(model, precision=precision, remat=remat)
   if shards_params(mesh):
     return _make_sharded_grad_fn(
         model, mesh, loss=loss, grad_accum=grad_accum, bucket_bytes=bucket_bytes,
@@ -418,7 +439,7 @@ def make_train_step(
     bucket_bytes: int = collectives.DEFAULT_BUCKET_BYTES,
     flatten_buckets: bool = True, deterministic: bool = False,
     donate: bool = True, pipeline: "Pipeline | None" = None, grad_transport: str = "xla",
-    rules: Rules | None = None,
+    rules: Rules | None = None, precision: str = "fp32", remat: str = "none",
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
   """A jitted ``step(state, (x, y)) -> (state, metrics)``.
 
@@ -451,6 +472,11 @@ def make_train_step(
       and updates with ``optimizer`` exactly as the unpipelined step does.
       Gradient accumulation is then more microbatches: build the pipeline
       with ``microbatches * grad_accum`` and leave ``grad_accum=1`` here.
+    precision: ``fp32`` or ``bf16`` (bfloat16 forward on float32 master
+      parameters and optimizer state; see :mod:`meshnet.compute`). Not yet
+      with a pipeline.
+    remat: ``none``, ``layer`` or ``full`` (:mod:`meshnet.compute`); a
+      pipeline takes its policy from :func:`~meshnet.pipeline.make_pipeline`.
 
   Returns:
     ``step``. ``metrics`` holds ``loss`` (mean over the global batch, before
@@ -459,12 +485,15 @@ def make_train_step(
     every value of the new parameters and optimizer state is finite; the
     run checks it before saving a checkpoint).
   """
+  compute.check_precision(precision)
+  compute.check_remat(remat)
   if pipeline is None:
     grad_fn = make_grad_fn(model, mesh, loss=loss, grad_accum=grad_accum,
                            bucket_bytes=bucket_bytes, flatten_buckets=flatten_buckets,
                            deterministic=deterministic, grad_transport=grad_transport,
-                           rules=rules)
+                           rules=rules, precision=precision, remat=remat)
   else:
+    check_pipeline_compute(precision, remat)
     if grad_transport != "xla":
       raise MeshnetError(
           f"grad_transport={grad_transport!r} with a pipeline: the pipelined step "
@@ -502,7 +531,7 @@ def make_train_step(
 
 def make_eval_step(
     model: Model, mesh: Mesh, *, loss: str | losses.Objective | Callable = "cross_entropy",
-    rules: Rules | None = None,
+    rules: Rules | None = None, precision: str = "fp32",
 ) -> Callable[[Params, Batch, jax.Array], dict[str, jax.Array]]:
   """A jitted ``eval_step(params, (x, y), mask) -> sums``.
 
@@ -511,9 +540,11 @@ def make_eval_step(
   > 1; ``params`` then laid out as the train step's, by ``rules``). Returns
   replicated sums over the real examples: ``loss_sum``, ``count`` and, if the
   objective has a correctness test, ``correct``. Divide by ``count`` for
-  means.
+  means. ``precision`` is the train step's (the forward's compute dtype;
+  the sums are float32).
   """
   objective = losses.objective(loss)
+  model = compute.precision_model(model, precision)
   if shards_params(mesh):
     check_mesh(mesh, pipelined=axis_size(mesh, STAGE) > 1)
   else:

@@ -40,8 +40,8 @@ from meshnet.pipeline.timeline import text as timeline_text
 from meshnet.profiling import StepProfiler
 from meshnet.sharding import batch_sharding
 from meshnet.step import (
-    TrainState, check_batch_size, check_mesh, init_train_state, make_eval_step,
-    make_train_step,
+    TrainState, check_batch_size, check_mesh, check_pipeline_compute, init_train_state,
+    make_eval_step, make_train_step,
 )
 from meshnet.tensorboard import TensorBoardWriter, check_logdir
 
@@ -229,11 +229,12 @@ def run(
   grad_accum = oc.grad_accum
   if axis_size(mesh, STAGE) > 1:
     check_mesh(mesh, pipelined=True)  # fsdp/tensor with a pipeline: not yet
+    check_pipeline_compute(tc.precision, "none")  # bf16: not yet
     pc = config.pipeline
     microbatches = (pc.microbatches or axis_size(mesh, STAGE)) * oc.grad_accum
     pipeline = make_pipeline(model, mesh, dataset.x_train.shape[1:], schedule=pc.schedule,
                              microbatches=microbatches, virtual_stages=pc.virtual_stages,
-                             remat=pc.remat)
+                             remat=tc.remat)
     grad_accum = 1  # folded into the microbatches: the same mean gradient
     check_batch_size(batch_size, mesh, microbatches, what="microbatches")
   else:
@@ -261,17 +262,21 @@ def run(
         f"{[b[k + 1] - b[k] for k in range(len(b) - 1)]}")
     say(timeline_text(pipeline.schedule))
     rounds = pipeline.rounds
-    kept = "stage inputs, forward recomputed" if pipeline.remat else "vjp residuals kept"
+    kept = {"none": "vjp residuals kept", "layer": "layer inputs, layers recomputed",
+            "full": "stage inputs, forward recomputed"}[tc.remat]
     say(f"executor: {rounds.num_rounds} lockstep rounds, bubble {rounds.bubble:.1%}: at most "
         f"{rounds.speedup:.2f}x one device ({kept})")
   state = init_train_state(model, optimizer, mesh, jax.random.key(tc.seed))
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
-  say(f"model: {n_params:,} parameters; optimizer {oc.optimizer}, lr {oc.lr}")
+  say(f"model: {n_params:,} parameters; optimizer {oc.optimizer}, lr {oc.lr}; precision "
+      f"{tc.precision}, remat {tc.remat}")
   train_step = make_train_step(model, optimizer, mesh, loss=dataset.loss,
                                grad_accum=grad_accum, pipeline=pipeline,
                                deterministic=oc.deterministic,
-                               grad_transport=oc.grad_transport)
-  eval_step = make_eval_step(model, mesh, loss=dataset.loss) if tc.eval_every else None
+                               grad_transport=oc.grad_transport, precision=tc.precision,
+                               remat="none" if pipeline is not None else tc.remat)
+  eval_step = (make_eval_step(model, mesh, loss=dataset.loss, precision=tc.precision)
+               if tc.eval_every else None)
   sharding = batch_sharding(mesh)
 
   # What each checkpoint keeps of the data, and a resume compares (0.1 s for MNIST).

@@ -50,6 +50,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from meshnet import collectives, losses
+from meshnet.compute import check_remat, remat_model
 from meshnet.errors import MeshnetError
 from meshnet.mesh import DATA, STAGE, axis_size
 from meshnet.model import Model, example_keys, uses_key
@@ -521,7 +522,7 @@ class Pipeline:
 def make_pipeline(
     model: Model, mesh: Mesh, example_shape: Sequence[int], *,
     schedule: str | sched.Schedule = "1f1b", microbatches: int | None = None,
-    virtual_stages: int = 1, bounds: Sequence[int] | None = None, remat: bool = False,
+    virtual_stages: int = 1, bounds: Sequence[int] | None = None, remat: bool | str = False,
 ) -> Pipeline:
   """Cuts ``model`` (which must have ``layers``) into stages over ``stage``.
 
@@ -538,14 +539,22 @@ def make_pipeline(
     virtual_stages: chunks per device (interleaved schedules).
     bounds: layer boundaries of the ``S * v`` stages (default: balanced by
       parameter count).
-    remat: keep only each stage's input between its forward and backward
-      and recompute the forward in the backward (less memory, about a
-      third more compute); by default the forward's vjp residuals are kept.
+    remat: a policy of :mod:`meshnet.compute`: ``"layer"`` puts each layer
+      under ``jax.checkpoint``, so a forward keeps its layers' inputs as its
+      vjp residuals and the backward recomputes each layer; ``"full"`` (or
+      ``True``) keeps only each stage's input between its forward and
+      backward and recomputes the stage's forward (itself under ``layer``)
+      in the backward (less memory, about a third more compute); ``"none"``
+      (or ``False``, the default) keeps the forward's vjp residuals.
 
   Raises:
     MeshnetError: no layers, more stages than layers, bad bounds, or a
       schedule that does not fit (see :func:`~meshnet.pipeline.schedules.make_schedule`).
   """
+  policy = check_remat(remat)
+  if policy != "none":  # each layer under jax.checkpoint; "full" keeps stage inputs too
+    model = remat_model(model, "layer")
+  remat = policy == "full"
   if not model.layers:
     raise MeshnetError(
         "pipelining needs a model made of layers (Model(..., layers=...), e.g. "
