@@ -820,6 +820,15 @@ def plan_config(config: Config, device: DeviceSpec, *, layers: Sequence[int] | N
       remat=resolved.pipeline.remat, optim=resolved.optim,
       deterministic=resolved.optim.deterministic,
       max_devices=max_devices or max(8, size), label=label)
+  train = resolved.train
+  unmodelled = [f"--precision {train.precision}"] if train.precision != "fp32" else []
+  if train.remat not in ("none", "full") or (train.remat != "none" and mesh.stage == 1):
+    unmodelled.append(f"--remat {train.remat}")
+  if unmodelled:
+    notes.append(f"{' and '.join(unmodelled)}: not modelled yet; the plan (and XLA's "
+                 "numbers beside it) are for float32 " + (
+                     "with the pipeline's full remat" if mesh.stage > 1 and train.remat != "none"
+                     else "without remat"))
   return pc, notes
 
 

@@ -401,3 +401,9 @@ def test_projection_says_which_device_counts_it_leaves_out():
   (note,) = [n for n in result.notes if n.startswith("projection:")]
   assert "no row for 4, 8 devices" in note and "global batch 6" in note
   assert note in planner.format_plan(result)
+
+
+def test_precision_and_unpipelined_remat_are_named_as_not_modelled():
+  proc = _run("--precision", "bf16", "--remat", "layer", "--no-xla")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "--precision bf16 and --remat layer: not modelled yet" in proc.stdout + proc.stderr
