@@ -289,6 +289,15 @@ def _host_mean(model: Model, mesh: Mesh, bucket_bytes: int) -> Callable:
   return shm.make_host_mean(mesh, DATA, nbytes + 16)
 
 
+def _mean_loss(model: Model, objective: losses.Objective) -> Callable[..., jax.Array]:
+  """``loss_of(params, x, y, key, first_index)``: the mean loss of a local batch
+  whose first row is global example ``first_index`` (dropout keys per example)."""
+  def loss_of(params, x, y, key, first_index):
+    outputs = apply_train(model.apply, params, x, key, first_index)
+    return jnp.mean(objective.loss(outputs, y))
+  return loss_of
+
+
 def make_grad_fn(
     model: Model, mesh: Mesh, *, loss: str | losses.Objective | Callable = "cross_entropy",
     grad_accum: int = 1, bucket_bytes: int = collectives.DEFAULT_BUCKET_BYTES,
@@ -335,9 +344,7 @@ def make_grad_fn(
   objective = losses.objective(loss)
   mean = _host_mean(model, mesh, bucket_bytes) if grad_transport == "shm" else None
 
-  def loss_of(params, x, y, key, first_index):
-    outputs = apply_train(model.apply, params, x, key, first_index)
-    return jnp.mean(objective.loss(outputs, y))
+  loss_of = _mean_loss(model, objective)
 
   def local(params, x, y, key):
     first_index = collectives.axis_index(DATA) * x.shape[0]  # of this device's rows
@@ -405,9 +412,7 @@ def _make_sharded_grad_fn(
   objective = losses.objective(loss)
   varying = batch_axes(mesh)
 
-  def loss_of(params, x, y, key, first_index):
-    outputs = apply_train(model.apply, params, x, key, first_index)
-    return jnp.mean(objective.loss(outputs, y))
+  loss_of = _mean_loss(model, objective)
 
   def local(params, x, y, key, *, layout):
     first_index = collectives.axis_index(varying) * x.shape[0]  # of this device's rows

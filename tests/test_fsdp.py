@@ -56,13 +56,6 @@ MODELS = {
 }
 
 
-@pytest.fixture(scope="module")
-def digits_batches():
-  ds = meshnet.load_dataset("digits")
-  sampler = meshnet.BatchSampler(len(ds.x_train), 64, seed=3)
-  return [(ds.x_train[i], ds.y_train[i]) for i in (next(sampler) for _ in range(3))]
-
-
 def _put(mesh, batch):
   return tuple(jax.device_put(a, batch_sharding(mesh)) for a in batch)
 
