@@ -400,7 +400,7 @@ def _shapes(config: PlanConfig) -> _Shapes:
     return _Shapes(params, opt_state, params, opt_state, None)
   mesh = _abstract_mesh(config)
   layout = sharded.param_layout(_layout_model(config), params, mesh)
-  opt_shardings = sharded.state_shardings(opt_state, params, layout, mesh)
+  opt_shardings = sharded.state_shardings(opt_state, params, layout.shardings, mesh)
 
   def local(leaf, sharding):
     return jax.ShapeDtypeStruct(sharding.shard_shape(leaf.shape), leaf.dtype)
@@ -1010,7 +1010,7 @@ def compiled_memory(config: PlanConfig, devices: Sequence[jax.Device] | None = N
                       jax.ShapeDtypeStruct((2,), jnp.uint32))
   if config.shards_params:  # laid out as init_train_state lays them
     layout = sharded.param_layout(model, params, mesh)
-    shardings = sharded.state_shardings(shapes, params, layout, mesh)
+    shardings = sharded.state_shardings(shapes, params, layout.shardings, mesh)
   else:
     shardings = jax.tree.map(lambda _: replicated(mesh), shapes)
   state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),

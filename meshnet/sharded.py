@@ -92,9 +92,11 @@ def constrain(params: Params, layout: Layout, mesh: Mesh) -> Params:
       params, layout.tensor)
 
 
-def state_shardings(state_shapes: Any, params_shapes: Params, layout: Layout,
+def state_shardings(state_shapes: Any, params_shapes: Params, param_shardings: Any,
                     mesh: Mesh) -> Any:
-  """Shardings for a whole train state whose ``params`` follow ``layout``.
+  """Shardings for a whole train state whose ``params`` are laid out by
+  ``param_shardings`` (a ``NamedSharding`` per leaf, e.g. a
+  :class:`Layout`'s ``shardings``).
 
   ``state_shapes`` is the state's ``jax.eval_shape``. A leaf outside
   ``params`` whose path ends with a parameter's path and has its shape (an
@@ -104,7 +106,7 @@ def state_shardings(state_shapes: Any, params_shapes: Params, layout: Layout,
   """
   by_path = {}
   for (path, leaf), sharding in zip(jax.tree_util.tree_leaves_with_path(params_shapes),
-                                    jax.tree.leaves(layout.shardings)):
+                                    jax.tree.leaves(param_shardings)):
     by_path[tuple(path)] = (tuple(leaf.shape), sharding)
   replicated = NamedSharding(mesh, P())
 

@@ -358,3 +358,43 @@ def check_param_specs(specs: Any, *, allowed: Sequence[str] = (FSDP, TENSOR)) ->
             f"parameter {where} splits one dimension over {' x '.join(axes)} ({spec}); "
             "a dimension split over fsdp must not be split over another axis: pass "
             "rules that map it to fsdp alone")
+
+
+def with_stage(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+  """Where a pipelined run *stores* a parameter: ``spec`` (its layout by the
+  rules) also split over ``stage``, so that the train state holds about
+  ``1 / (stage x fsdp x tensor)`` of the model per device.
+
+  The ``fsdp`` dimension becomes ``(stage, fsdp)`` when ``stage x fsdp``
+  divides it; otherwise the largest dimension not split yet that ``stage``
+  divides takes ``stage``; a leaf that no dimension fits stays replicated
+  over ``stage`` (small leaves: biases of odd widths). A spec that already
+  uses ``stage`` (a stacked ``layers`` dimension) is kept. The pipelined
+  step gathers what each stage needs (see :mod:`meshnet.pipeline.executor`).
+
+  Example: ``P("fsdp", "tensor")`` of a ``(512, 256)`` leaf on
+  ``stage=2,fsdp=2,tensor=2`` -> ``P(("stage", "fsdp"), "tensor")``.
+  """
+  sizes = {name: int(size) for name, size in mesh.shape.items()}
+  stage = sizes.get(STAGE, 1)
+  entries = list(spec) + [None] * (len(shape) - len(spec))
+  if stage == 1 or any(STAGE in _as_axes(e) for e in entries):
+    return P(*entries)
+  for dim, entry in enumerate(entries):
+    if _as_axes(entry) == (FSDP,) and shape[dim] % (stage * sizes.get(FSDP, 1)) == 0:
+      entries[dim] = (STAGE, FSDP)
+      return P(*entries)
+  free = [d for d, e in enumerate(entries) if e is None and shape[d] % stage == 0]
+  if free:
+    entries[max(free, key=lambda d: (shape[d], -d))] = STAGE
+  return P(*entries)
+
+
+def storage_specs(model_or_logical_axes: Model | LogicalAxes, params: Any, mesh: Mesh,
+                  rules: Rules | None = None) -> Any:
+  """:func:`param_specs`, each also split over ``stage`` by :func:`with_stage`
+  (the same as :func:`param_specs` on a mesh with ``stage`` = 1)."""
+  specs = param_specs(model_or_logical_axes, params, mesh, rules)
+  return jax.tree.map(lambda spec, leaf: with_stage(spec, np.shape(leaf) if not hasattr(
+      leaf, "shape") else tuple(leaf.shape), mesh), specs, params,
+                      is_leaf=lambda x: isinstance(x, P))

@@ -31,13 +31,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from meshnet import collectives, compute, losses, sharded
 from meshnet.errors import MeshnetError
 from meshnet.mesh import DATA, FSDP, STAGE, TENSOR, axis_size
 from meshnet.model import Model, Params, apply_train
-from meshnet.sharding import Rules, batch_axes, batch_sharding, batch_spec, replicated
+from meshnet.sharding import (Rules, batch_axes, batch_sharding, batch_spec, replicated,
+                              storage_specs)
 
 if TYPE_CHECKING:
   from meshnet.pipeline.executor import Pipeline
@@ -72,15 +73,16 @@ def init_train_state(
   Args:
     model: the model; ``model.init`` receives a key derived from ``key``.
     optimizer: the optax transformation whose state to create.
-    mesh: the mesh. With ``fsdp`` = ``tensor`` = 1 parameters and optimizer
-      state are replicated on it; otherwise each parameter is laid out by
-      :func:`meshnet.sharding.param_specs` and the optimizer state's
-      per-parameter leaves (Adam's ``mu``, ``nu``...) like their parameter,
-      its scalars replicated.
+    mesh: the mesh. With ``fsdp`` = ``tensor`` = ``stage`` = 1 parameters
+      and optimizer state are replicated on it; otherwise each parameter is
+      laid out by :func:`meshnet.sharding.param_specs` (with ``stage`` > 1:
+      :func:`meshnet.sharding.storage_specs`, also split over ``stage``) and
+      the optimizer state's per-parameter leaves (Adam's ``mu``, ``nu``...)
+      like their parameter, its scalars replicated.
     key: a ``jax.random.key``.
-    pipeline: accepted for code written for either layout; the state is the
-      same with or without a pipeline: ``params`` in the model's own tree
-      (one entry per layer) and ``optimizer.init(params)``, so any optax
+    pipeline: accepted for code written for either layout; the state's tree
+      is the same with or without a pipeline: ``params`` in the model's own
+      tree (one entry per layer) and ``optimizer.init(params)``, so any optax
       transformation (masks by path or rank, LAMB, Adafactor) sees the real
       parameter tree. The pipelined step stacks them per stage itself.
     rules: the logical-axis rules table (``None``:
@@ -103,13 +105,18 @@ def init_train_state(
         rng=jax.random.key_data(rng_key),
     )
 
-  if not shards_params(mesh):
+  pipelined = axis_size(mesh, STAGE) > 1
+  if not (shards_params(mesh) or pipelined):
     return jax.jit(init, out_shardings=replicated(mesh))(init_key, rng_key)
-  check_mesh(mesh, pipelined=False)
   params_shapes = jax.eval_shape(model.init, init_key)
-  layout = sharded.param_layout(model, params_shapes, mesh, rules)
+  if pipelined:
+    param_shardings = jax.tree.map(
+        lambda spec: NamedSharding(mesh, spec), storage_specs(model, params_shapes, mesh, rules),
+        is_leaf=lambda x: isinstance(x, P))
+  else:
+    param_shardings = sharded.param_layout(model, params_shapes, mesh, rules).shardings
   shardings = sharded.state_shardings(jax.eval_shape(init, init_key, rng_key),
-                                      params_shapes, layout, mesh)
+                                      params_shapes, param_shardings, mesh)
   return jax.jit(init, out_shardings=shardings)(init_key, rng_key)
 
 
@@ -211,15 +218,8 @@ def check_batch_size(global_batch: int, mesh: Mesh, grad_accum: int = 1, *,
 
 
 def check_mesh(mesh: Mesh, *, pipelined: bool) -> None:
-  """Refuses, with one line, a mesh the step cannot run: ``fsdp`` or
-  ``tensor`` > 1 with a pipeline (not yet), ``stage`` > 1 without one."""
-  if pipelined:
-    for axis in (FSDP, TENSOR):
-      if axis_size(mesh, axis) > 1:
-        raise MeshnetError(
-            f"mesh axis {axis}={axis_size(mesh, axis)} with a pipeline is not supported "
-            f"yet (the pipeline splits over data and stage only); set {axis}=1, or "
-            "stage=1 to shard the parameters without a pipeline")
+  """Refuses, with one line, a mesh the step cannot run: ``stage`` > 1
+  without a pipeline."""
   if not pipelined and axis_size(mesh, STAGE) > 1:
     raise MeshnetError(
         f"mesh has stage={axis_size(mesh, STAGE)}: pass pipeline="
@@ -546,14 +546,13 @@ def make_eval_step(
   replicated sums over the real examples: ``loss_sum``, ``count`` and, if the
   objective has a correctness test, ``correct``. Divide by ``count`` for
   means. ``precision`` is the train step's (the forward's compute dtype;
-  the sums are float32).
+  the sums are float32). On a mesh with ``stage`` > 1 every stage evaluates
+  the whole model, unpipelined: the parameters are gathered over ``stage``
+  (the train state keeps them split over it) and the batch is not split
+  over ``stage``.
   """
   objective = losses.objective(loss)
   model = compute.precision_model(model, precision)
-  if shards_params(mesh):
-    check_mesh(mesh, pipelined=axis_size(mesh, STAGE) > 1)
-  else:
-    check_mesh(mesh, pipelined=True)  # replicated over stage: each stage evaluates
 
   def sums_of(params, x, y, mask):
     outputs = model.apply(params, x, train=False)
@@ -577,6 +576,7 @@ def make_eval_step(
     )
 
     def eval_step(params, batch, mask):
+      params = jax.tree.map(lambda a: jax.reshard(a, replicated(mesh)), params)
       x, y, mask = (jax.reshard(a, batch_sharding(mesh)) for a in (*batch, mask))
       return reduce_sums(params, x, y, mask)
 

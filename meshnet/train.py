@@ -228,7 +228,6 @@ def run(
   pipeline = None
   grad_accum = oc.grad_accum
   if axis_size(mesh, STAGE) > 1:
-    check_mesh(mesh, pipelined=True)  # fsdp/tensor with a pipeline: not yet
     check_pipeline_compute(tc.precision, "none")  # bf16: not yet
     pc = config.pipeline
     microbatches = (pc.microbatches or axis_size(mesh, STAGE)) * oc.grad_accum

@@ -49,10 +49,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from meshnet import collectives, losses
+from meshnet import collectives, losses, sharded
 from meshnet.compute import check_remat, remat_model
 from meshnet.errors import MeshnetError
-from meshnet.mesh import DATA, STAGE, axis_size
+from meshnet.mesh import DATA, FSDP, STAGE, TENSOR, axis_size
+from meshnet.sharding import Rules, batch_axes, batch_sharding, batch_spec, storage_specs
 from meshnet.model import Model, example_keys, uses_key
 from meshnet.step import check_batch_size
 from meshnet.pipeline import plan, residuals, rounds as packing
@@ -70,57 +71,117 @@ def _varying(x: jax.Array, axes: Sequence[str]) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class _RunLayout:
   """Where a run of identical layers keeps its parameters in a stage's flat
-  vector: leaf by leaf (every layer's ``w``, then every layer's ``b``...),
+  vectors: leaf by leaf (every layer's ``w``, then every layer's ``b``...),
   so a run's stacked leaves are contiguous slices (views, not copies).
+
+  A stage has two flat vectors: ``whole`` ``[size]`` holds the leaves not
+  split over ``tensor``; ``split`` ``[T, split_size]`` holds, in row ``t``,
+  tensor block ``t`` of each leaf split over ``tensor`` (the compiler keeps
+  row ``t`` on the devices of ``tensor`` index ``t``, so each holds only its
+  blocks).
 
   Attributes:
     layers: how many layers the run has (``n``).
     treedef: one layer's parameter tree structure.
-    shapes: each leaf's shape in one layer.
+    shapes: each leaf's shape in one layer (global).
     dtypes: each leaf's dtype.
+    split_dims: per leaf, the dimension split over ``tensor`` (``None``:
+      the leaf goes whole in every tensor block).
+    tensor: the ``tensor`` size ``T``.
   """
 
   layers: int
   treedef: Any
   shapes: tuple[tuple[int, ...], ...]
   dtypes: tuple[Any, ...]
+  split_dims: tuple[int | None, ...] = ()
+  tensor: int = 1
+
+  def _dim(self, i: int) -> int | None:
+    return self.split_dims[i] if self.split_dims else None
+
+  def _count(self, i: int) -> int:
+    """Elements of leaf ``i`` in one layer's block of its vector."""
+    n = int(np.prod(self.shapes[i], dtype=np.int64))
+    return n if self._dim(i) is None else n // self.tensor
 
   @property
   def size(self) -> int:
-    return self.layers * sum(int(np.prod(s, dtype=np.int64)) for s in self.shapes)
+    """Elements of the run in the ``whole`` vector."""
+    return self.layers * sum(self._count(i) for i in range(len(self.shapes))
+                             if self._dim(i) is None)
 
-  def stacked(self, piece: jax.Array) -> Any:
-    """The run's ``[size]`` slice of the flat vector -> its parameter tree
-    with a leading ``[n]`` axis."""
-    counts = [self.layers * int(np.prod(s, dtype=np.int64)) for s in self.shapes]
-    blocks = jnp.split(piece, np.cumsum(counts)[:-1].tolist()) if len(counts) > 1 else [piece]
-    leaves = [b.reshape(self.layers, *s).astype(t)
-              for b, s, t in zip(blocks, self.shapes, self.dtypes)]
+  @property
+  def split_size(self) -> int:
+    """Elements of the run in each row of the ``split`` vector."""
+    return self.layers * sum(self._count(i) for i in range(len(self.shapes))
+                             if self._dim(i) is not None)
+
+  def _local(self, i: int) -> tuple[int, ...]:
+    shape, j = self.shapes[i], self._dim(i)
+    return (*shape[:j], shape[j] // self.tensor, *shape[j + 1:])
+
+  def stacked(self, piece: jax.Array, split_piece: jax.Array | None = None) -> Any:
+    """The run's ``[size]`` slice of ``whole`` (and ``[T, split_size]``
+    slice of ``split``) -> its parameter tree with a leading ``[n]`` axis."""
+    n, T = self.layers, self.tensor
+    leaves, offset, split_offset = [], 0, 0
+    for i, (shape, dtype) in enumerate(zip(self.shapes, self.dtypes)):
+      count = n * self._count(i)
+      j = self._dim(i)
+      if j is None:
+        leaf = piece[offset:offset + count].reshape(n, *shape)
+        offset += count
+      else:  # [T, n, *local] -> [n, .., T * local_j, ..]: block t is rows t of dim j
+        block = split_piece[:, split_offset:split_offset + count]
+        block = jnp.moveaxis(block.reshape(T, n, *self._local(i)), 0, 1 + j)
+        leaf = block.reshape(n, *shape)
+        split_offset += count
+      leaves.append(leaf.astype(dtype))
     return jax.tree.unflatten(self.treedef, leaves)
 
-  def ravel(self, layer_params: Sequence[Any], dtype: Any) -> jax.Array:
-    """The run's layers' parameters (one tree each) -> its flat slice."""
+  def ravel(self, layer_params: Sequence[Any], dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """The run's layers' parameters (one tree each) -> its slices of the
+    ``whole`` vector ``[size]`` and the ``split`` vector ``[T, split_size]``."""
+    n, T = self.layers, self.tensor
+    whole, split = [], []
     per_leaf = zip(*(jax.tree.leaves(p) for p in layer_params))
-    parts = [jnp.stack(leaf).reshape(-1).astype(dtype) for leaf in per_leaf]
-    return jnp.concatenate(parts) if parts else jnp.zeros((0,), dtype)
+    for i, leaf in enumerate(per_leaf):
+      stacked = jnp.stack(leaf).astype(dtype)  # [n, *shape]
+      j = self._dim(i)
+      if j is None:
+        whole.append(stacked.reshape(-1))
+      else:
+        shape = self.shapes[i]
+        blocks = stacked.reshape(n, *shape[:j], T, shape[j] // T, *shape[j + 1:])
+        split.append(jnp.moveaxis(blocks, 1 + j, 0).reshape(T, -1))
+    return (jnp.concatenate(whole) if whole else jnp.zeros((0,), dtype),
+            jnp.concatenate(split, axis=1) if split else jnp.zeros((T, 0), dtype))
 
 
-def _ravel_stage(layouts: Sequence[_RunLayout], params: Sequence[Any], dtype: Any) -> jax.Array:
-  """A stage's layers' parameters -> its flat vector, run by run."""
-  parts, i = [], 0
+def _ravel_stage(layouts: Sequence[_RunLayout], params: Sequence[Any],
+                 dtype: Any) -> tuple[jax.Array, jax.Array]:
+  """A stage's layers' parameters -> its ``whole`` and ``split`` vectors."""
+  whole, split, i = [], [], 0
   for run in layouts:
-    parts.append(run.ravel(params[i:i + run.layers], dtype))
+    w, s = run.ravel(params[i:i + run.layers], dtype)
+    whole.append(w)
+    split.append(s)
     i += run.layers
-  return jnp.concatenate(parts)
+  return jnp.concatenate(whole), jnp.concatenate(split, axis=1)
 
 
-def _unravel_stage(layouts: Sequence[_RunLayout], flat: jax.Array) -> list[Any]:
+def _unravel_stage(layouts: Sequence[_RunLayout], flat: jax.Array,
+                   split: jax.Array | None) -> list[Any]:
   """Inverse of :func:`_ravel_stage`: one parameter tree per layer."""
-  params, offset = [], 0
+  params, offset, split_offset = [], 0, 0
   for run in layouts:
-    stacked = run.stacked(flat[offset:offset + run.size])
+    stacked = run.stacked(flat[offset:offset + run.size],
+                          None if split is None else
+                          split[:, split_offset:split_offset + run.split_size])
     params.extend(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(run.layers))
     offset += run.size
+    split_offset += run.split_size
   return params
 
 
@@ -154,6 +215,8 @@ class Pipeline:
   _run_layouts: tuple[tuple[_RunLayout, ...], ...] = ()  # per stage, per run
   _key_layers: tuple[bool, ...] = ()  # per layer: reads its key when training (dropout)
   remat: bool = False
+  _split_sizes: tuple[int, ...] = ()  # per virtual stage: elements per row of ``split``
+  _storage: Any = None  # the state's parameter specs (sharding.storage_specs)
 
   @functools.cached_property
   def rounds(self) -> packing.Rounds:
@@ -173,8 +236,24 @@ class Pipeline:
     return len(self.bounds) - 1
 
   @property
+  def fsdp(self) -> int:
+    return axis_size(self.mesh, FSDP)
+
+  @property
+  def tensor(self) -> int:
+    return axis_size(self.mesh, TENSOR)
+
+  @property
   def param_width(self) -> int:
-    return max(self._sizes)
+    """``N``: elements of a stage's ``whole`` vector (the longest stage's,
+    rounded up to a multiple of ``fsdp``, which splits it)."""
+    return _round_up(max(self._sizes), self.fsdp)
+
+  @property
+  def split_width(self) -> int:
+    """``N_t``: elements per tensor block of a stage's ``split`` vector
+    (0 when no parameter is split over ``tensor``)."""
+    return _round_up(max(self._split_sizes or (0,)), self.fsdp)
 
   @property
   def activation_width(self) -> int:
@@ -183,47 +262,124 @@ class Pipeline:
   def stage_params(self, params: Sequence[Any], k: int) -> list[Any]:
     return list(params[self.bounds[k]:self.bounds[k + 1]])
 
-  def stacked_sharding(self) -> NamedSharding:
-    return NamedSharding(self.mesh, P(STAGE))
+  def stacked_sharding(self) -> NamedSharding | tuple[NamedSharding, NamedSharding]:
+    """``whole`` ``[S, v, N]`` over ``stage`` (and ``fsdp`` on ``N``); with a
+    ``split`` part, also ``[S, v, T, N_t]`` over ``stage``, ``tensor`` (and
+    ``fsdp``)."""
+    fsdp = FSDP if self.fsdp > 1 else None
+    whole = NamedSharding(self.mesh, P(STAGE, None, fsdp) if fsdp else P(STAGE))
+    if not self.split_width:
+      return whole
+    return whole, NamedSharding(self.mesh, P(STAGE, None, TENSOR, fsdp))
+
+  def param_shardings(self) -> list[Any]:
+    """Where the train state keeps the model's own per-layer parameters
+    (:func:`meshnet.sharding.storage_specs`: split over ``stage`` too)."""
+    return jax.tree.map(lambda spec: NamedSharding(self.mesh, spec), self._storage,
+                        is_leaf=lambda x: isinstance(x, P))
+
+  def _tensor_only(self, tree: Any, specs: Any) -> Any:
+    """``tree`` gathered over every axis but ``tensor`` (whose split, given
+    by ``specs``, is left to the compiler): the layout the flat vectors are
+    built from and taken apart into."""
+    replicated = NamedSharding(self.mesh, P())
+    tree = jax.tree.map(lambda a: jax.reshard(a, replicated), tree)
+    if self.tensor == 1:
+      return tree
+    return jax.tree.map(
+        lambda a, spec: jax.lax.with_sharding_constraint(a, NamedSharding(self.mesh, spec)),
+        tree, specs, is_leaf=lambda x: isinstance(x, P))
+
+  def _leaf_tensor_specs(self) -> list[Any]:
+    """Per layer, each leaf's spec with only its ``tensor`` entry."""
+    return jax.tree.map(
+        lambda spec: P(*(TENSOR if TENSOR in _axes(e) and self.tensor > 1 else None
+                         for e in spec)),
+        self._storage, is_leaf=lambda x: isinstance(x, P))
 
   @functools.cached_property
   def _stack_fn(self) -> Callable:
     S, v = self.schedule.num_stages, self.schedule.virtual_stages
-    N = self.param_width
+    N, Nt, T = self.param_width, self.split_width, self.tensor
 
     def build(params):
-      rows = []
+      params = self._tensor_only(params, self._leaf_tensor_specs())
+      rows, split_rows = [], []
       for k in range(self.num_virtual_stages):
-        flat = _ravel_stage(self._run_layouts[k], self.stage_params(params, k), jnp.float32)
+        flat, split = _ravel_stage(self._run_layouts[k], self.stage_params(params, k),
+                                   jnp.float32)
         rows.append(jnp.pad(flat, (0, N - flat.shape[0])))
+        split_rows.append(jnp.pad(split, ((0, 0), (0, Nt - split.shape[1]))))
       stacked = jnp.stack(rows)  # [K, N], k = c * S + d
-      return stacked.reshape(v, S, N).transpose(1, 0, 2)
+      whole = stacked.reshape(v, S, N).transpose(1, 0, 2)
+      if not Nt:
+        return whole
+      split = jnp.stack(split_rows).reshape(v, S, T, Nt).transpose(1, 0, 2, 3)
+      return whole, split
 
     return jax.jit(build, out_shardings=self.stacked_sharding())
 
   @functools.cached_property
   def _unstack_fn(self) -> Callable:
     S = self.schedule.num_stages
-    replicated = NamedSharding(self.mesh, P())
 
     def split(stacked):
+      whole, parts = (stacked[0], stacked[1]) if isinstance(stacked, tuple) else (stacked, None)
       with jax.named_scope("stage_gather"):  # gather the stages' slices
-        stacked = jax.reshard(stacked, replicated)
+        whole = self._tensor_only(whole, P())
+        if parts is not None:
+          parts = self._tensor_only(parts, P(None, None, TENSOR, None))
       params: list[Any] = []
       for k in range(self.num_virtual_stages):
         d, c = k % S, k // S
-        params.extend(_unravel_stage(self._run_layouts[k], stacked[d, c, :self._sizes[k]]))
+        params.extend(_unravel_stage(
+            self._run_layouts[k], whole[d, c, :self._sizes[k]],
+            None if parts is None else parts[d, c, :, :self._split_sizes[k]]))
       return params
 
-    return jax.jit(split, out_shardings=replicated)
+    return jax.jit(split, out_shardings=self.param_shardings())
 
-  def stack(self, params: Sequence[Any]) -> jax.Array:
-    """Logical per-layer params -> ``[S, v, N]`` sharded over ``stage``."""
+  def stack(self, params: Sequence[Any]) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Logical per-layer params -> ``whole`` ``[S, v, N]`` (and, when some
+    parameters are split over ``tensor``, ``(whole, split [S, v, T, N_t])``),
+    laid out as :meth:`stacked_sharding` says."""
     return self._stack_fn(list(params))
 
-  def unstack(self, stacked: jax.Array) -> list[Any]:
-    """``[S, v, N]`` -> logical per-layer params (the inverse of ``stack``)."""
+  def unstack(self, stacked: jax.Array | tuple[jax.Array, jax.Array]) -> list[Any]:
+    """The inverse of ``stack``: logical per-layer params, laid out as the
+    train state keeps them (:meth:`param_shardings`)."""
     return self._unstack_fn(stacked)
+
+  def _here(self, spec: P) -> NamedSharding:
+    """``spec`` on the mesh in context: inside the program the one whose
+    ``data``/``stage``/``fsdp`` are manual, else :attr:`mesh`."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return NamedSharding(self.mesh if mesh.empty else mesh, spec)
+
+  def _whole_over_tensor(self, x: jax.Array) -> jax.Array:
+    """``x`` (inside the program) kept whole on every ``tensor`` device.
+
+    An activation crossing a stage boundary is sliced and padded there; if
+    the compiler left it split over ``tensor`` it would exchange halos with
+    ``collective-permute`` s inside the switch's branches, which devices on
+    other stages do not run (on CPU a deadlock).
+    """
+    if self.tensor == 1:
+      return x
+    return jax.lax.with_sharding_constraint(x, self._here(P()))
+
+  def _split_over_tensor(self, run: _RunLayout, stacked: Any) -> Any:
+    """A run's stacked parameters ``[n, ...]`` (inside the program) with
+    each leaf split over ``tensor`` as the rules say (and the others whole),
+    so the compiler adds only the Megatron reductions."""
+    if self.tensor == 1:
+      return stacked
+    leaves, treedef = jax.tree.flatten(stacked)
+    specs = [P(*(None,) * a.ndim) if j is None else
+             P(*(TENSOR if d == 1 + j else None for d in range(a.ndim)))
+             for a, j in zip(leaves, run.split_dims)]
+    return jax.tree.unflatten(treedef, [jax.lax.with_sharding_constraint(a, self._here(spec))
+                                        for a, spec in zip(leaves, specs)])
 
   @property
   def _max_layers(self) -> int:
@@ -241,17 +397,18 @@ class Pipeline:
     data = jax.random.key_data(per_layer)
     return jnp.pad(data, ((0, 0), (0, self._max_layers), (0, 0)))
 
-  def _stage_forward(self, k: int, flat: jax.Array, x_pad: jax.Array,
-                     layer_keys: jax.Array | None, train: bool):
+  def _stage_forward(self, k: int, flat: jax.Array | tuple[jax.Array, jax.Array],
+                     x_pad: jax.Array, layer_keys: jax.Array | None, train: bool):
     """Stage ``k`` on padded activations: ``[b, D] -> [b, D]`` (the last
-    stage returns its real output shape ``[b, ...]``). ``layer_keys``:
+    stage returns its real output shape ``[b, ...]``). ``flat``: the stage's
+    ``whole`` vector ``[N]``, or ``(whole, split [T, N_t])``. ``layer_keys``:
     ``[b, n]`` raw key data, column ``i`` for the stage's ``i``-th layer (a
     layer that reads its key runs per example with it, as
     :func:`~meshnet.model.apply_train` runs the whole model). A run of
     identical layers is one ``lax.scan`` over their stacked parameters, so
     the program does not grow with the number of blocks."""
     b = x_pad.shape[0]
-    x = x_pad[:, :self._widths[k]].reshape(b, *self._shapes[k])
+    x = self._whole_over_tensor(x_pad[:, :self._widths[k]].reshape(b, *self._shapes[k]))
     first = self.bounds[k]
     layers = self.model.layers[first:self.bounds[k + 1]]
     keys = None if layer_keys is None else jax.random.wrap_key_data(layer_keys)
@@ -269,11 +426,15 @@ class Pipeline:
     # than a padded add per run) and reshapes give them stacked, as views,
     # whatever the number of layers.
     layouts = self._run_layouts[k]
+    flat, split = flat if isinstance(flat, tuple) else (flat, None)
     pieces = jnp.split(flat, np.cumsum([run.size for run in layouts]).tolist())
-    for (start, end), run, piece in zip(self._runs[k], layouts, pieces):
+    split_pieces = ([None] * len(layouts) if split is None else jnp.split(
+        split, np.cumsum([run.split_size for run in layouts]).tolist(), axis=1))
+    for (start, end), run, piece, split_piece in zip(self._runs[k], layouts, pieces,
+                                                      split_pieces):
       layer = layers[start]
       per_example = self._key_layers[first + start]
-      stacked = run.stacked(piece)
+      stacked = self._split_over_tensor(run, run.stacked(piece, split_piece))
       if end - start == 1:
         x = run_layer(layer, jax.tree.map(lambda a: a[0], stacked), x,
                       None if keys is None else keys[:, start], per_example)
@@ -287,7 +448,7 @@ class Pipeline:
       x, _ = jax.lax.scan(body, x, (stacked, columns), length=end - start)
     if k == self.num_virtual_stages - 1:
       return x
-    x = x.reshape(b, -1)
+    x = self._whole_over_tensor(x).reshape(b, -1)
     return jnp.pad(x, ((0, 0), (0, self.activation_width - x.shape[1])))
 
   def make_grad_fn(
@@ -310,7 +471,13 @@ class Pipeline:
     objective = losses.objective(loss)
     schedule, mesh = self.schedule, self.mesh
     S, v, M = schedule.num_stages, schedule.virtual_stages, schedule.num_microbatches
-    K, N, D = self.num_virtual_stages, self.param_width, self.activation_width
+    K, D = self.num_virtual_stages, self.activation_width
+    F, T = self.fsdp, self.tensor
+    if deterministic and (F > 1 or T > 1):
+      raise MeshnetError(
+          f"deterministic=True with fsdp={F}, tensor={T} in a pipeline: the fixed-order "
+          "average covers data only; drop --deterministic or use fsdp=tensor=1")
+    over_batch = batch_axes(mesh)
     split = schedule.split_backward
     data = axis_size(mesh, DATA)
     reps = sorted(set(self.stage_groups))
@@ -320,7 +487,44 @@ class Pipeline:
     use_keys = train and any(self._key_layers)
     n_max = self._max_layers
     first_layer = jnp.asarray(self.bounds[:-1], jnp.int32)  # of each virtual stage
-    axes = (DATA, STAGE)
+    axes = (DATA, STAGE, FSDP) if F > 1 else (DATA, STAGE)
+    whole_spec = P(STAGE, None, FSDP) if F > 1 else P(STAGE)
+    split_spec = P(STAGE, None, None, FSDP if F > 1 else None)
+    stacked_specs = (whole_spec, split_spec) if self.split_width else whole_spec
+    tensor_block = P(None, None, TENSOR)  # a split part's [., v, T, .]: tensor on dim 2
+
+    def gather(stacked):
+      """This device's ``fsdp`` pieces of its chunks -> whole chunks
+      (``[1, v, N / F] -> [v, N]``; ``split`` ``[1, v, T, N_t / F] -> [v, T, N_t]``)."""
+      with jax.named_scope("fsdp_gather"):
+        if not isinstance(stacked, tuple):
+          return (collectives.all_gather(stacked, FSDP, dim=2, tiled=True)[0] if F > 1
+                  else stacked[0])
+        whole, split = stacked
+        if F > 1:
+          whole = collectives.all_gather(whole, FSDP, dim=2, tiled=True)
+          split = sharded.blockwise(
+              lambda a: collectives.all_gather(a, FSDP, dim=3, tiled=True), mesh,
+              (tensor_block,), tensor_block)(split)
+        return whole[0], split[0]
+
+    def exchange(grads):
+      """Each device's ``[v, ...]`` gradient -> the mean over the batch axes,
+      this device's ``fsdp`` piece (reduce-scattered, then averaged over data)."""
+      def one(g, dim):
+        if F > 1:
+          with jax.named_scope("fsdp_scatter"):
+            g = collectives.reduce_scatter(g, FSDP, dim=dim, op="mean")
+        with jax.named_scope("gradient_exchange"):
+          return collectives.pmean_bucketed(
+              g, DATA, bucket_bytes=bucket_bytes, flatten=flatten_buckets,
+              ordered_size=data if deterministic else None)
+      if not isinstance(grads, tuple):
+        return one(grads, 1)
+      whole, split = grads
+      block = P(None, TENSOR)
+      return one(whole, 1), sharded.blockwise(lambda g: one(g, 2), mesh, (block,),
+                                              block)(split)
 
     def mean_loss(out, y):
       return jnp.mean(objective.loss(out, y)) / M
@@ -338,8 +542,9 @@ class Pipeline:
       d = collectives.axis_index(STAGE)
       b = x.shape[0]
       mb = b // M
-      first_row = collectives.axis_index(DATA) * b  # global index of x[0]
-      flat_params = _varying(stacked[0], axes)  # own gradient, no implicit psum
+      first_row = collectives.axis_index(over_batch) * b  # global index of x[0]
+      # [v, N] (and [v, T, N_t]): own gradient, no implicit psum
+      flat_params = jax.tree.map(lambda a: _varying(a, axes), gather(stacked))
       xs = x.reshape(M, mb, -1)
       xs = jnp.pad(xs, ((0, 0), (0, 0), (0, D - xs.shape[-1]))).astype(jnp.float32)
       ys = y.reshape(M, mb, *y.shape[1:])
@@ -347,14 +552,16 @@ class Pipeline:
       key_shape = (mb, n_max, *jax.random.key_data(key).shape) if use_keys else ()
       # Example arguments with this program's types (varying over the mesh axes).
       x_mb, y_mb, keys_mb = zeros((mb, D)), _varying(ys[0], axes), zeros(key_shape, jnp.uint32)
-      layouts = {} if self.remat else {
-          k: residuals.layout(stage_fn(k), flat_params[0], x_mb, y_mb, keys_mb) for k in reps}
-      R = mb * D if self.remat else max([1] + [lay.size for lay in layouts.values()])
-
       def chunk_params(c):
-        """``[N]`` parameters of chunk ``c`` (a static index with one chunk:
-        slices of it are then views, not copies)."""
-        return flat_params[0] if v == 1 else flat_params[c]
+        """``[N]`` (and ``[T, N_t]``) parameters of chunk ``c`` (a static
+        index with one chunk: slices of it are then views, not copies)."""
+        return jax.tree.map(lambda a: a[0] if v == 1 else a[c], flat_params)
+
+      param_zeros = lambda: jax.tree.map(lambda a: zeros(a.shape[1:]), flat_params)
+      layouts = {} if self.remat else {
+          k: residuals.layout(stage_fn(k), chunk_params(0), x_mb, y_mb, keys_mb)
+          for k in reps}
+      R = mb * D if self.remat else max([1] + [lay.size for lay in layouts.values()])
 
       def op_keys(m, k):
         """``[mb, n_max, 2]`` key data of microbatch ``m``'s examples for
@@ -412,8 +619,8 @@ class Pipeline:
           return {"both": (dflat, dx), "input": dx, "weight": dflat}[half]
         return run
 
-      idle = {"both": lambda *a: (zeros((N,)), zeros((mb, D))),
-              "input": lambda *a: zeros((mb, D)), "weight": lambda *a: zeros((N,))}
+      idle = {"both": lambda *a: (param_zeros(), zeros((mb, D))),
+              "input": lambda *a: zeros((mb, D)), "weight": lambda *a: param_zeros()}
       f_branches = [forward_idle] + [forward(k) for k in reps]
       b_half = "input" if split else "both"
       b_branches = [idle[b_half]] + [backward(k, b_half) for k in reps]
@@ -466,7 +673,8 @@ class Pipeline:
           with jax.named_scope("pipeline_weight_gradient"):
             dflat = backward_op("w", w_branches)
             grad_chunk = e["w_chunk"]
-        grads = grads.at[0 if v == 1 else grad_chunk].add(dflat)
+        grads = jax.tree.map(lambda g, dg: g.at[0 if v == 1 else grad_chunk].add(dg),
+                             grads, dflat)
         with jax.named_scope("pipeline_send"):
           act_recv, cot_recv = send(act_out, cot_out)
         ran = (e["f_branch"] > 0).astype(jnp.int32) + (e["b_branch"] > 0) + (
@@ -477,7 +685,7 @@ class Pipeline:
 
       fill = lambda shape: _varying(jnp.full(shape, _fill, jnp.float32), axes)
       carry = (
-          zeros((v, N)),  # gradient accumulator
+          jax.tree.map(lambda a: zeros(a.shape), flat_params),  # gradient accumulator
           zeros(()),  # loss accumulator
           fill((v, buffers.num_act + 1, mb, D)),  # stage inputs received
           fill((v, buffers.num_cot + 1, mb, D)),  # cotangents received
@@ -489,29 +697,30 @@ class Pipeline:
         (grads, loss_sum, *_, counts), _ = jax.lax.scan(one_round, carry, tables)
       with jax.named_scope("pipeline_loss"):
         loss_value = collectives.all_reduce(
-            collectives.all_reduce(loss_sum, STAGE, "sum"), DATA, "mean")
-      with jax.named_scope("gradient_exchange"):
-        grads = collectives.pmean_bucketed(
-            grads, DATA, bucket_bytes=bucket_bytes, flatten=flatten_buckets,
-            ordered_size=data if deterministic else None)
-      # counts: the same on every data replica; report data replica 0's.
+            collectives.all_reduce(loss_sum, STAGE, "sum"), over_batch, "mean")
+      grads = exchange(grads)
+      # counts: the same on every batch replica; report replica 0's.
       counts = collectives.all_reduce(
-          jnp.where(collectives.axis_index(DATA) == 0, counts, 0), DATA, "sum")
-      return loss_value, grads[None], counts[None]
+          jnp.where(collectives.axis_index(over_batch) == 0, counts, 0), over_batch, "sum")
+      return loss_value, jax.tree.map(lambda g: g[None], grads), counts[None]
 
-    sharded = jax.shard_map(
+    program_on_mesh = jax.shard_map(
         program, mesh=mesh,
-        in_specs=(P(STAGE), P(DATA), P(DATA), P(), P()),
-        out_specs=(P(), P(STAGE), P(STAGE)),
+        in_specs=(stacked_specs, batch_spec(mesh), batch_spec(mesh), P(), P()),
+        out_specs=(P(), stacked_specs, P(STAGE)),
+        axis_names=set(sharded.manual_axes(mesh)),
     )
-    batch_sharding = NamedSharding(mesh, P(DATA))
+    on_batch = batch_sharding(mesh)
 
     def grad_fn(stacked, batch, key):
       x, y = batch
       check_batch_size(x.shape[0], mesh, M, what="microbatches")
-      x, y = (jax.reshard(a, batch_sharding) for a in (x, y))
-      stacked = jax.reshard(stacked, self.stacked_sharding())  # no-op when already so
-      loss_value, grads, counts = sharded(stacked, x, y, key, tables)
+      x, y = (jax.reshard(a, on_batch) for a in (x, y))
+      if isinstance(stacked, tuple):  # the split part's tensor layout is the compiler's
+        stacked = (jax.reshard(stacked[0], self.stacked_sharding()[0]), stacked[1])
+      else:
+        stacked = jax.reshard(stacked, self.stacked_sharding())  # no-op when already so
+      loss_value, grads, counts = program_on_mesh(stacked, x, y, key, tables)
       if return_stats:
         return loss_value, grads, {"rounds": counts[:, 0], "ops": counts[:, 1]}
       return loss_value, grads
@@ -523,6 +732,7 @@ def make_pipeline(
     model: Model, mesh: Mesh, example_shape: Sequence[int], *,
     schedule: str | sched.Schedule = "1f1b", microbatches: int | None = None,
     virtual_stages: int = 1, bounds: Sequence[int] | None = None, remat: bool | str = False,
+    rules: Rules | None = None,
 ) -> Pipeline:
   """Cuts ``model`` (which must have ``layers``) into stages over ``stage``.
 
@@ -546,6 +756,15 @@ def make_pipeline(
       backward and recomputes the stage's forward (itself under ``layer``)
       in the backward (less memory, about a third more compute); ``"none"``
       (or ``False``, the default) keeps the forward's vjp residuals.
+    rules: the logical-axis rules (:data:`meshnet.sharding.DEFAULT_RULES`
+      when ``None``) that say which parameters ``tensor`` splits and where
+      the train state keeps them (pass the same to :func:`meshnet.init_train_state`).
+
+  With ``fsdp`` > 1 each stage's vectors are split over ``fsdp`` (gathered
+  once per step, gradients reduce-scattered) and the batch over ``data`` x
+  ``fsdp``; with ``tensor`` > 1 the parameters the rules split over
+  ``tensor`` keep their Megatron split inside each stage (the compiler adds
+  the reductions).
 
   Raises:
     MeshnetError: no layers, more stages than layers, bad bounds, or a
@@ -559,7 +778,7 @@ def make_pipeline(
     raise MeshnetError(
         "pipelining needs a model made of layers (Model(..., layers=...), e.g. "
         "meshnet.models.mlp or meshnet.model.sequential); this model has none")
-  S = axis_size(mesh, STAGE)
+  S, T = axis_size(mesh, STAGE), axis_size(mesh, TENSOR)
   params = jax.eval_shape(model.init, jax.random.key(0))
   if not isinstance(params, (list, tuple)) or len(params) != len(model.layers):
     raise MeshnetError(
@@ -582,10 +801,15 @@ def make_pipeline(
       balanced_bounds([1] * n_layers, K)  # raises the "more stages than layers" error
     bounds = check_bounds(bounds, n_layers, K)
   example_shape = tuple(int(s) for s in example_shape)
+  storage = storage_specs(model, params, mesh, rules)  # checks every split divides
+  split_dims = [tuple(_tensor_dim(spec) if T > 1 else None for spec in
+                      jax.tree.leaves(layer_specs, is_leaf=lambda x: isinstance(x, P)))
+                for layer_specs in storage]
 
   # Shapes of every stage's parameters and boundary activations (abstractly),
   # and, inside each stage, runs of identical layers to scan over.
   sizes, shapes, runs, run_layouts, key_layers = [], [example_shape], [], [], []
+  split_sizes = []
   x = jax.ShapeDtypeStruct((2, *example_shape), jnp.float32)
   for k in range(K):
     stage = list(params[bounds[k]:bounds[k + 1]])
@@ -602,15 +826,35 @@ def make_pipeline(
     for start, end in runs[-1]:
       leaves, treedef = jax.tree.flatten(stage[start])
       layouts.append(_RunLayout(end - start, treedef, tuple(tuple(s.shape) for s in leaves),
-                                tuple(s.dtype for s in leaves)))
+                                tuple(s.dtype for s in leaves),
+                                split_dims[bounds[k] + start], T))
     run_layouts.append(tuple(layouts))
     sizes.append(sum(run.size for run in layouts))
+    split_sizes.append(sum(run.split_size for run in layouts))
     shapes.append(tuple(x.shape[1:]))
   pipe = Pipeline(model, mesh, plan, tuple(bounds), example_shape,
                   tuple(sizes), tuple(int(np.prod(s)) for s in shapes[:-1]),
                   _shapes=tuple(shapes), _runs=tuple(runs), _run_layouts=tuple(run_layouts),
-                  _key_layers=tuple(key_layers), remat=bool(remat))
+                  _key_layers=tuple(key_layers), remat=bool(remat),
+                  _split_sizes=tuple(split_sizes), _storage=storage)
   return dataclasses.replace(pipe, _groups=_stage_groups(pipe))
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def _axes(entry: Any) -> tuple[str, ...]:
+  """A spec entry's mesh axes."""
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _tensor_dim(spec: P) -> int | None:
+  """The dimension ``spec`` splits over ``tensor`` (``None`` if none)."""
+  for dim, entry in enumerate(spec):
+    if TENSOR in _axes(entry):
+      return dim
+  return None
 
 
 def _const_digest(value: Any) -> tuple:
@@ -671,6 +915,8 @@ def _identical_runs(signatures: Sequence[Any]) -> tuple[tuple[int, int], ...]:
 def _stage_groups(pipe: Pipeline) -> tuple[int, ...]:
   """Groups virtual stages whose traced computation is identical."""
   flat = jax.ShapeDtypeStruct((pipe.param_width,), jnp.float32)
+  if pipe.split_width:
+    flat = (flat, jax.ShapeDtypeStruct((pipe.tensor, pipe.split_width), jnp.float32))
   x = jax.ShapeDtypeStruct((2, pipe.activation_width), jnp.float32)
   signatures = []
   for k in range(pipe.num_virtual_stages):

@@ -68,7 +68,7 @@ def layout(fn: Callable, flat: Any, x: Any, *data: Any) -> Layout:
     return flat_leaves
 
   closed = jax.make_jaxpr(leaves)(flat, x, *data)
-  varying = [False] + [True] * (1 + len(data))
+  varying = [False] * len(jax.tree.leaves(flat)) + [True] * len(jax.tree.leaves((x, data)))
   depends = _dependence(closed.jaxpr, varying)
   stored = tuple(i for i, d in enumerate(depends) if d)
   avals = [closed.out_avals[i] for i in stored]
