@@ -202,8 +202,10 @@ def test_unsupported_combinations_are_one_line():
     meshnet.make_train_step(model, optax.sgd(0.1), mesh, deterministic=True)
   with pytest.raises(meshnet.MeshnetError, match=r"grad_transport='shm' with fsdp=4"):
     meshnet.make_train_step(model, optax.sgd(0.1), mesh, grad_transport="shm")
-  with pytest.raises(meshnet.MeshnetError, match=r"with a pipeline is not supported yet"):
-    run(Config(mesh=MeshConfig(fsdp=2, stage=4), model=ModelConfig(hidden=(32, 16)),
+  with pytest.raises(meshnet.MeshnetError, match=r"deterministic=True with fsdp=2, tensor=1 "
+                     r"in a pipeline"):
+    run(Config(mesh=MeshConfig(fsdp=2, stage=4), model=ModelConfig(hidden=(32, 16, 16)),
+               optim=meshnet.OptimConfig(deterministic=True),
                train=TrainConfig(steps=1, eval_every=0, progress=False)), log=lambda _: None)
   with pytest.raises(meshnet.MeshnetError, match=r"global batch size 36 is not divisible by "
                      r"data=2 x fsdp=4 = 8"):
