@@ -136,6 +136,29 @@ def precision_model(model: Model, precision: str) -> Model:
   return dataclasses.replace(model, apply=apply)
 
 
+def precision_layers(model: Model, precision: str) -> Model:
+  """``model`` (with ``layers``) computing in ``precision`` layer by layer,
+  for a pipeline: each layer casts its float32 parameters and its input to
+  the compute dtype and returns its output in it (so activations between
+  stages are bfloat16), except the last, which returns float32 for the loss.
+  The same numbers as :func:`precision_model`; ``fp32`` returns ``model``."""
+  dtype = PRECISIONS[check_precision(precision)]
+  if dtype == jnp.float32 or not model.layers:
+    return model
+
+  def cast(layer: Model, out_dtype: Any) -> Model:
+    inner = layer.apply
+
+    def apply(params, x, *, train=False, key=None):
+      out = inner(cast_floating(params, dtype), cast_floating(x, dtype), train=train, key=key)
+      return cast_floating(out, out_dtype)
+    return dataclasses.replace(layer, apply=apply)
+
+  layers = tuple(cast(layer, jnp.float32 if i == len(model.layers) - 1 else dtype)
+                 for i, layer in enumerate(model.layers))
+  return dataclasses.replace(model, apply=sequential(layers).apply, layers=layers)
+
+
 def policy_model(model: Model, *, precision: str = "fp32", remat: str = "none") -> Model:
   """``model`` with both: the precision's casts outside, the remat policy
   inside (a checkpoint then keeps bfloat16 inputs)."""

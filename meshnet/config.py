@@ -333,7 +333,7 @@ class TrainConfig:
     precision: ``fp32`` or ``bf16``: the forward's compute dtype (bf16:
       float32 master parameters and optimizer state, bfloat16 matmuls and
       activations, float32 loss and gradients; :mod:`meshnet.compute`).
-      ``bf16`` with a pipeline (``stage`` > 1) is not supported yet.
+      With a pipeline the activations between stages are bfloat16 too.
     remat: ``none``, ``layer`` or ``full``: what the backward recomputes
       instead of keeping (``jax.checkpoint``; :mod:`meshnet.compute`), with
       or without a pipeline. ``True``/``False`` mean ``full``/``none``.

@@ -227,13 +227,12 @@ def check_mesh(mesh: Mesh, *, pipelined: bool) -> None:
 
 
 def check_pipeline_compute(precision: str, remat: str) -> None:
-  """Refuses, with one line, what the pipelined step does not do: ``bf16``
-  (its stage buffers are float32) and a remat policy given to the step rather
-  than to the pipeline."""
+  """Refuses, with one line, a precision or remat policy given to the step
+  with a pipeline: the pipeline's stages apply their own."""
   if compute.check_precision(precision) != "fp32":
     raise MeshnetError(
-        f"precision={precision!r} with a pipeline (stage > 1) is not supported yet (its "
-        "activations between stages are float32); use precision 'fp32' or stage=1")
+        f"precision={precision!r} given to the step with a pipeline: pass it to "
+        "meshnet.pipeline.make_pipeline(..., precision=...) instead")
   if compute.check_remat(remat) != "none":
     raise MeshnetError(
         f"remat={remat!r} given to the step with a pipeline: pass it to "
@@ -478,8 +477,8 @@ def make_train_step(
       Gradient accumulation is then more microbatches: build the pipeline
       with ``microbatches * grad_accum`` and leave ``grad_accum=1`` here.
     precision: ``fp32`` or ``bf16`` (bfloat16 forward on float32 master
-      parameters and optimizer state; see :mod:`meshnet.compute`). Not yet
-      with a pipeline.
+      parameters and optimizer state; see :mod:`meshnet.compute`); a
+      pipeline takes it from :func:`~meshnet.pipeline.make_pipeline`.
     remat: ``none``, ``layer`` or ``full`` (:mod:`meshnet.compute`); a
       pipeline takes its policy from :func:`~meshnet.pipeline.make_pipeline`.
 

@@ -40,7 +40,7 @@ from meshnet.pipeline.timeline import text as timeline_text
 from meshnet.profiling import StepProfiler
 from meshnet.sharding import batch_sharding
 from meshnet.step import (
-    TrainState, check_batch_size, check_mesh, check_pipeline_compute, init_train_state,
+    TrainState, check_batch_size, init_train_state,
     make_eval_step, make_train_step,
 )
 from meshnet.tensorboard import TensorBoardWriter, check_logdir
@@ -55,7 +55,7 @@ class RunResult(NamedTuple):
       has one), or ``{}`` when evaluation is off.
     history: every logged record, as written to the metrics file.
     params: the final parameters (``state.params``: the model's own tree,
-      replicated, pipelined or not).
+      pipelined or not, laid out as the state keeps them).
     interrupted: SIGTERM/SIGINT stopped the run (after saving a checkpoint).
   """
 
@@ -228,12 +228,11 @@ def run(
   pipeline = None
   grad_accum = oc.grad_accum
   if axis_size(mesh, STAGE) > 1:
-    check_pipeline_compute(tc.precision, "none")  # bf16: not yet
     pc = config.pipeline
     microbatches = (pc.microbatches or axis_size(mesh, STAGE)) * oc.grad_accum
     pipeline = make_pipeline(model, mesh, dataset.x_train.shape[1:], schedule=pc.schedule,
                              microbatches=microbatches, virtual_stages=pc.virtual_stages,
-                             remat=tc.remat)
+                             remat=tc.remat, precision=tc.precision)
     grad_accum = 1  # folded into the microbatches: the same mean gradient
     check_batch_size(batch_size, mesh, microbatches, what="microbatches")
   else:
@@ -272,7 +271,8 @@ def run(
   train_step = make_train_step(model, optimizer, mesh, loss=dataset.loss,
                                grad_accum=grad_accum, pipeline=pipeline,
                                deterministic=oc.deterministic,
-                               grad_transport=oc.grad_transport, precision=tc.precision,
+                               grad_transport=oc.grad_transport,
+                               precision="fp32" if pipeline is not None else tc.precision,
                                remat="none" if pipeline is not None else tc.remat)
   eval_step = (make_eval_step(model, mesh, loss=dataset.loss, precision=tc.precision)
                if tc.eval_every else None)

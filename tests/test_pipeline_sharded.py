@@ -232,3 +232,52 @@ def test_a_tensor_size_that_does_not_divide_a_stage_is_one_line():
   with pytest.raises(meshnet.MeshnetError, match=r"parameter \[0\]\['b'\] dimension 0 "
                      r"\(logical 'mlp'\) has size 30, which tensor=4 does not divide"):
     make_pipeline(model, mesh, (64,))
+
+
+@pytest.mark.parametrize("axes, schedule", [(dict(data=2, stage=4), "1f1b"),
+                                            (dict(fsdp=2, stage=2, tensor=2), "zb")],
+                         ids=["data2stage4-1f1b", "fsdp2stage2tensor2-zb"])
+def test_bf16_pipeline_moves_bfloat16_and_matches_the_unpipelined_bf16_step(
+    axes, schedule, digits_batches):
+  model = meshnet.models.mlp([64, 32, 32, 32, 16, 10])
+  key = jax.random.key(1)
+  one = meshnet.make_mesh(data=1, devices=jax.devices()[:1])
+  params = model.init(jax.random.key(0))
+  # 8 micro-steps of 8 examples: the pipeline's microbatches (64 / 2 / 4), each
+  # one's gradient rounded to bfloat16 and summed in float32, as the pipeline does.
+  ref_loss, ref_grads = jax.jit(meshnet.make_grad_fn(model, one, precision="bf16",
+                                                     grad_accum=8))(
+      params, _put(one, digits_batches[0]), key)
+  mesh = meshnet.make_mesh(**axes)
+  pipe = make_pipeline(model, mesh, (64,), schedule=schedule, microbatches=4,
+                       precision="bf16")
+  assert pipe.activation_dtype == jnp.bfloat16
+  grad_fn = jax.jit(pipe.make_grad_fn())
+  args = (pipe.stack(jax.device_put(params, pipe.param_shardings())),
+          _put(mesh, digits_batches[0]), key)
+  loss, stacked = grad_fn(*args)
+  grads = pipe.unstack(stacked)
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+  # The same bfloat16 computation, cut into stages: equal up to bfloat16
+  # rounding (tensor's partial products are summed in bfloat16 first).
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-3)
+  chex.assert_trees_all_close(reference.to_numpy(grads), reference.to_numpy(ref_grads),
+                              rtol=2e-2, atol=2e-4)
+  # What the program sends between stages is bfloat16 (the CPU backend then
+  # widens collectives to float32 itself; accelerators keep them).
+  text = grad_fn.lower(*args).as_text()
+  sends = [line for line in text.splitlines() if "collective_permute" in line]
+  assert sends and all("bf16>" in line and "f32>" not in line for line in sends), sends[:2]
+
+
+def test_bf16_pipeline_trains_digits_as_well_as_fp32():
+  accuracy = {}
+  for precision in ("fp32", "bf16"):
+    result = run(Config(mesh=MeshConfig(data=2, stage=2, devices=4),
+                        model=ModelConfig(hidden=(64, 64, 32)),
+                        pipeline=PipelineConfig(microbatches=4),
+                        train=TrainConfig(steps=150, eval_every=150, progress=False,
+                                          precision=precision)), log=lambda _: None)
+    accuracy[precision] = result.eval["eval_accuracy"]
+  assert accuracy["fp32"] > 0.9
+  assert abs(accuracy["bf16"] - accuracy["fp32"]) <= 0.01, accuracy

@@ -50,7 +50,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from meshnet import collectives, losses, sharded
-from meshnet.compute import check_remat, remat_model
+from meshnet.compute import check_precision, check_remat, precision_layers, remat_model
 from meshnet.errors import MeshnetError
 from meshnet.mesh import DATA, FSDP, STAGE, TENSOR, axis_size
 from meshnet.sharding import Rules, batch_axes, batch_sharding, batch_spec, storage_specs
@@ -215,6 +215,7 @@ class Pipeline:
   _run_layouts: tuple[tuple[_RunLayout, ...], ...] = ()  # per stage, per run
   _key_layers: tuple[bool, ...] = ()  # per layer: reads its key when training (dropout)
   remat: bool = False
+  _boundary_dtypes: tuple[Any, ...] = ()  # dtype of the activation entering stage k >= 1
   _split_sizes: tuple[int, ...] = ()  # per virtual stage: elements per row of ``split``
   _storage: Any = None  # the state's parameter specs (sharding.storage_specs)
 
@@ -258,6 +259,15 @@ class Pipeline:
   @property
   def activation_width(self) -> int:
     return max(self._widths)
+
+  @property
+  def activation_dtype(self) -> Any:
+    """The dtype activations and their cotangents move between stages in:
+    the stages' own when every boundary has the same one (bfloat16 with
+    ``precision="bf16"``), else float32 (every floating dtype converts to it
+    and back exactly). The first stage's input is cast to it."""
+    dtypes = set(self._boundary_dtypes)
+    return dtypes.pop() if len(dtypes) == 1 else jnp.dtype(jnp.float32)
 
   def stage_params(self, params: Sequence[Any], k: int) -> list[Any]:
     return list(params[self.bounds[k]:self.bounds[k + 1]])
@@ -472,6 +482,7 @@ class Pipeline:
     schedule, mesh = self.schedule, self.mesh
     S, v, M = schedule.num_stages, schedule.virtual_stages, schedule.num_microbatches
     K, D = self.num_virtual_stages, self.activation_width
+    act = self.activation_dtype
     F, T = self.fsdp, self.tensor
     if deterministic and (F > 1 or T > 1):
       raise MeshnetError(
@@ -534,7 +545,7 @@ class Pipeline:
       stage's output is its share of the loss)."""
       def fn(flat, x, y, keys):
         out = self._stage_forward(k, flat, x, keys if use_keys else None, train)
-        return mean_loss(out, y) if k == K - 1 else out.astype(jnp.float32)
+        return mean_loss(out, y) if k == K - 1 else out.astype(act)
       return fn
 
     def program(stacked, x, y, key, tables):
@@ -546,12 +557,13 @@ class Pipeline:
       # [v, N] (and [v, T, N_t]): own gradient, no implicit psum
       flat_params = jax.tree.map(lambda a: _varying(a, axes), gather(stacked))
       xs = x.reshape(M, mb, -1)
-      xs = jnp.pad(xs, ((0, 0), (0, 0), (0, D - xs.shape[-1]))).astype(jnp.float32)
+      xs = jnp.pad(xs, ((0, 0), (0, 0), (0, D - xs.shape[-1]))).astype(act)
       ys = y.reshape(M, mb, *y.shape[1:])
       zeros = lambda shape, dtype=jnp.float32: _varying(jnp.zeros(shape, dtype), axes)
+      act_zeros = lambda: zeros((mb, D), act)  # an activation or its cotangent
       key_shape = (mb, n_max, *jax.random.key_data(key).shape) if use_keys else ()
       # Example arguments with this program's types (varying over the mesh axes).
-      x_mb, y_mb, keys_mb = zeros((mb, D)), _varying(ys[0], axes), zeros(key_shape, jnp.uint32)
+      x_mb, y_mb, keys_mb = act_zeros(), _varying(ys[0], axes), zeros(key_shape, jnp.uint32)
       def chunk_params(c):
         """``[N]`` (and ``[T, N_t]``) parameters of chunk ``c`` (a static
         index with one chunk: slices of it are then views, not copies)."""
@@ -579,23 +591,22 @@ class Pipeline:
           x_in = jnp.where(first, xs[m], act_buf[c, act_slot])
           flat = chunk_params(c)
           if self.remat:
-            out, res = fn(flat, x_in, ys[m], keys), jax.lax.bitcast_convert_type(
-                x_in, jnp.uint32).reshape(-1)
+            out, res = fn(flat, x_in, ys[m], keys), residuals.encode(x_in)
           else:
             out, leaves = residuals.leaves_fn(fn)(flat, x_in, ys[m], keys)
             res = residuals.pack(leaves, layouts[k], R)
           if k == K - 1:
-            return res, zeros((mb, D)), out
+            return res, act_zeros(), out
           return res, out, zeros(())
         return run
 
       def forward_idle(c, m, act_buf, act_slot, first, keys):
-        return zeros((R,), jnp.uint32), zeros((mb, D)), zeros(())
+        return zeros((R,), jnp.uint32), act_zeros(), zeros(())
 
       def pullback_of(k, c, m, res, keys):
         fn, flat = stage_fn(k), chunk_params(c)
         if self.remat:
-          x_in = jax.lax.bitcast_convert_type(res, jnp.float32).reshape(mb, D)
+          x_in = residuals.decode(res, (mb, D), act)
           return jax.vjp(lambda f, a: fn(f, a, ys[m], keys), flat, x_in)[1]
         lay = layouts[k]
         _, recomputed = residuals.leaves_fn(fn)(flat, x_mb, y_mb, keys_mb)
@@ -610,17 +621,17 @@ class Pipeline:
 
         def run(c, m, res_buf, res_slot, cot_buf, cot_slot, keys):
           if half == "input" and no_dx:
-            return zeros((mb, D))
+            return act_zeros()
           res = res_buf[c, res_slot]
           seed = _varying(jnp.ones((), jnp.float32), axes) if k == K - 1 else \
               cot_buf[c, cot_slot]
           dflat, dx = pullback_of(k, c, m, res, keys)(seed)
-          dx = zeros((mb, D)) if no_dx else dx
+          dx = act_zeros() if no_dx else dx
           return {"both": (dflat, dx), "input": dx, "weight": dflat}[half]
         return run
 
-      idle = {"both": lambda *a: (param_zeros(), zeros((mb, D))),
-              "input": lambda *a: zeros((mb, D)), "weight": lambda *a: param_zeros()}
+      idle = {"both": lambda *a: (param_zeros(), act_zeros()),
+              "input": lambda *a: act_zeros(), "weight": lambda *a: param_zeros()}
       f_branches = [forward_idle] + [forward(k) for k in reps]
       b_half = "input" if split else "both"
       b_branches = [idle[b_half]] + [backward(k, b_half) for k in reps]
@@ -683,14 +694,15 @@ class Pipeline:
         return (grads, loss_sum + dloss, act_buf, cot_buf, res_buf,
                 (act_recv, cot_recv), counts), None
 
-      fill = lambda shape: _varying(jnp.full(shape, _fill, jnp.float32), axes)
+      fill = lambda shape, dtype=act: _varying(jnp.full(shape, _fill, dtype), axes)
       carry = (
           jax.tree.map(lambda a: zeros(a.shape), flat_params),  # gradient accumulator
           zeros(()),  # loss accumulator
           fill((v, buffers.num_act + 1, mb, D)),  # stage inputs received
           fill((v, buffers.num_cot + 1, mb, D)),  # cotangents received
-          jax.lax.bitcast_convert_type(fill((v, buffers.num_res + 1, R)), jnp.uint32),
-          (zeros((mb, D)), zeros((mb, D))),  # received, stored next round
+          jax.lax.bitcast_convert_type(fill((v, buffers.num_res + 1, R), jnp.float32),
+                                       jnp.uint32),
+          (act_zeros(), act_zeros()),  # received, stored next round
           zeros((2,), jnp.int32),  # rounds run, ops run
       )
       with jax.named_scope("pipeline_rounds"):
@@ -732,7 +744,7 @@ def make_pipeline(
     model: Model, mesh: Mesh, example_shape: Sequence[int], *,
     schedule: str | sched.Schedule = "1f1b", microbatches: int | None = None,
     virtual_stages: int = 1, bounds: Sequence[int] | None = None, remat: bool | str = False,
-    rules: Rules | None = None,
+    rules: Rules | None = None, precision: str = "fp32",
 ) -> Pipeline:
   """Cuts ``model`` (which must have ``layers``) into stages over ``stage``.
 
@@ -756,6 +768,10 @@ def make_pipeline(
       backward and recomputes the stage's forward (itself under ``layer``)
       in the backward (less memory, about a third more compute); ``"none"``
       (or ``False``, the default) keeps the forward's vjp residuals.
+    precision: ``fp32`` or ``bf16`` (:mod:`meshnet.compute`): with ``bf16``
+      every layer computes in bfloat16 on float32 master parameters, and the
+      activations and cotangents between stages are bfloat16; the loss and
+      the gradients stay float32.
     rules: the logical-axis rules (:data:`meshnet.sharding.DEFAULT_RULES`
       when ``None``) that say which parameters ``tensor`` splits and where
       the train state keeps them (pass the same to :func:`meshnet.init_train_state`).
@@ -771,6 +787,7 @@ def make_pipeline(
       schedule that does not fit (see :func:`~meshnet.pipeline.schedules.make_schedule`).
   """
   policy = check_remat(remat)
+  check_precision(precision)
   if policy != "none":  # each layer under jax.checkpoint; "full" keeps stage inputs too
     model = remat_model(model, "layer")
   remat = policy == "full"
@@ -801,6 +818,7 @@ def make_pipeline(
       balanced_bounds([1] * n_layers, K)  # raises the "more stages than layers" error
     bounds = check_bounds(bounds, n_layers, K)
   example_shape = tuple(int(s) for s in example_shape)
+  model = precision_layers(model, precision)  # after the checks: casts keep the tree
   storage = storage_specs(model, params, mesh, rules)  # checks every split divides
   split_dims = [tuple(_tensor_dim(spec) if T > 1 else None for spec in
                       jax.tree.leaves(layer_specs, is_leaf=lambda x: isinstance(x, P)))
@@ -809,7 +827,7 @@ def make_pipeline(
   # Shapes of every stage's parameters and boundary activations (abstractly),
   # and, inside each stage, runs of identical layers to scan over.
   sizes, shapes, runs, run_layouts, key_layers = [], [example_shape], [], [], []
-  split_sizes = []
+  split_sizes, boundary_dtypes = [], []
   x = jax.ShapeDtypeStruct((2, *example_shape), jnp.float32)
   for k in range(K):
     stage = list(params[bounds[k]:bounds[k + 1]])
@@ -822,6 +840,7 @@ def make_pipeline(
       key_layers.append(uses_key(layer.apply, p, x))
       x = y
     runs.append(_identical_runs(signatures))
+    boundary_dtypes.append(x.dtype)
     layouts = []
     for start, end in runs[-1]:
       leaves, treedef = jax.tree.flatten(stage[start])
@@ -836,7 +855,8 @@ def make_pipeline(
                   tuple(sizes), tuple(int(np.prod(s)) for s in shapes[:-1]),
                   _shapes=tuple(shapes), _runs=tuple(runs), _run_layouts=tuple(run_layouts),
                   _key_layers=tuple(key_layers), remat=bool(remat),
-                  _split_sizes=tuple(split_sizes), _storage=storage)
+                  _split_sizes=tuple(split_sizes), _storage=storage,
+                  _boundary_dtypes=tuple(jnp.dtype(d) for d in boundary_dtypes[:-1]))
   return dataclasses.replace(pipe, _groups=_stage_groups(pipe))
 
 
@@ -917,7 +937,7 @@ def _stage_groups(pipe: Pipeline) -> tuple[int, ...]:
   flat = jax.ShapeDtypeStruct((pipe.param_width,), jnp.float32)
   if pipe.split_width:
     flat = (flat, jax.ShapeDtypeStruct((pipe.tensor, pipe.split_width), jnp.float32))
-  x = jax.ShapeDtypeStruct((2, pipe.activation_width), jnp.float32)
+  x = jax.ShapeDtypeStruct((2, pipe.activation_width), pipe.activation_dtype)
   signatures = []
   for k in range(pipe.num_virtual_stages):
     def fn(f, x, *, train, key, k=k):

@@ -106,6 +106,17 @@ def pullback(lay: Layout, stored: Sequence[jax.Array],
   return jax.tree.unflatten(lay.treedef, leaves)
 
 
+def encode(x: jax.Array) -> jax.Array:
+  """``x`` as a flat ``uint32`` vector, bit-exact (one word per element of
+  4 bytes or less)."""
+  return _encode(x)
+
+
+def decode(words: jax.Array, shape: Sequence[int], dtype: Any) -> jax.Array:
+  """Inverse of :func:`encode`."""
+  return _decode(words[:_words(shape, dtype)], shape, dtype)
+
+
 def _words(shape: Sequence[int], dtype: Any) -> int:
   dtype = np.dtype(dtype)
   n = int(np.prod(shape, dtype=np.int64))
