@@ -23,6 +23,8 @@ dense bfloat16 peaks per device (vendor figures).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 
 from meshnet.errors import MeshnetError
@@ -91,3 +93,35 @@ def mfu(tokens_per_sec: float, flops_per_token: float, peak_flops_total: float) 
   if not peak_flops_total > 0:
     raise MeshnetError(f"peak FLOP/s {peak_flops_total!r} must be > 0 (--peak-flops)")
   return tokens_per_sec * flops_per_token / peak_flops_total
+
+
+@dataclasses.dataclass(frozen=True)
+class Throughput:
+  """What a run's metric records add for a token model.
+
+  Attributes:
+    tokens_per_example: tokens in one example (the sequence length ``T``).
+    flops_per_token: model FLOPs to train on one token.
+    peak_flops_total: peak FLOP/s of all the run's devices, or ``None`` (no
+      ``mfu``).
+  """
+
+  tokens_per_example: int
+  flops_per_token: float
+  peak_flops_total: float | None = None
+
+  def metrics(self, samples_per_sec: float) -> dict[str, float]:
+    """``{"tokens_per_sec": ..., "mfu": ...}`` (``mfu`` only with a peak)."""
+    tokens_per_sec = samples_per_sec * self.tokens_per_example
+    out = {"tokens_per_sec": tokens_per_sec}
+    if self.peak_flops_total is not None:
+      out["mfu"] = mfu(tokens_per_sec, self.flops_per_token, self.peak_flops_total)
+    return out
+
+  def describe(self) -> str:
+    """One line: FLOPs per token and what MFU is measured against."""
+    text = (f"model FLOPs: {self.flops_per_token / 1e6:.3g} MFLOP per token "
+            "(6N + 12LHQT, training)")
+    if self.peak_flops_total is None:
+      return text + "; no mfu (no known peak for this device: --peak-flops sets one)"
+    return text + f"; mfu against {self.peak_flops_total / 1e12:.4g} TFLOP/s peak in all"

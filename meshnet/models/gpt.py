@@ -41,12 +41,13 @@ from meshnet.model import Model
 from meshnet.nn_transformer import check_choice
 
 GPT_SIZES: dict[str, dict[str, int]] = {
-    # ~0.4M parameters; trains in minutes on 2 CPU cores.
+    # 0.47M parameters; ~20k tokens/s training on 2 CPU cores (8 simulated devices).
     "tiny": dict(layers=2, heads=4, width=128, context=64),
     # nanoGPT's shakespeare-char model: 10.7M parameters.
     "mini": dict(layers=6, heads=6, width=384, context=256),
     # GPT-2's shapes (Radford et al. 2019). With V = 256 bytes instead of
-    # GPT-2's 50257 BPE tokens, small has 85.9M parameters, not 124M.
+    # GPT-2's 50257 BPE tokens, small has 86.2M parameters (85.96M tied),
+    # not 124M; medium 303M, large 708M.
     "small": dict(layers=12, heads=12, width=768, context=1024),
     "medium": dict(layers=24, heads=16, width=1024, context=1024),
     "large": dict(layers=36, heads=20, width=1280, context=1024),
@@ -141,6 +142,22 @@ def gpt_config(size: str | None = "tiny", **overrides: Any) -> GPTConfig:
     raise MeshnetError(f"gpt without a size needs {', '.join(missing)}; give them or a size "
                        f"({', '.join(GPT_SIZES)})")
   return GPTConfig(**fields)
+
+
+def check_token_data(name: str, x_NxT: Any) -> None:
+  """Refuses, with one line, inputs that are not token sequences: a gpt
+  reads integer tokens ``[N, T]``.
+
+  Raises:
+    MeshnetError: naming the data set, its inputs' dtype and shape, and the fix.
+  """
+  dtype = getattr(x_NxT, "dtype", None)
+  if len(getattr(x_NxT, "shape", ())) != 2 or dtype is None or not jnp.issubdtype(
+      dtype, jnp.integer):
+    raise MeshnetError(
+        f"--model gpt reads integer token sequences [N, T], but dataset {name} has "
+        f"{dtype} inputs of shape {tuple(getattr(x_NxT, 'shape', ()))}; use a token data "
+        "set (--dataset text)")
 
 
 def init_params(cfg: GPTConfig, key: jax.Array) -> dict[str, Any]:
@@ -278,7 +295,11 @@ def gpt(size: str | None = "tiny", **options: Any) -> Model:
     A Model whose ``params`` are stacked (see the module docstring) and whose
     ``logical_axes`` name every dimension (:func:`logical_axes`).
   """
-  cfg = gpt_config(size, **options)
+  return from_config(gpt_config(size, **options))
+
+
+def from_config(cfg: GPTConfig) -> Model:
+  """The :func:`gpt` model of ``cfg``."""
 
   def init(key: jax.Array) -> dict[str, Any]:
     return init_params(cfg, key)
