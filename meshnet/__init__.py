@@ -6,7 +6,8 @@ a training step is ``state, metrics = step(state, batch)``.
 """
 
 from meshnet import (
-    checkpoint, cli, collectives, commbench, data, distributed, faults, fetch, hardware, losses,
+    checkpoint, cli, collectives, commbench, data, distributed, faults, fetch, flops, hardware,
+    losses,
     models, nn, pipeline, planner, profiling, sharding, train,
 )
 from meshnet.commbench import BenchConfig, run_bench
@@ -53,5 +54,5 @@ __all__ = [
     "EXIT_PEER_FAILED", "DiskFullError", "ProfileSummary", "StepProfiler", "format_profile",
     "profile_summary", "profiling", "BenchConfig", "commbench", "run_bench",
     "DEFAULT_RULES", "from_flax", "from_nnx", "logical_to_mesh", "param_shardings",
-    "param_specs", "Plan", "PlanConfig", "format_plan", "hardware", "plan", "planner",
+    "param_specs", "Plan", "PlanConfig", "format_plan", "hardware", "plan", "planner", "flops",
 ]

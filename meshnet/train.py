@@ -17,7 +17,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import numpy as np
 
-from meshnet import models
+from meshnet import flops, models
 from meshnet.checkpoint import Checkpointer, from_logical, saved_config, to_logical
 from meshnet.config import CheckpointConfig, Config
 from meshnet.data import (
@@ -33,6 +33,7 @@ from meshnet.mesh import (
 )
 from meshnet.metrics import Bar, MetricsWriter, Progress, check_metrics_file, is_main_process
 from meshnet.model import Model, Params
+from meshnet.models.gpt import check_token_data
 from meshnet.noise import verbose_from_env
 from meshnet.optim import make_optimizer, make_schedule
 from meshnet.pipeline import make_pipeline
@@ -156,6 +157,31 @@ def _check_model_and_data(model: Model, dataset: Dataset, *, evaluates: bool) ->
     )
 
 
+def _build_model(config: Config, dataset: Dataset) -> Model:
+  """``config.model``'s built-in model for ``dataset`` (a gpt: checking that
+  the data are tokens, with its blocks checkpointed when ``train.remat`` is
+  not ``none``)."""
+  mc = config.model
+  gpt_cfg = None
+  if mc.name == "gpt":
+    check_token_data(dataset.name, dataset.x_train)
+    gpt_cfg = mc.gpt_config(remat=config.train.remat != "none")
+  return models.build(mc.name, dataset.input_size, dataset.num_outputs, hidden=mc.hidden,
+                      activation=mc.activation, dropout=mc.dropout, gpt_cfg=gpt_cfg)
+
+
+def _gpt_throughput(config: Config, dataset: Dataset,
+                    mesh: jax.sharding.Mesh) -> flops.Throughput:
+  """Tokens per example, model FLOPs per token and the peak of ``mesh``'s
+  devices (``train.peak_flops`` or :func:`meshnet.flops.peak_flops`) of a
+  built-in gpt on ``dataset``."""
+  seq_len = int(dataset.x_train.shape[1])
+  cfg = config.model.gpt_config(vocab=dataset.num_outputs)
+  peak = config.train.peak_flops or flops.peak_flops()
+  return flops.Throughput(seq_len, flops.gpt_flops_per_token(cfg, seq_len),
+                          peak * mesh.devices.size if peak else None)
+
+
 def _resolve(config: Config, dataset: Dataset, *, builds_model: bool
              ) -> tuple[Config, list[str], jax.sharding.Mesh]:
   """The config with its unset fields filled (from the checkpoint being
@@ -216,12 +242,9 @@ def run(
     dataset = load_dataset(config.data.dataset, config.data.data_dir)
   config, notes, mesh = _resolve(config, dataset, builds_model=model is None)
   tc, oc = config.train, config.optim
+  builds_gpt = model is None and config.model.name == "gpt"
   if model is None:
-    model = models.build(
-        config.model.name, dataset.input_size, dataset.num_outputs,
-        hidden=config.model.hidden, activation=config.model.activation,
-        dropout=config.model.dropout,
-    )
+    model = _build_model(config, dataset)
   _check_model_and_data(model, dataset, evaluates=tc.eval_every > 0)
   batch_size = config.data.batch_size
   sampler = BatchSampler(len(dataset.x_train), batch_size, seed=tc.seed)
@@ -268,12 +291,19 @@ def run(
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
   say(f"model: {n_params:,} parameters; optimizer {oc.optimizer}, lr {oc.lr}; precision "
       f"{tc.precision}, remat {tc.remat}")
+  throughput = _gpt_throughput(config, dataset, mesh) if builds_gpt else None
+  if throughput is not None:
+    say(throughput.describe())
+  # A built gpt checkpoints its own blocks (inside its scan) for any remat;
+  # "full" also keeps only its input.
+  step_remat = ("none" if pipeline is not None or (builds_gpt and tc.remat == "layer")
+                else tc.remat)
   train_step = make_train_step(model, optimizer, mesh, loss=dataset.loss,
                                grad_accum=grad_accum, pipeline=pipeline,
                                deterministic=oc.deterministic,
                                grad_transport=oc.grad_transport,
                                precision="fp32" if pipeline is not None else tc.precision,
-                               remat="none" if pipeline is not None else tc.remat)
+                               remat=step_remat)
   eval_step = (make_eval_step(model, mesh, loss=dataset.loss, precision=tc.precision)
                if tc.eval_every else None)
   sharding = batch_sharding(mesh)
@@ -358,6 +388,8 @@ def run(
             "lr": float(schedule(step - 1)),
             "samples_per_sec": batch_size * len(pending) / elapsed,
         }
+        if throughput is not None:  # a gpt: tokens_per_sec, and mfu with a known peak
+          record.update(throughput.metrics(record["samples_per_sec"]))
         writer.write(record)
         board.write(record)
         history.append(record)
