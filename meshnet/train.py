@@ -159,6 +159,11 @@ def _check_model_and_data(model: Model, dataset: Dataset, *, evaluates: bool) ->
              "mse": (1, *dataset.y_train.shape[1:])}
   expected = targets.get(dataset.loss) if isinstance(dataset.loss, str) else None
   shape = tuple(getattr(out, "shape", ()))
+  if expected is not None and shape != expected and isinstance(dataset, TextDataset):
+    raise MeshnetError(
+        f"the model maps tokens {x_1xF.shape} to {shape} but dataset {dataset.name} needs "
+        f"next-byte logits {expected}: a sequence model from [B, T] int32 to [B, T, "
+        f"{dataset.num_outputs}], such as --model gpt")
   if expected is not None and shape != expected:
     outputs = "x".join(map(str, expected[1:]))
     raise MeshnetError(
