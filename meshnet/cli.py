@@ -58,13 +58,41 @@ def _optional_str(text: str) -> str | None:
   return None if text.lower() in ("none", "") else text
 
 
+def _count(text: str) -> float:
+  """``1.5e11``, ``150G``, ``125M``, ``7B``, ``7k``: a number with an optional SI
+  suffix (``B``: billion, as model sizes are written)."""
+  scale = {"k": 1e3, "m": 1e6, "g": 1e9, "b": 1e9, "t": 1e12, "p": 1e15}
+  text = text.strip()
+  factor = scale.get(text[-1:].lower(), 1.0)
+  try:
+    value = float(text[:-1] if factor != 1.0 else text) * factor
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is not a number (e.g. 1.5e11, 150G, 125M, 7B)") from None
+  return value
+
+
+def _optional_count(text: str) -> float | None:
+  return None if text.lower() in ("none", "auto") else _count(text)
+
+
 # flag -> (config section, field, parser, help). The section's dataclass
 # default is the flag's default.
 TRAIN_FLAGS: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
-    "--model": ("model", "name", str, "model name"),
+    "--model": ("model", "name", str, "model: mlp, or gpt (on a token data set)"),
     "--hidden": ("model", "hidden", _ints, "hidden widths, e.g. 512,256,128"),
     "--activation": ("model", "activation", str, "hidden activation"),
     "--dropout": ("model", "dropout", float, "dropout rate when training"),
+    "--gpt-size": ("model", "gpt_size", str,
+                   "gpt's shape: tiny, mini, small (GPT-2 small's), medium or large; "
+                   "--layers/--heads/--width/--context override its values"),
+    "--layers": ("model", "layers", _optional_int, "gpt blocks (default: --gpt-size's)"),
+    "--heads": ("model", "heads", _optional_int,
+                "gpt attention heads (default: --gpt-size's)"),
+    "--width": ("model", "width", _optional_int, "gpt model width (default: --gpt-size's)"),
+    "--context": ("model", "context", _optional_int,
+                  "gpt's longest sequence in tokens (default: --gpt-size's)"),
+    "--positions": ("model", "positions", str, "gpt positions: learned or rotary"),
     "--dataset": ("data", "dataset", str, "xor, digits, mnist or text"),
     "--data-dir": ("data", "data_dir", _optional_str,
                    "data files: mnist's directory (default: where `meshnet data fetch "
@@ -104,6 +132,9 @@ TRAIN_FLAGS: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
                     "fp32 or bf16: bf16 runs matmuls and activations in bfloat16 on "
                     "float32 master weights and optimizer state, loss and gradients in "
                     "float32 (not yet with stage > 1)"),
+    "--peak-flops": ("train", "peak_flops", _optional_count,
+                     "peak FLOP/s of one device for a gpt's mfu metric, e.g. 989T (default: "
+                     "the device's dense bf16 peak from a table; none on CPU)"),
     "--eval-every": ("train", "eval_every", int, "evaluate every N steps (0: off)"),
     "--log-every": ("train", "log_every", int, "log every N steps"),
     "--step-timeout": ("train", "step_timeout", _auto_float,
@@ -175,14 +206,18 @@ def _allow_negative_ranges(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_train_flags(parser: argparse.ArgumentParser | Any,
-                     devices_default: int | None = CLI_DEFAULT_DEVICES) -> None:
+                     devices_default: int | None = CLI_DEFAULT_DEVICES,
+                     skip: Sequence[str] = ()) -> None:
   """``meshnet train``'s flags (every one a field of :class:`Config`), on
-  ``parser`` or an argument group of it."""
+  ``parser`` or an argument group of it; the flags in ``skip`` left out (a
+  command that gives the name its own meaning: ``meshnet plan --layers``)."""
   parser.add_argument("--mesh", default=None, metavar="AXIS=N,...",
                       help="mesh axis sizes over data,fsdp,stage,tensor; -1 = the rest "
                       "(default: data over every device, or as many as the batch can be "
                       "split over)")
   for flag, (section, field, parse, help_text) in TRAIN_FLAGS.items():
+    if flag in skip:
+      continue
     default = getattr(_SECTIONS[section](), field)
     if flag == "--devices":  # meshnet launch says how many devices each process has
       default = os.environ.get(ENV_DEVICES_PER_PROCESS)
@@ -195,6 +230,9 @@ def _add_train_flags(parser: argparse.ArgumentParser | Any,
                         help=help_text)
   parser.add_argument("--no-progress", action="store_true",
                       help="do not draw the progress bar (TrainConfig.progress=False)")
+  parser.add_argument("--tie-embeddings", action="store_true",
+                      help="gpt's head is its token table, as GPT-2's, instead of a matrix "
+                      "of its own (ModelConfig.tie_embeddings)")
   parser.add_argument("--deterministic", action="store_true",
                       help="average gradients in a fixed order: bit-identical results on "
                       "any process layout (OptimConfig.deterministic)")
@@ -254,11 +292,14 @@ def _add_data_parser(subparsers) -> None:
                      f"{MNIST_MIRROR})")
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
-  """The :class:`Config` that parsed ``meshnet train`` flags describe."""
+def config_from_args(args: argparse.Namespace, skip: Sequence[str] = ()) -> Config:
+  """The :class:`Config` that parsed ``meshnet train`` flags describe (the
+  flags in ``skip`` were not train's: their fields keep their defaults)."""
   fields: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
   for flag, (section, field, parse, _) in TRAIN_FLAGS.items():
-    fields[section][field] = getattr(args, _dest(flag))
+    if flag not in skip:
+      fields[section][field] = getattr(args, _dest(flag))
+  fields["model"]["tie_embeddings"] = args.tie_embeddings
   fields["train"]["progress"] = not args.no_progress
   fields["checkpoint"]["resume"] = args.resume
   fields["checkpoint"]["overwrite"] = args.overwrite
@@ -393,18 +434,8 @@ def _add_profile_parser(subparsers) -> None:
                        help="print the summary as JSON instead of tables")
 
 
-def _count(text: str) -> float:
-  """``1.5e11``, ``150G``, ``125M``, ``7B``, ``7k``: a number with an optional SI
-  suffix (``B``: billion, as model sizes are written)."""
-  scale = {"k": 1e3, "m": 1e6, "g": 1e9, "b": 1e9, "t": 1e12, "p": 1e15}
-  text = text.strip()
-  factor = scale.get(text[-1:].lower(), 1.0)
-  try:
-    value = float(text[:-1] if factor != 1.0 else text) * factor
-  except ValueError:
-    raise argparse.ArgumentTypeError(
-        f"{text!r} is not a number (e.g. 1.5e11, 150G, 125M, 7B)") from None
-  return value
+# meshnet train's flags that meshnet plan gives another meaning.
+_PLAN_OWN_FLAGS = ("--layers",)
 
 
 def _add_plan_parser(subparsers) -> None:
@@ -424,7 +455,7 @@ def _add_plan_parser(subparsers) -> None:
   what = plan.add_argument_group(
       "the run to plan (meshnet train's flags; those that do not change the step, such "
       "as --lr or --steps, are accepted and ignored)")
-  _add_train_flags(what, devices_default=None)
+  _add_train_flags(what, devices_default=None, skip=_PLAN_OWN_FLAGS)
   own = plan.add_argument_group("the plan")
   own.add_argument("--layers", type=_ints, default=None, metavar="W0,W1,...",
                    help="plan an MLP of these widths (input first) instead of --model/--hidden "
@@ -525,7 +556,7 @@ def _plan(args: argparse.Namespace) -> int:
     raise MeshnetError("give --layers W0,W1,... (the whole MLP) or --hidden, not both")
   if args.layers is not None and args.params is not None:
     raise MeshnetError("give --layers W0,W1,... or --params N, not both")
-  config = config_from_args(args)
+  config = config_from_args(args, skip=_PLAN_OWN_FLAGS)
   result, notes = planner.make_plan(
       config, layers=args.layers, num_params=args.params, device_kind=args.device_kind,
       flops=args.flops, bandwidth_GBps=args.bandwidth, latency_us=args.latency,

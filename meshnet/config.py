@@ -20,6 +20,8 @@ from typing import Any, Callable
 from meshnet.compute import check_precision, check_remat
 from meshnet.errors import MeshnetError
 from meshnet.mesh import AXES, DATA, check_axis_sizes
+from meshnet.models.gpt import GPT_SIZES, gpt_config
+from meshnet.nn_transformer import POSITIONS
 from meshnet.pipeline.schedules import SCHEDULES
 
 _MAX_SEED = 2**63 - 1
@@ -131,19 +133,34 @@ class ModelConfig:
   """A built-in model (``meshnet.models.build``).
 
   Attributes:
-    name: model name (``mlp``).
-    hidden: hidden layer widths; input and output sizes come from the data.
-      ``None``: the data set's recipe, else ``(256, 128)``
+    name: model name (``mlp`` or ``gpt``).
+    hidden: hidden layer widths (``mlp``); input and output sizes come from
+      the data. ``None``: the data set's recipe, else ``(256, 128)``
       (:func:`meshnet.defaults.resolve_defaults`).
-    activation: hidden activation; ``None``: the data set's recipe, else
-      ``relu``.
-    dropout: dropout rate after each hidden activation when training.
+    activation: hidden activation (``mlp``); ``None``: the data set's
+      recipe, else ``relu``.
+    dropout: dropout rate when training (``mlp``: after each hidden
+      activation; ``gpt``: after the embedding and on each residual branch).
+    gpt_size: ``gpt``'s shape, a name in
+      :data:`meshnet.models.gpt.GPT_SIZES` (``tiny``, ``mini``, ``small``...).
+    layers, heads, width, context: ``gpt``'s blocks, attention heads, model
+      width and longest sequence; ``None`` takes ``gpt_size``'s.
+    positions: ``gpt``'s positions, ``learned`` or ``rotary``.
+    tie_embeddings: ``gpt``'s head is its token table (GPT-2) rather than a
+      matrix of its own.
   """
 
   name: str = "mlp"
   hidden: tuple[int, ...] | None = None
   activation: str | None = None
   dropout: float = 0.0
+  gpt_size: str = "tiny"
+  layers: int | None = None
+  heads: int | None = None
+  width: int | None = None
+  context: int | None = None
+  positions: str = "learned"
+  tie_embeddings: bool = False
 
   def __post_init__(self):
     hidden = self.hidden
@@ -154,6 +171,24 @@ class ModelConfig:
           "(--hidden 256,128)"
       )
     _check_float("model.dropout", self.dropout, "in [0, 1)", lambda v: 0 <= v < 1)
+    for name in ("layers", "heads", "width", "context"):
+      _check_optional_int(f"model.{name}", getattr(self, name), 1,
+                          "for model.gpt_size's value")
+    if self.gpt_size not in GPT_SIZES:
+      raise MeshnetError(f"model.gpt_size={self.gpt_size!r} must be one of "
+                         f"{', '.join(GPT_SIZES)} (--gpt-size)")
+    if self.positions not in POSITIONS:
+      raise MeshnetError(f"model.positions={self.positions!r} must be one of "
+                         f"{', '.join(POSITIONS)} (--positions)")
+    if self.name == "gpt":  # the shape holds together (heads divide the width...)
+      self.gpt_config()
+
+  def gpt_config(self, **options: Any):
+    """The :class:`~meshnet.models.gpt.GPTConfig` these fields describe, with
+    ``options`` (e.g. ``vocab``, ``remat``) added."""
+    return gpt_config(self.gpt_size, layers=self.layers, heads=self.heads,
+                      width=self.width, context=self.context, positions=self.positions,
+                      tie_embeddings=self.tie_embeddings, dropout=self.dropout, **options)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -338,6 +373,9 @@ class TrainConfig:
       float32 master parameters and optimizer state, bfloat16 matmuls and
       activations, float32 loss and gradients; :mod:`meshnet.compute`).
       ``bf16`` with a pipeline (``stage`` > 1) is not supported yet.
+    peak_flops: peak FLOP/s of one device for the ``mfu`` a GPT's metrics
+      carry; ``None``: :data:`meshnet.flops.PEAK_FLOPS` for the device
+      (dense bf16), and no ``mfu`` on a CPU or a device not in the table.
     remat: ``none``, ``layer`` or ``full``: what the backward recomputes
       instead of keeping (``jax.checkpoint``; :mod:`meshnet.compute`), with
       or without a pipeline. ``True``/``False`` mean ``full``/``none``.
@@ -357,9 +395,13 @@ class TrainConfig:
   profile_dir: str | None = None
   precision: str = "fp32"
   remat: str = "none"
+  peak_flops: float | None = None
 
   def __post_init__(self):
     check_precision(self.precision)
+    if self.peak_flops is not None:
+      _check_float("train.peak_flops", self.peak_flops, "> 0", lambda v: v > 0,
+                   " (FLOP/s per device, e.g. 989e12; or None for the device table)")
     object.__setattr__(self, "remat", check_remat(self.remat))
     _check_optional_int("train.steps", self.steps, 1, "to run train.epochs epochs")
     _check_optional_int("train.epochs", self.epochs, 1, "for the data set's default")

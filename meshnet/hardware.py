@@ -228,11 +228,21 @@ def detect_kind() -> str:
   device = jax.devices()[0]
   if device.platform == "cpu":
     return "cpu"
-  name = device.device_kind.lower().replace(" ", "")
+  kind = match_kind(device.device_kind)
+  if kind is not None:
+    return kind
+  return "h100" if device.platform == "gpu" else "tpu-v5e"
+
+
+def match_kind(device_kind: str) -> str | None:
+  """The key of :data:`DEVICE_KINDS` that JAX's ``device_kind`` string names
+  (``"NVIDIA H100 80GB HBM3"`` -> ``h100``, ``"TPU v5 lite"`` -> ``tpu-v5e``),
+  or ``None`` for a device not in the table."""
+  name = device_kind.lower().replace(" ", "")
   for part, kind in _KIND_NAMES:
     if part in name:
       return kind
-  return "h100" if device.platform == "gpu" else "tpu-v5e"
+  return None
 
 
 MAX_MEASURED_ROWS = 1024

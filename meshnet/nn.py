@@ -65,3 +65,11 @@ def dropout(x: jax.Array, rate: float, *, key: jax.Array | None, train: bool) ->
     raise MeshnetError(f"dropout rate {rate} needs a key when train=True")
   keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
   return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+# Transformer layers (defined in meshnet.nn_transformer, used as meshnet.nn.*).
+from meshnet.nn_transformer import (  # noqa: E402
+    NORMS, POSITIONS, add_positions, attention_init, causal_attention, embedding,
+    embedding_init, layer_norm, logical_axes_of, mlp_block, mlp_block_init, norm, norm_init,
+    normal_init, positions_init, rms_norm, rotary, stacked, unembed,
+)

@@ -17,7 +17,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import numpy as np
 
-from meshnet import models
+from meshnet import flops, models
 from meshnet.checkpoint import Checkpointer, from_logical, saved_config, to_logical
 from meshnet.config import CheckpointConfig, Config
 from meshnet.data import (
@@ -34,6 +34,7 @@ from meshnet.mesh import (
 )
 from meshnet.metrics import Bar, MetricsWriter, Progress, check_metrics_file, is_main_process
 from meshnet.model import Model, Params
+from meshnet.models.gpt import check_token_data
 from meshnet.noise import verbose_from_env
 from meshnet.optim import make_optimizer, make_schedule
 from meshnet.pipeline import make_pipeline
@@ -173,6 +174,38 @@ def _check_model_and_data(model: Model, dataset: Dataset, *, evaluates: bool) ->
     )
 
 
+def _build_model(config: Config, dataset: Dataset) -> Model:
+  """``config.model``'s built-in model for ``dataset`` (a gpt: checking that
+  the data are tokens, with its blocks checkpointed when ``train.remat`` is
+  not ``none``)."""
+  if config.model.name == "gpt":
+    check_token_data(dataset.name, dataset.x_train)
+  return build_model(config, dataset.input_size, dataset.num_outputs)
+
+
+def build_model(config: Config, input_size: int, num_outputs: int) -> Model:
+  """The built-in model ``config.model`` describes (resolved: no ``None``
+  field the model needs), for ``input_size`` inputs (a text data set's:
+  its context) and ``num_outputs`` outputs (a gpt's vocabulary). ``meshnet
+  sample`` rebuilds a checkpoint's model with it."""
+  mc = config.model
+  gpt_cfg = mc.gpt_config(remat=config.train.remat != "none") if mc.name == "gpt" else None
+  return models.build(mc.name, input_size, num_outputs, hidden=mc.hidden,
+                      activation=mc.activation, dropout=mc.dropout, gpt_cfg=gpt_cfg)
+
+
+def _gpt_throughput(config: Config, dataset: Dataset,
+                    mesh: jax.sharding.Mesh) -> flops.Throughput:
+  """Tokens per example, model FLOPs per token and the peak of ``mesh``'s
+  devices (``train.peak_flops`` or :func:`meshnet.flops.peak_flops`) of a
+  built-in gpt on ``dataset``."""
+  seq_len = int(dataset.x_train.shape[1])
+  cfg = config.model.gpt_config(vocab=dataset.num_outputs)
+  peak = config.train.peak_flops or flops.peak_flops()
+  return flops.Throughput(seq_len, flops.gpt_flops_per_token(cfg, seq_len),
+                          peak * mesh.devices.size if peak else None)
+
+
 def _resolve(config: Config, dataset: Dataset, *, builds_model: bool
              ) -> tuple[Config, list[str], jax.sharding.Mesh]:
   """The config with its unset fields filled (from the checkpoint being
@@ -189,23 +222,16 @@ def _resolve(config: Config, dataset: Dataset, *, builds_model: bool
   return config, notes, make_mesh(devices=devices[:math.prod(axes.values())], **axes)
 
 
-def build_model(config: Config, input_size: int, num_outputs: int) -> Model:
-  """The built-in model ``config.model`` describes (resolved: no ``None``
-  field the model needs), for ``input_size`` inputs (a text data set's:
-  its context) and ``num_outputs`` outputs. ``meshnet sample`` rebuilds a
-  checkpoint's model with it."""
-  return models.build(
-      config.model.name, input_size, num_outputs, hidden=config.model.hidden,
-      activation=config.model.activation, dropout=config.model.dropout,
-  )
-
-
 def text_context(config: Config) -> int:
-  """Tokens per example of ``--dataset text``: the model's context
-  (``config.model.context``, when the model config has one set: gpt's
-  ``--context``), else :data:`~meshnet.data.TEXT_CONTEXT`."""
-  context = getattr(config.model, "context", None)
-  return TEXT_CONTEXT if context is None else context
+  """Tokens per example of ``--dataset text``: the model's context. For
+  ``--model gpt`` that is ``--context``, else its ``--gpt-size``'s; for other
+  models ``model.context`` when set, else :data:`~meshnet.data.TEXT_CONTEXT`
+  (a custom model passed to :func:`run` takes the data's windows as they
+  come: pass ``dataset=meshnet.data.text(context=T)`` for another length)."""
+  mc = config.model
+  if mc.name == "gpt":
+    return mc.gpt_config().context
+  return TEXT_CONTEXT if mc.context is None else mc.context
 
 
 def _format_eval(step: int, result: dict[str, float]) -> str:
@@ -255,8 +281,9 @@ def run(
                            context=text_context(config))
   config, notes, mesh = _resolve(config, dataset, builds_model=model is None)
   tc, oc = config.train, config.optim
+  builds_gpt = model is None and config.model.name == "gpt"
   if model is None:
-    model = build_model(config, dataset.input_size, dataset.num_outputs)
+    model = _build_model(config, dataset)
   _check_model_and_data(model, dataset, evaluates=tc.eval_every > 0)
   batch_size = config.data.batch_size
   sampler = BatchSampler(len(dataset.x_train), batch_size, seed=tc.seed)
@@ -307,11 +334,18 @@ def run(
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
   say(f"model: {n_params:,} parameters; optimizer {oc.optimizer}, lr {oc.lr}; precision "
       f"{tc.precision}, remat {tc.remat}")
+  throughput = _gpt_throughput(config, dataset, mesh) if builds_gpt else None
+  if throughput is not None:
+    say(throughput.describe())
+  # A built gpt checkpoints its own blocks (inside its scan) for any remat;
+  # "full" also keeps only its input.
+  step_remat = ("none" if pipeline is not None or (builds_gpt and tc.remat == "layer")
+                else tc.remat)
   train_step = make_train_step(model, optimizer, mesh, loss=dataset.loss,
                                grad_accum=grad_accum, pipeline=pipeline,
                                deterministic=oc.deterministic,
                                grad_transport=oc.grad_transport, precision=tc.precision,
-                               remat="none" if pipeline is not None else tc.remat)
+                               remat=step_remat)
   eval_step = (make_eval_step(model, mesh, loss=dataset.loss, precision=tc.precision)
                if tc.eval_every else None)
   bytes_per_token = 1.0 if isinstance(dataset, TextDataset) else None  # byte-level tokens
@@ -397,6 +431,8 @@ def run(
             "lr": float(schedule(step - 1)),
             "samples_per_sec": batch_size * len(pending) / elapsed,
         }
+        if throughput is not None:  # a gpt: tokens_per_sec, and mfu with a known peak
+          record.update(throughput.metrics(record["samples_per_sec"]))
         writer.write(record)
         board.write(record)
         history.append(record)

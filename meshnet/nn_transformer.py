@@ -1,0 +1,234 @@
+"""Transformer layers as pure ``init``/``apply`` pairs.
+
+Shapes are global (meshnet shards them) and live in names: ``B`` batch,
+``T`` sequence (tokens), ``D`` model width, ``H`` heads, ``K`` per-head width
+(``D = H * K``), ``F`` the MLP's hidden width, ``V`` vocabulary. No layer has
+biases except the norms (as nanoGPT's ``bias=False``, PaLM, LLaMA).
+
+Numerics for mixed precision: the norms and the attention softmax compute in
+float32 and return the input's dtype, so a bfloat16 forward keeps its
+statistics in float32.
+
+Each ``*_init`` returns a dict of arrays; :func:`logical_axes_of` names the
+same tree's dimensions for :mod:`meshnet.sharding` (Megatron pairs:
+``qkv``/``up`` column-split over ``heads``/``mlp``, ``out``/``down``
+row-split back to ``embed``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from meshnet.errors import MeshnetError
+
+NORMS = ("layer", "rms")
+POSITIONS = ("learned", "rotary")
+_NORM_EPS = 1e-5
+_ROPE_BASE = 10000.0
+
+
+def normal_init(key: jax.Array, shape: tuple[int, ...], std: float,
+                dtype=jnp.float32) -> jax.Array:
+  """``std`` times a unit normal of ``shape`` (GPT-2's initialiser)."""
+  return std * jax.random.normal(key, shape, dtype)
+
+
+# -- embedding -----------------------------------------------------------------------
+
+def embedding_init(key: jax.Array, vocab: int, width: int, *, std: float = 0.02,
+                   dtype=jnp.float32) -> dict[str, jax.Array]:
+  """A token table ``{"table": [V, D]}``, normal with ``std``."""
+  return {"table": normal_init(key, (vocab, width), std, dtype)}
+
+
+def embedding(params: dict[str, jax.Array], tokens_BxT: jax.Array) -> jax.Array:
+  """Rows of the table: ``int [B, T] -> [B, T, D]`` (the table's dtype)."""
+  if not jnp.issubdtype(tokens_BxT.dtype, jnp.integer):
+    raise MeshnetError(f"embedding needs integer token ids, got dtype {tokens_BxT.dtype}; "
+                       "feed int32 tokens [B, T]")
+  return jnp.take(params["table"], tokens_BxT, axis=0)
+
+
+def unembed(params: dict[str, jax.Array], x_BxTxD: jax.Array) -> jax.Array:
+  """Logits against the token table (a tied head): ``[B, T, D] -> [B, T, V]``."""
+  return jnp.einsum("btd,vd->btv", x_BxTxD, params["table"])
+
+
+def positions_init(key: jax.Array, context: int, width: int, *, std: float = 0.02,
+                   dtype=jnp.float32) -> dict[str, jax.Array]:
+  """Learned absolute positions ``{"table": [T_max, D]}``."""
+  return {"table": normal_init(key, (context, width), std, dtype)}
+
+
+def add_positions(params: dict[str, jax.Array], x_BxTxD: jax.Array) -> jax.Array:
+  """``x`` plus the first ``T`` rows of the position table.
+
+  Raises:
+    MeshnetError: ``T`` is longer than the table (the model's context).
+  """
+  length, context = x_BxTxD.shape[1], params["table"].shape[0]
+  if length > context:
+    raise MeshnetError(f"sequence of {length} tokens is longer than the model's context "
+                       f"{context}; feed at most {context} tokens or build a longer context")
+  return x_BxTxD + params["table"][None, :length].astype(x_BxTxD.dtype)
+
+
+def rotary(x_BxTxHxK: jax.Array, *, base: float = _ROPE_BASE) -> jax.Array:
+  """Rotary positions (RoFormer; the GPT-NeoX half-split layout): the pair
+  ``(x[..., i], x[..., i + K/2])`` at position ``t`` is rotated by the angle
+  ``t * base**(-2i/K)``. ``[B, T, H, K] -> [B, T, H, K]`` (``K`` even)."""
+  length, k = x_BxTxHxK.shape[1], x_BxTxHxK.shape[-1]
+  if k % 2:
+    raise MeshnetError(f"rotary positions need an even per-head width, got {k}")
+  half = k // 2
+  freq_Kh = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle_TxKh = jnp.arange(length, dtype=jnp.float32)[:, None] * freq_Kh[None, :]
+  cos = jnp.cos(angle_TxKh)[None, :, None, :]
+  sin = jnp.sin(angle_TxKh)[None, :, None, :]
+  x = x_BxTxHxK.astype(jnp.float32)
+  x1, x2 = x[..., :half], x[..., half:]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxTxHxK.dtype)
+
+
+# -- norms ---------------------------------------------------------------------------
+
+def norm_init(width: int, kind: str = "layer", dtype=jnp.float32) -> dict[str, jax.Array]:
+  """A norm's parameters: ``{"scale": [D], "bias": [D]}`` for ``layer``,
+  ``{"scale": [D]}`` for ``rms``."""
+  check_choice("norm", kind, NORMS)
+  params = {"scale": jnp.ones((width,), dtype)}
+  if kind == "layer":
+    params["bias"] = jnp.zeros((width,), dtype)
+  return params
+
+
+def layer_norm(params: dict[str, jax.Array], x_BxTxD: jax.Array) -> jax.Array:
+  """LayerNorm over ``D`` (float32 statistics, eps 1e-5): ``[..., D] -> [..., D]``."""
+  x = x_BxTxD.astype(jnp.float32)
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+  y = (x - mean) * jax.lax.rsqrt(var + _NORM_EPS)
+  y = y * params["scale"].astype(jnp.float32) + params["bias"].astype(jnp.float32)
+  return y.astype(x_BxTxD.dtype)
+
+
+def rms_norm(params: dict[str, jax.Array], x_BxTxD: jax.Array) -> jax.Array:
+  """RMSNorm over ``D`` (float32 statistics, eps 1e-5): ``[..., D] -> [..., D]``."""
+  x = x_BxTxD.astype(jnp.float32)
+  y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + _NORM_EPS)
+  return (y * params["scale"].astype(jnp.float32)).astype(x_BxTxD.dtype)
+
+
+def norm(params: dict[str, jax.Array], x_BxTxD: jax.Array) -> jax.Array:
+  """:func:`layer_norm` or :func:`rms_norm`, as ``params`` say (a ``bias``
+  means LayerNorm)."""
+  return layer_norm(params, x_BxTxD) if "bias" in params else rms_norm(params, x_BxTxD)
+
+
+# -- attention -----------------------------------------------------------------------
+
+def attention_init(key: jax.Array, width: int, heads: int, *, out_std: float = 0.02,
+                   dtype=jnp.float32) -> dict[str, jax.Array]:
+  """Causal self-attention: ``{"qkv": [D, 3, H, K], "out": [H, K, D]}``.
+
+  ``qkv`` is normal with std 0.02; ``out`` with ``out_std`` (GPT-2 scales the
+  residual projections by ``1 / sqrt(2 * layers)``).
+
+  Raises:
+    MeshnetError: ``heads`` does not divide ``width``.
+  """
+  if width % heads:
+    raise MeshnetError(f"width {width} is not divisible by heads {heads}; choose a width "
+                       f"that is a multiple of the head count")
+  k = width // heads
+  k_qkv, k_out = jax.random.split(key)
+  return {"qkv": normal_init(k_qkv, (width, 3, heads, k), 0.02, dtype),
+          "out": normal_init(k_out, (heads, k, width), out_std, dtype)}
+
+
+def causal_attention(params: dict[str, jax.Array], x_BxTxD: jax.Array, *,
+                     rotary_positions: bool = False) -> jax.Array:
+  """Multi-head self-attention where position ``t`` sees positions ``<= t``.
+
+  ``[B, T, D] -> [B, T, D]``. Scores are scaled by ``1 / sqrt(K)``; the
+  softmax runs in float32. With ``rotary_positions`` the queries and keys are
+  rotated by :func:`rotary` first. Split over ``tensor`` by heads, the
+  ``out`` projection's contraction over ``H, K`` is the one reduction of the
+  pair.
+  """
+  qkv_BxTx3xHxK = jnp.einsum("btd,dshk->btshk", x_BxTxD, params["qkv"])
+  q, k, v = (qkv_BxTx3xHxK[:, :, i] for i in range(3))
+  if rotary_positions:
+    q, k = rotary(q), rotary(k)
+  length, head_width = x_BxTxD.shape[1], q.shape[-1]
+  scores_BxHxTxT = jnp.einsum("bthk,bshk->bhts", q, k).astype(jnp.float32)
+  scores_BxHxTxT = scores_BxHxTxT / math.sqrt(head_width)
+  causal_TxT = jnp.tril(jnp.ones((length, length), bool))
+  scores_BxHxTxT = jnp.where(causal_TxT, scores_BxHxTxT, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores_BxHxTxT, axis=-1).astype(v.dtype)
+  out_BxTxHxK = jnp.einsum("bhts,bshk->bthk", probs, v)
+  return jnp.einsum("bthk,hkd->btd", out_BxTxHxK, params["out"])
+
+
+# -- MLP -----------------------------------------------------------------------------
+
+def mlp_block_init(key: jax.Array, width: int, hidden: int, *, out_std: float = 0.02,
+                   dtype=jnp.float32) -> dict[str, jax.Array]:
+  """The transformer's MLP: ``{"up": [D, F], "down": [F, D]}`` (``down``
+  normal with ``out_std``, the residual projection)."""
+  k_up, k_down = jax.random.split(key)
+  return {"up": normal_init(k_up, (width, hidden), 0.02, dtype),
+          "down": normal_init(k_down, (hidden, width), out_std, dtype)}
+
+
+def mlp_block(params: dict[str, jax.Array], x_BxTxD: jax.Array) -> jax.Array:
+  """``gelu(x @ up) @ down`` (tanh GELU, as GPT-2): ``[B, T, D] -> [B, T, D]``."""
+  h_BxTxF = jax.nn.gelu(jnp.einsum("btd,df->btf", x_BxTxD, params["up"]))
+  return jnp.einsum("btf,fd->btd", h_BxTxF, params["down"])
+
+
+# -- names ---------------------------------------------------------------------------
+
+def logical_axes_of(layer: str, *, kind: str | None = None) -> dict[str, P]:
+  """Logical names of a layer's parameters (one entry per dimension).
+
+  ``layer`` is ``embedding`` (``table: [V, D]`` -> ``("vocab", "embed")``),
+  ``positions`` (``[T, D]`` -> ``(None, "embed")``), ``norm`` (``kind``
+  ``layer`` or ``rms``), ``attention`` (``qkv: ("embed", None, "heads",
+  "kv")``, ``out: ("heads", "kv", "embed")``) or ``mlp`` (``up: ("embed",
+  "mlp")``, ``down: ("mlp", "embed")``).
+  """
+  if layer == "embedding":
+    return {"table": P("vocab", "embed")}
+  if layer == "positions":
+    return {"table": P(None, "embed")}
+  if layer == "norm":
+    names = {"scale": P("embed")}
+    if check_choice("norm", kind, NORMS) == "layer":
+      names["bias"] = P("embed")
+    return names
+  if layer == "attention":
+    return {"qkv": P("embed", None, "heads", "kv"), "out": P("heads", "kv", "embed")}
+  if layer == "mlp":
+    return {"up": P("embed", "mlp"), "down": P("mlp", "embed")}
+  raise MeshnetError(f"unknown layer {layer!r}; choose one of embedding, positions, norm, "
+                     "attention, mlp")
+
+
+def stacked(names: dict[str, P]) -> dict[str, P]:
+  """``names`` of a layer whose leaves gained a leading ``[L]`` dimension
+  (stacked identical blocks): ``"layers"`` prepended to each spec."""
+  return jax.tree.map(lambda spec: P("layers", *spec), names,
+                      is_leaf=lambda x: isinstance(x, P))
+
+
+def check_choice(what: str, value, choices: tuple[str, ...]) -> str:
+  """``value`` if it is one of ``choices``, else a one-line MeshnetError."""
+  if value not in choices:
+    raise MeshnetError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
+  return value
