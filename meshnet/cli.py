@@ -498,7 +498,7 @@ def _add_sample_parser(subparsers) -> None:
       formatter_class=_HelpFormatter)
   sample.add_argument("dir", metavar="CHECKPOINT_DIR",
                       help="the --checkpoint-dir of a meshnet train --dataset text run")
-  sample.add_argument("--prompt", default="\n", metavar="TEXT",
+  sample.add_argument("--prompt", default=None, metavar="TEXT",
                       help="the text to continue (default: a newline)")
   sample.add_argument("--tokens", type=int, default=200, metavar="N",
                       help="bytes to generate")
@@ -612,7 +612,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.command == "sample":
       from meshnet.sample import sample_checkpoint
       _quiet(args.verbose)
-      result = sample_checkpoint(args.dir, args.prompt, args.tokens,
+      prompt = "\n" if args.prompt is None else args.prompt
+      result = sample_checkpoint(args.dir, prompt, args.tokens,
                                  temperature=args.temperature, top_k=args.top_k,
                                  seed=args.seed, step=args.step)
       print(result.text)

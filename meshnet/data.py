@@ -402,8 +402,8 @@ def text(data_dir: str | None = None, *, context: int = TEXT_CONTEXT,
                        "example)")
   if data_dir:
     corpus, skipped = read_text(data_dir)
-    source = (corpus.sources[0] if len(corpus.sources) == 1 and not os.path.isdir(
-        os.path.expanduser(data_dir)) else f"{data_dir} ({len(corpus.sources)} files)")
+    folder = os.path.isdir(os.path.expanduser(data_dir))
+    source = f"{data_dir} ({len(corpus.sources)} files)" if folder else data_dir
   else:
     corpus, skipped = embedded_corpus(), ()
     source = (f"embedded corpus (pydoc_data.topics and the docstrings of "

@@ -23,20 +23,20 @@ from meshnet.errors import MeshnetError
 from meshnet.model import Model, Params
 
 
-def _check_options(n: Any, temperature: Any, top_k: Any, context: Any) -> None:
-  def integer(value):
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+def _is_int(value: Any) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
-  if not integer(n) or n < 1:
+
+def _check_options(n: Any, temperature: Any, top_k: Any) -> None:
+  """Refuses a bad token count, temperature or top-k (one line each)."""
+  if not _is_int(n) or n < 1:
     raise MeshnetError(f"tokens={n!r} must be an integer >= 1 (--tokens N: bytes to generate)")
   if (not isinstance(temperature, numbers.Real) or isinstance(temperature, bool)
       or not math.isfinite(temperature) or temperature < 0):
     raise MeshnetError(f"temperature={temperature!r} must be a finite number >= 0 (0: "
                        "greedy, the most likely byte each time)")
-  if top_k is not None and (not integer(top_k) or top_k < 1):
+  if top_k is not None and (not _is_int(top_k) or top_k < 1):
     raise MeshnetError(f"top_k={top_k!r} must be an integer >= 1 (or None: every token)")
-  if not integer(context) or context < 1:
-    raise MeshnetError(f"context={context!r} must be an integer >= 1 (the model's window)")
 
 
 def _pick(logits_V: jax.Array, key: jax.Array, temperature: float,
@@ -79,7 +79,9 @@ def generate(model: Model, params: Params, prompt_tokens: Any, n: int, *,
     MeshnetError: an empty or non-1-D prompt, ``n < 1``, ``temperature < 0``,
       ``top_k < 1``, ``context < 1``, or no key for sampling.
   """
-  _check_options(n, temperature, top_k, context)
+  _check_options(n, temperature, top_k)
+  if not _is_int(context) or context < 1:
+    raise MeshnetError(f"context={context!r} must be an integer >= 1 (the model's window)")
   prompt = np.asarray(prompt_tokens)
   if prompt.ndim != 1 or prompt.size == 0 or not np.issubdtype(prompt.dtype, np.integer):
     raise MeshnetError(f"prompt_tokens must be a non-empty 1-D array of token ids, got "
@@ -211,7 +213,7 @@ def sample_checkpoint(directory: str, prompt: str, tokens: int, *,
     MeshnetError: bad options (checked before the checkpoint is read), an
       empty prompt, or a checkpoint :func:`load_text_model` refuses.
   """
-  _check_options(tokens, temperature, top_k, 1)
+  _check_options(tokens, temperature, top_k)
   prompt_bytes = prompt.encode("utf-8")
   if not prompt_bytes:
     raise MeshnetError("the prompt is empty; give --prompt TEXT of at least one character")
