@@ -113,7 +113,7 @@ def layer_norm(params: dict[str, jax.Array], x_BxTxD: jax.Array) -> jax.Array:
   mean = jnp.mean(x, axis=-1, keepdims=True)
   var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
   y = (x - mean) * jax.lax.rsqrt(var + _NORM_EPS)
-  y = y * params["scale"].astype(jnp.float32) + params["bias"].astype(jnp.float32)
+  y = y * _last_axis(params["scale"], y.ndim) + _last_axis(params["bias"], y.ndim)
   return y.astype(x_BxTxD.dtype)
 
 
@@ -121,7 +121,12 @@ def rms_norm(params: dict[str, jax.Array], x_BxTxD: jax.Array) -> jax.Array:
   """RMSNorm over ``D`` (float32 statistics, eps 1e-5): ``[..., D] -> [..., D]``."""
   x = x_BxTxD.astype(jnp.float32)
   y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + _NORM_EPS)
-  return (y * params["scale"].astype(jnp.float32)).astype(x_BxTxD.dtype)
+  return (y * _last_axis(params["scale"], y.ndim)).astype(x_BxTxD.dtype)
+
+
+def _last_axis(v_D: jax.Array, ndim: int) -> jax.Array:
+  """A float32 ``[D]`` vector shaped ``[1, ..., 1, D]`` to scale an ``ndim`` array."""
+  return v_D.astype(jnp.float32).reshape((1,) * (ndim - 1) + v_D.shape)
 
 
 def norm(params: dict[str, jax.Array], x_BxTxD: jax.Array) -> jax.Array:
@@ -168,8 +173,8 @@ def causal_attention(params: dict[str, jax.Array], x_BxTxD: jax.Array, *,
   length, head_width = x_BxTxD.shape[1], q.shape[-1]
   scores_BxHxTxT = jnp.einsum("bthk,bshk->bhts", q, k).astype(jnp.float32)
   scores_BxHxTxT = scores_BxHxTxT / math.sqrt(head_width)
-  causal_TxT = jnp.tril(jnp.ones((length, length), bool))
-  scores_BxHxTxT = jnp.where(causal_TxT, scores_BxHxTxT, jnp.finfo(jnp.float32).min)
+  causal_1x1xTxT = jnp.tril(jnp.ones((length, length), bool))[None, None]
+  scores_BxHxTxT = jnp.where(causal_1x1xTxT, scores_BxHxTxT, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores_BxHxTxT, axis=-1).astype(v.dtype)
   out_BxTxHxK = jnp.einsum("bhts,bshk->bthk", probs, v)
   return jnp.einsum("bthk,hkd->btd", out_BxTxHxK, params["out"])

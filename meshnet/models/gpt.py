@@ -47,7 +47,7 @@ GPT_SIZES: dict[str, dict[str, int]] = {
     "mini": dict(layers=6, heads=6, width=384, context=256),
     # GPT-2's shapes (Radford et al. 2019). With V = 256 bytes instead of
     # GPT-2's 50257 BPE tokens, small has 86.2M parameters (85.96M tied),
-    # not 124M; medium 303M, large 708M.
+    # not 124M; medium 304M, large 710M.
     "small": dict(layers=12, heads=12, width=768, context=1024),
     "medium": dict(layers=24, heads=16, width=1024, context=1024),
     "large": dict(layers=36, heads=20, width=1280, context=1024),
