@@ -307,12 +307,6 @@ def test_a_custom_model_trains_on_text_and_samples_from_its_checkpoint(tmp_path)
   assert "holds other parameters than model 'mlp' that its config names" in proc.stderr
 
 
-def _gpt_broadcasts():
-  """The gpt branch's norms broadcast ``[B, T, D] * [D]`` by rank promotion,
-  which this test configuration raises on (the command itself allows it)."""
-  return jax.numpy_rank_promotion("allow")
-
-
 @pytest.fixture(scope="module")
 def gpt_checkpoint(tmp_path_factory):
   """``meshnet train --model gpt --dataset text``: the tiny GPT, 80 steps on
@@ -342,15 +336,13 @@ def test_meshnet_sample_prints_the_prompt_and_a_continuation(gpt_checkpoint):
   ck = str(root / "ck")
   greedy = _meshnet("sample", ck, "--prompt", "The ", "--tokens", "20", "--temperature", "0")
   assert greedy.returncode == 0, greedy.stderr
-  with _gpt_broadcasts():
-    expected = sample_checkpoint(ck, "The ", 20, temperature=0)
+  expected = sample_checkpoint(ck, "The ", 20, temperature=0)
   assert len(expected.continuation) == 20 and expected.step == 80
   assert greedy.stdout == expected.text + "\n" and greedy.stdout.startswith("The ")
   drawn = [_meshnet("sample", ck, "--prompt", "def ", "--tokens", "30", "--top-k", "5",
                     "--seed", str(seed)).stdout for seed in (1, 1, 2)]
   assert drawn[0] == drawn[1] != drawn[2]
-  with _gpt_broadcasts():
-    assert drawn[0] == sample_checkpoint(ck, "def ", 30, top_k=5, seed=1).text + "\n"
+  assert drawn[0] == sample_checkpoint(ck, "def ", 30, top_k=5, seed=1).text + "\n"
 
 
 @pytest.mark.parametrize("argv, message", [
