@@ -6,15 +6,16 @@ a training step is ``state, metrics = step(state, batch)``.
 """
 
 from meshnet import (
-    checkpoint, cli, collectives, commbench, data, distributed, faults, fetch, flops, hardware,
-    losses,
-    models, nn, pipeline, planner, profiling, sharding, train,
+    checkpoint, cli, collectives, commbench, corpus, data, distributed, faults, fetch, flops,
+    hardware, losses, models, nn, pipeline, planner, profiling, sample, sharding, train,
 )
 from meshnet.commbench import BenchConfig, run_bench
 from meshnet.config import (
     Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, PipelineConfig, TrainConfig,
 )
-from meshnet.data import BatchSampler, Dataset, default_data_dir, global_batch, load_dataset
+from meshnet.data import (
+    BatchSampler, Dataset, TextDataset, default_data_dir, global_batch, load_dataset,
+)
 from meshnet.defaults import resolve_defaults
 from meshnet.distributed import initialize
 from meshnet.errors import (
@@ -33,6 +34,7 @@ from meshnet.planner import Plan, PlanConfig, format_plan, plan
 from meshnet.plot import plot_metrics
 from meshnet.profile_report import ProfileSummary, format_profile, profile_summary
 from meshnet.profiling import StepProfiler
+from meshnet.sample import generate, sample_checkpoint
 from meshnet.sharding import DEFAULT_RULES, logical_to_mesh, param_shardings, param_specs
 from meshnet.step import (
     TrainState, init_train_state, make_eval_step, make_grad_fn, make_train_step,
@@ -55,4 +57,5 @@ __all__ = [
     "profile_summary", "profiling", "BenchConfig", "commbench", "run_bench",
     "DEFAULT_RULES", "from_flax", "from_nnx", "logical_to_mesh", "param_shardings",
     "param_specs", "Plan", "PlanConfig", "format_plan", "hardware", "plan", "planner", "flops",
+    "TextDataset", "corpus", "generate", "sample", "sample_checkpoint",
 ]

@@ -970,6 +970,21 @@ def _readable_meta(directory: str | os.PathLike, steps: list[int],
   raise MeshnetError(f"no readable checkpoint in {directory}: {'; '.join(notes)}")
 
 
+def newest_meta(directory: str | os.PathLike, step: int | None = None
+                ) -> tuple[int, dict[str, Any]]:
+  """``(step, meta)`` of checkpoint ``step`` in ``directory``, or of the
+  newest one whose meta reads (what ``meshnet inspect`` and ``meshnet
+  sample`` show).
+
+  Raises:
+    MeshnetError: no checkpoint there, ``step`` missing or unreadable, or no
+      meta reads.
+  """
+  rows = list_checkpoints(directory)
+  step, meta, _ = _readable_meta(directory, [row["step"] for row in rows], step)
+  return step, meta
+
+
 def describe(directory: str | os.PathLike, *, with_digest: bool = False,
              step: int | None = None) -> str:
   """What ``meshnet inspect`` prints: the checkpoints, then the parameter

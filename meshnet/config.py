@@ -194,9 +194,13 @@ class ModelConfig:
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   """Attributes:
-    dataset: ``xor``, ``digits`` or ``mnist``.
-    data_dir: directory with files for file-based data sets (mnist); ``None``:
-      :func:`meshnet.data.default_data_dir`, where ``meshnet data fetch`` puts them.
+    dataset: ``xor``, ``digits``, ``mnist`` or ``text`` (byte-level
+      next-token windows, :func:`meshnet.data.text`; their length is the
+      model's context, :func:`meshnet.train.text_context`).
+    data_dir: files for file-based data sets: mnist's directory (``None``:
+      :func:`meshnet.data.default_data_dir`, where ``meshnet data fetch`` puts
+      them); text's UTF-8 file or folder of them (``None``: the embedded
+      corpus, :func:`meshnet.corpus.embedded_corpus`).
     batch_size: global batch size, over all devices and processes.
       ``None``: the smaller of 128 and the training set, rounded down to a
       multiple of what the mesh splits it into

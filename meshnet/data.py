@@ -1,9 +1,10 @@
 """Data sets that need no download, a resumable batch sampler, global batches.
 
 * :func:`load_dataset` gives ``xor``, ``digits`` (scikit-learn's bundled 8x8
-  digits) and ``mnist`` (the standard IDX files, read from ``--data-dir`` or
+  digits), ``mnist`` (the standard IDX files, read from ``--data-dir`` or
   :func:`default_data_dir`, where ``meshnet data fetch mnist`` puts them;
-  training never downloads).
+  training never downloads) and ``text`` (byte-level next-token windows of a
+  UTF-8 text file, a folder of them, or the embedded corpus: :func:`text`).
 * :class:`BatchSampler` decides which examples form global batch ``i``: a
   permutation per epoch drawn from ``(seed, epoch)``, so the sequence depends
   only on the seed, never on the mesh or process count. Its ``position`` is
@@ -26,6 +27,7 @@ from typing import Any, Iterator, Sequence
 import jax
 import numpy as np
 
+from meshnet.corpus import SEPARATOR, Corpus, embedded_corpus
 from meshnet.errors import MeshnetError
 
 ENV_DATA_DIR = "MESHNET_DATA_DIR"
@@ -45,9 +47,11 @@ class Dataset:
 
   Attributes:
     name: the data set's name.
-    x_train: ``[N, F]`` float32 inputs.
-    y_train: ``[N]`` int32 class labels (``loss="cross_entropy"``) or
-      ``[N, O]`` float32 targets (``loss="mse"``).
+    x_train: ``[N, F]`` float32 inputs (``[N, T]`` int32 tokens for
+      :class:`TextDataset`).
+    y_train: ``[N]`` int32 class labels (``loss="cross_entropy"``; ``[N, T]``,
+      one per position, for sequence models) or ``[N, O]`` float32 targets
+      (``loss="mse"``).
     x_test: ``[N_test, F]`` float32.
     y_test: like ``y_train``.
     loss: ``"cross_entropy"`` or ``"mse"``.
@@ -65,6 +69,34 @@ class Dataset:
   @property
   def input_size(self) -> int:
     return int(np.prod(self.x_train.shape[1:]))
+
+
+@dataclasses.dataclass(frozen=True)
+class TextDataset(Dataset):
+  """Byte-level next-token windows of a text corpus (:func:`text`).
+
+  ``x_*`` and ``y_*`` are ``[N, context]`` int32 bytes in ``[0, 256)``: row
+  ``i`` of split ``s`` is window ``k = s_windows[i]`` of the corpus,
+  ``x = data[k*context : k*context + context]`` and ``y`` the same shifted
+  by one byte, ``data[k*context + 1 : k*context + context + 1]``.
+
+  Attributes:
+    context: tokens per example (``T``).
+    corpus_bytes: the corpus's length in bytes.
+    corpus_sha256: hex SHA-256 of the corpus.
+    source: the corpus in words (a path, or the embedded corpus).
+    skipped: files of a ``--data-dir`` folder left out (not UTF-8 text).
+    train_windows: ``[N_train]`` window indices of the training rows.
+    test_windows: ``[N_test]`` window indices of the held-out rows.
+  """
+
+  context: int = 0
+  corpus_bytes: int = 0
+  corpus_sha256: str = ""
+  source: str = ""
+  skipped: tuple[str, ...] = ()
+  train_windows: np.ndarray | None = None
+  test_windows: np.ndarray | None = None
 
 
 def xor() -> Dataset:
@@ -238,6 +270,172 @@ def mnist(data_dir: str | None = None) -> Dataset:
                  "cross_entropy", 10)
 
 
+TEXT_VOCAB = 256  # byte-level tokens
+TEXT_CONTEXT = 128  # tokens per window when the model does not set a context
+TEXT_SPLIT_SEED = 0
+TEXT_TEST_FRACTION = 0.1
+
+
+def _decode_problem(data: bytes) -> str | None:
+  """Why ``data`` is not UTF-8 text (``None``: it is). A NUL byte counts as
+  binary: it decodes, but text files do not hold one."""
+  nul = data.find(b"\x00")
+  if nul >= 0:
+    return f"a NUL byte at offset {nul}"
+  try:
+    data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    return f"byte 0x{data[e.start]:02x} at offset {e.start} is not UTF-8"
+  return None
+
+
+def _read_bytes(path: str) -> bytes:
+  try:
+    with open(path, "rb") as f:
+      return f.read()
+  except OSError as e:
+    raise MeshnetError(f"cannot read text file {path}: {e.strerror or e}") from None
+
+
+def _text_files(folder: str) -> list[str]:
+  """Every regular file under ``folder`` (recursively, sorted by relative
+  path), hidden files and folders (``.name``) left out."""
+  found = []
+  for root, dirs, files in os.walk(folder):
+    dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    found += [os.path.join(root, name) for name in sorted(files) if not name.startswith(".")]
+  return sorted(found, key=lambda path: os.path.relpath(path, folder).split(os.sep))
+
+
+def read_text(path: str) -> tuple[Corpus, tuple[str, ...]]:
+  """The corpus of a UTF-8 text file, or of every UTF-8 text file in a folder.
+
+  A folder's files (recursively; hidden ``.names`` left out) are read in
+  sorted order of their relative paths and joined by
+  :data:`meshnet.corpus.SEPARATOR` (a blank line). A file is text when it
+  decodes as UTF-8 and holds no NUL byte; in a folder, other files (images,
+  archives) and empty files are skipped and named in the second value.
+
+  Returns:
+    ``(corpus, skipped)``: the :class:`~meshnet.corpus.Corpus` (its
+    ``sources`` are the files read) and the folder's files left out.
+
+  Raises:
+    MeshnetError: ``path`` does not exist or cannot be read, a file given
+      by name is not UTF-8 text, or a folder holds no text file.
+  """
+  path = os.path.expanduser(path)
+  if os.path.isfile(path):
+    data = _read_bytes(path)
+    problem = _decode_problem(data)
+    if problem:
+      raise MeshnetError(f"text file {path} is not UTF-8 text ({problem}); --dataset text "
+                         "reads UTF-8 text files")
+    return Corpus(data, hashlib.sha256(data).hexdigest(), (path,)), ()
+  if not os.path.isdir(path):
+    raise MeshnetError(f"text data {path} not found; give --data-dir a UTF-8 text file or a "
+                       "folder of them, or leave it out for the embedded corpus")
+  texts, sources, skipped = [], [], []
+  for file in _text_files(path):
+    data = _read_bytes(file)
+    if data and _decode_problem(data) is None:
+      texts.append(data)
+      sources.append(file)
+    else:
+      skipped.append(file)
+  if not texts:
+    held = (f"only {len(skipped)} empty or non-UTF-8 file{'s' * (len(skipped) != 1)}, "
+            f"e.g. {skipped[0]}" if skipped else "no files")
+    raise MeshnetError(f"text folder {path} holds no UTF-8 text file ({held}); put .txt, "
+                       ".md, ... files there")
+  data = SEPARATOR.join(texts)
+  return Corpus(data, hashlib.sha256(data).hexdigest(), tuple(sources)), tuple(skipped)
+
+
+def text_windows(data: bytes, context: int) -> tuple[np.ndarray, np.ndarray]:
+  """Every next-byte window of ``data``: window ``k`` covers bytes
+  ``k*context .. k*context + context`` (``context + 1`` bytes, so
+  consecutive windows share one byte and every byte after the first is a
+  target exactly once).
+
+  Returns:
+    ``(x, y)``, each ``[N, context]`` int32 with ``N = (len(data) - 1) //
+    context``: ``x = window[:-1]``, ``y = window[1:]``.
+  """
+  tokens = np.frombuffer(data, np.uint8)
+  n = (len(tokens) - 1) // context
+  windows = np.lib.stride_tricks.sliding_window_view(tokens, context + 1)[::context][:n]
+  return (windows[:, :-1].astype(np.int32), windows[:, 1:].astype(np.int32))
+
+
+def text(data_dir: str | None = None, *, context: int = TEXT_CONTEXT,
+         split_seed: int = TEXT_SPLIT_SEED,
+         test_fraction: float = TEXT_TEST_FRACTION) -> TextDataset:
+  """Byte-level language modelling on a text file, a folder of them, or the
+  embedded corpus.
+
+  Tokens are the corpus's bytes (256 symbols; UTF-8 characters beyond ASCII
+  are several tokens). The corpus is cut into :func:`text_windows` of
+  ``context + 1`` bytes; example ``x`` is a window's first ``context``
+  bytes and ``y`` its last ``context`` (the next byte at every position).
+  The held-out split is a fixed, seeded choice of windows: ``round(N *
+  test_fraction)`` of the ``N`` windows (at least one when ``N >= 2``) drawn
+  by ``numpy.random.default_rng(split_seed)``, the same for every training
+  seed and mesh; both splits keep corpus order (the sampler shuffles).
+  The windows are held in memory as int32: 8 bytes per corpus byte.
+
+  Args:
+    data_dir: a UTF-8 text file or a folder of them (see :func:`read_text`);
+      ``None``: the embedded corpus (:func:`meshnet.corpus.embedded_corpus`:
+      Python's own help topics and standard-library docstrings, no download).
+    context: tokens per example.
+    split_seed: seed of the held-out choice.
+    test_fraction: share of windows held out.
+
+  Raises:
+    MeshnetError: a missing path, a binary file, a folder without text, a
+      corpus shorter than one window (``context + 1`` bytes), or a bad
+      ``context``.
+  """
+  if isinstance(context, bool) or not isinstance(context, (int, np.integer)) or context < 1:
+    raise MeshnetError(f"text context {context!r} must be an integer >= 1 (tokens per "
+                       "example)")
+  if data_dir:
+    corpus, skipped = read_text(data_dir)
+    folder = os.path.isdir(os.path.expanduser(data_dir))
+    source = f"{data_dir} ({len(corpus.sources)} files)" if folder else data_dir
+  else:
+    corpus, skipped = embedded_corpus(), ()
+    source = (f"embedded corpus (pydoc_data.topics and the docstrings of "
+              f"{len(corpus.sources) - 1} standard-library modules)")
+  if corpus.num_bytes < context + 1:
+    raise MeshnetError(
+        f"text corpus {source} has {corpus.num_bytes} bytes, fewer than context + 1 = "
+        f"{context + 1} for one example; use a longer text or a smaller --context")
+  x, y = text_windows(corpus.data, context)
+  n = len(x)
+  n_test = min(max(int(round(n * test_fraction)), 1), n - 1) if n >= 2 else 0
+  order = np.random.default_rng(split_seed).permutation(n)
+  test, train = np.sort(order[:n_test]), np.sort(order[n_test:])
+  return TextDataset(
+      "text", x[train], y[train], x[test], y[test], "cross_entropy", TEXT_VOCAB,
+      context=int(context), corpus_bytes=corpus.num_bytes, corpus_sha256=corpus.sha256,
+      source=source, skipped=skipped, train_windows=train, test_windows=test)
+
+
+def describe_text(dataset: TextDataset) -> str:
+  """One line on a text data set's corpus, for a run's log."""
+  line = (f"text corpus: {dataset.source}, {dataset.corpus_bytes:,} bytes (sha256 "
+          f"{dataset.corpus_sha256[:12]}); windows of {dataset.context} bytes, "
+          f"{len(dataset.x_test)} held out")
+  if dataset.skipped:
+    line += (f"; skipped {len(dataset.skipped)} file{'s' * (len(dataset.skipped) != 1)} "
+             f"that {'are' if len(dataset.skipped) != 1 else 'is'} empty or not UTF-8 "
+             f"text: {', '.join(dataset.skipped[:3])}"
+             + (", ..." if len(dataset.skipped) > 3 else ""))
+  return line
+
+
 def check_dataset(dataset: Dataset, *, evaluates: bool = True) -> None:
   """Refuses a data set that cannot be trained on (or evaluated), before any work.
 
@@ -279,33 +477,37 @@ def check_dataset(dataset: Dataset, *, evaluates: bool = True) -> None:
   if dataset.loss == "cross_entropy":
     n = dataset.num_outputs
     for split, (_, y) in splits.items():
-      if y.ndim != 1:
+      if y.ndim not in (1, 2):
         raise MeshnetError(
             f"dataset {name}: y_{split} has shape {y.shape}; cross_entropy needs "
-            "integer class labels [N]"
+            "integer class labels [N] (or [N, T], one per position of a sequence)"
         )
-      bad = np.flatnonzero((y < 0) | (y >= n) | (y != np.floor(y)))
+      bad = np.argwhere((y < 0) | (y >= n) | (y != np.floor(y)))
       if bad.size:
+        where = f"example {bad[0][0]}" + (f", position {bad[0][1]}" if y.ndim == 2 else "")
         raise MeshnetError(
-            f"dataset {name}: label {y.flat[bad[0]]} in y_{split} (example "
-            f"{bad[0]}) is not a class in [0, {n}); labels must be class indices "
-            f"below num_outputs={n}"
+            f"dataset {name}: label {y[tuple(bad[0])]} in y_{split} ({where}) is not a "
+            f"class in [0, {n}); labels must be class indices below num_outputs={n}"
         )
 
 
-DATASETS: tuple[str, ...] = ("xor", "digits", "mnist")
+DATASETS: tuple[str, ...] = ("xor", "digits", "mnist", "text")
 
 
-def load_dataset(name: str, data_dir: str | None = None) -> Dataset:
+def load_dataset(name: str, data_dir: str | None = None, *,
+                 context: int | None = None) -> Dataset:
   """The built-in data set ``name`` (one of :data:`DATASETS`).
 
   Args:
     name: the data set.
-    data_dir: where file-based data sets (``mnist``) are read from; ``None``:
-      :func:`default_data_dir`.
+    data_dir: where file-based data sets are read from: ``mnist``'s folder
+      (``None``: :func:`default_data_dir`), ``text``'s file or folder
+      (``None``: the embedded corpus).
+    context: tokens per example for ``text`` (``None``:
+      :data:`TEXT_CONTEXT`); ignored by the others.
 
   Raises:
-    MeshnetError: unknown name, or mnist files missing.
+    MeshnetError: unknown name, or files missing or malformed.
   """
   if name == "xor":
     return xor()
@@ -313,6 +515,8 @@ def load_dataset(name: str, data_dir: str | None = None) -> Dataset:
     return digits()
   if name == "mnist":
     return mnist(data_dir)
+  if name == "text":
+    return text(data_dir, context=TEXT_CONTEXT if context is None else context)
   raise MeshnetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
 
 
@@ -342,8 +546,12 @@ def fingerprint(dataset: Dataset) -> dict[str, Any]:
     ``{"method": FINGERPRINT_METHOD, "name": str, "x_train": {"shape",
     "dtype", "sha256"}, "y_train": ..., "x_test": ..., "y_test": ...}``.
   """
-  return {"method": FINGERPRINT_METHOD, "name": dataset.name,
-          **{key: _array_fingerprint(getattr(dataset, key)) for key in _ARRAYS}}
+  found = {"method": FINGERPRINT_METHOD, "name": dataset.name,
+           **{key: _array_fingerprint(getattr(dataset, key)) for key in _ARRAYS}}
+  if isinstance(dataset, TextDataset):
+    found["corpus"] = {"bytes": dataset.corpus_bytes, "sha256": dataset.corpus_sha256,
+                       "context": dataset.context}
+  return found
 
 
 def data_change(saved: Any, now: dict[str, Any]) -> str | None:
@@ -361,6 +569,13 @@ def data_change(saved: Any, now: dict[str, Any]) -> str | None:
   parts = []
   if saved.get("name") != now["name"]:
     parts.append(f"data set {saved.get('name')!r} in the checkpoint, {now['name']!r} now")
+  old_corpus, new_corpus = saved.get("corpus"), now.get("corpus")
+  if isinstance(old_corpus, dict) and new_corpus and old_corpus != new_corpus:
+    parts.append(
+        f"text corpus of {old_corpus.get('bytes')} bytes (sha256 "
+        f"{str(old_corpus.get('sha256'))[:12]}, context {old_corpus.get('context')}) in "
+        f"the checkpoint, {new_corpus['bytes']} bytes (sha256 {new_corpus['sha256'][:12]}, "
+        f"context {new_corpus['context']}) now")
   for split, words in _SPLITS.items():
     changes = []
     for key in (f"x_{split}", f"y_{split}"):

@@ -2,6 +2,14 @@
 
 A loss here maps model outputs ``[B, ...]`` and targets ``[B, ...]`` to
 per-example values ``[B]``; the training loss is their mean over the batch.
+
+Sequences: :func:`cross_entropy` and :func:`argmax_correct` also take
+``[B, T, V]`` logits with ``[B, T]`` labels (a language model's next-token
+targets), and give each example the *mean over its T positions*. Every
+example of a batch has the same T, so the mean over examples that the
+train and eval steps take is then exactly the mean over all ``B * T``
+tokens: the usual per-token loss (and, for bytes, ``loss / ln 2`` bits per
+byte) and per-token accuracy.
 """
 
 from __future__ import annotations
@@ -27,14 +35,33 @@ class Objective(NamedTuple):
   correct: Callable[[jax.Array, jax.Array], jax.Array] | None = None
 
 
-def cross_entropy(logits_BxC: jax.Array, labels_B: jax.Array) -> jax.Array:
-  """Softmax cross-entropy with integer labels: ``[B, C], [B] -> [B]``."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits_BxC, labels_B)
+def _per_example(values: jax.Array) -> jax.Array:
+  """``[B, ...] -> [B]``: the mean over every axis after the batch axis (a
+  ``[B]`` input is returned as it is)."""
+  if values.ndim == 1:
+    return values
+  return jnp.mean(values.reshape(values.shape[0], -1), axis=-1)
 
 
-def argmax_correct(logits_BxC: jax.Array, labels_B: jax.Array) -> jax.Array:
-  """Whether the top class is the label: ``[B, C], [B] -> [B]`` bool."""
-  return jnp.argmax(logits_BxC, axis=-1) == labels_B
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Softmax cross-entropy with integer labels.
+
+  ``[B, C], [B] -> [B]``, or for sequences ``[B, T, V], [B, T] -> [B]``: the
+  mean of the ``T`` positions' losses (see the module docstring).
+  """
+  return _per_example(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+
+
+def argmax_correct(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Whether the top class is the label.
+
+  ``[B, C], [B] -> [B]`` bool, or for sequences ``[B, T, V], [B, T] -> [B]``
+  float32: the fraction of the ``T`` positions whose top class is the label
+  (so summing over examples and dividing by ``B`` gives the per-token
+  accuracy).
+  """
+  hits = jnp.argmax(logits, axis=-1) == labels
+  return hits if hits.ndim == 1 else _per_example(hits.astype(jnp.float32))
 
 
 def squared_error(pred_BxO: jax.Array, target_BxO: jax.Array) -> jax.Array:

@@ -21,7 +21,8 @@ from meshnet import flops, models
 from meshnet.checkpoint import Checkpointer, from_logical, saved_config, to_logical
 from meshnet.config import CheckpointConfig, Config
 from meshnet.data import (
-    BatchSampler, Dataset, check_dataset, fingerprint, global_batch, load_dataset,
+    TEXT_CONTEXT, BatchSampler, Dataset, TextDataset, check_dataset, describe_text,
+    fingerprint, global_batch, load_dataset,
 )
 from meshnet.defaults import resolve_defaults
 from meshnet.distributed import initialize
@@ -70,6 +71,7 @@ class RunResult(NamedTuple):
 def evaluate(
     eval_step: Callable, params: Params, x: np.ndarray, y: np.ndarray,
     mesh: jax.sharding.Mesh, batch_size: int, *, progress: bool = False,
+    bytes_per_token: float | None = None,
 ) -> dict[str, float]:
   """Mean loss (and accuracy) of ``params`` on ``(x, y)``, over the mesh.
 
@@ -77,10 +79,17 @@ def evaluate(
   multiple of ``data`` x ``fsdp``; the last batch is padded and the padding
   masked out, so every example counts exactly once. With ``progress``, an
   evaluation of several batches draws a bar on process 0 (erased when done).
+  For sequences the loss is per token (:mod:`meshnet.losses`).
+
+  Args:
+    bytes_per_token: for a language model, the bytes of text one token
+      stands for (1 for byte-level text): the result then also has
+      ``eval_bits_per_byte`` = ``eval_loss / (ln 2 * bytes_per_token)``.
 
   Returns:
     ``{"eval_loss": ..., "eval_accuracy": ...}`` (accuracy only when the
-    objective defines correctness).
+    objective defines correctness), plus ``eval_bits_per_byte`` with
+    ``bytes_per_token``.
   """
   data = axis_size(mesh, DATA) * axis_size(mesh, FSDP)  # the devices the batch is split over
   batch_size = -(-min(batch_size, len(x)) // data) * data
@@ -99,6 +108,8 @@ def evaluate(
     bar.advance()
   bar.close(clear=True)
   result = {"eval_loss": totals["loss_sum"] / totals["count"]}
+  if bytes_per_token is not None:
+    result["eval_bits_per_byte"] = result["eval_loss"] / (math.log(2) * bytes_per_token)
   if "correct" in totals:
     result["eval_accuracy"] = totals["correct"] / totals["count"]
   return result
@@ -125,8 +136,9 @@ def _check_model_and_data(model: Model, dataset: Dataset, *, evaluates: bool) ->
   The data set must hold together (:func:`~meshnet.data.check_dataset`:
   shapes of both splits, labels in ``[0, num_outputs)``), and the model must
   map one example batch ``[1, ...]`` of it to what the loss compares with the
-  targets: ``[1, num_outputs]`` logits for ``cross_entropy``, ``[1, O]`` like
-  the targets for ``mse``. Only shapes are computed (``jax.eval_shape``).
+  targets: ``[1, num_outputs]`` logits for ``cross_entropy`` (``[1, T,
+  num_outputs]`` for ``[N, T]`` sequence labels), ``[1, O]`` like the targets
+  for ``mse``. Only shapes are computed (``jax.eval_shape``).
 
   Raises:
     MeshnetError: naming the data set and both shapes.
@@ -144,10 +156,15 @@ def _check_model_and_data(model: Model, dataset: Dataset, *, evaluates: bool) ->
         f"the model cannot take a batch of shape {x_1xF.shape} from dataset "
         f"{dataset.name}: {reason}"
     ) from None
-  targets = {"cross_entropy": (1, dataset.num_outputs),
+  targets = {"cross_entropy": (1, *dataset.y_train.shape[1:], dataset.num_outputs),
              "mse": (1, *dataset.y_train.shape[1:])}
   expected = targets.get(dataset.loss) if isinstance(dataset.loss, str) else None
   shape = tuple(getattr(out, "shape", ()))
+  if expected is not None and shape != expected and isinstance(dataset, TextDataset):
+    raise MeshnetError(
+        f"the model maps tokens {x_1xF.shape} to {shape} but dataset {dataset.name} needs "
+        f"next-byte logits {expected}: a sequence model from [B, T] int32 to [B, T, "
+        f"{dataset.num_outputs}], such as --model gpt")
   if expected is not None and shape != expected:
     outputs = "x".join(map(str, expected[1:]))
     raise MeshnetError(
@@ -161,12 +178,19 @@ def _build_model(config: Config, dataset: Dataset) -> Model:
   """``config.model``'s built-in model for ``dataset`` (a gpt: checking that
   the data are tokens, with its blocks checkpointed when ``train.remat`` is
   not ``none``)."""
-  mc = config.model
-  gpt_cfg = None
-  if mc.name == "gpt":
+  if config.model.name == "gpt":
     check_token_data(dataset.name, dataset.x_train)
-    gpt_cfg = mc.gpt_config(remat=config.train.remat != "none")
-  return models.build(mc.name, dataset.input_size, dataset.num_outputs, hidden=mc.hidden,
+  return build_model(config, dataset.input_size, dataset.num_outputs)
+
+
+def build_model(config: Config, input_size: int, num_outputs: int) -> Model:
+  """The built-in model ``config.model`` describes (resolved: no ``None``
+  field the model needs), for ``input_size`` inputs (a text data set's:
+  its context) and ``num_outputs`` outputs (a gpt's vocabulary). ``meshnet
+  sample`` rebuilds a checkpoint's model with it."""
+  mc = config.model
+  gpt_cfg = mc.gpt_config(remat=config.train.remat != "none") if mc.name == "gpt" else None
+  return models.build(mc.name, input_size, num_outputs, hidden=mc.hidden,
                       activation=mc.activation, dropout=mc.dropout, gpt_cfg=gpt_cfg)
 
 
@@ -198,8 +222,22 @@ def _resolve(config: Config, dataset: Dataset, *, builds_model: bool
   return config, notes, make_mesh(devices=devices[:math.prod(axes.values())], **axes)
 
 
+def text_context(config: Config) -> int:
+  """Tokens per example of ``--dataset text``: the model's context. For
+  ``--model gpt`` that is ``--context``, else its ``--gpt-size``'s; for other
+  models ``model.context`` when set, else :data:`~meshnet.data.TEXT_CONTEXT`
+  (a custom model passed to :func:`run` takes the data's windows as they
+  come: pass ``dataset=meshnet.data.text(context=T)`` for another length)."""
+  mc = config.model
+  if mc.name == "gpt":
+    return mc.gpt_config().context
+  return TEXT_CONTEXT if mc.context is None else mc.context
+
+
 def _format_eval(step: int, result: dict[str, float]) -> str:
   text = f"eval @ step {step}: loss {result['eval_loss']:.4f}"
+  if "eval_bits_per_byte" in result:
+    text += f", {result['eval_bits_per_byte']:.4f} bits/byte"
   if "eval_accuracy" in result:
     text += f", accuracy {100 * result['eval_accuracy']:.2f}%"
   return text
@@ -239,7 +277,8 @@ def run(
       pass  # JAX already started; select_devices says what can be used
   initialize()  # joins the other processes when launched as several; else no-op
   if dataset is None:
-    dataset = load_dataset(config.data.dataset, config.data.data_dir)
+    dataset = load_dataset(config.data.dataset, config.data.data_dir,
+                           context=text_context(config))
   config, notes, mesh = _resolve(config, dataset, builds_model=model is None)
   tc, oc = config.train, config.optim
   builds_gpt = model is None and config.model.name == "gpt"
@@ -276,6 +315,8 @@ def run(
   say(f"{dataset.name}: {len(dataset.x_train)} train / {len(dataset.x_test)} test "
       f"examples; global batch {batch_size} ({sampler.steps_per_epoch} steps/epoch); "
       f"{total} steps")
+  if isinstance(dataset, TextDataset):
+    say(describe_text(dataset))
 
   if pipeline is not None:
     b = pipeline.bounds
@@ -306,6 +347,7 @@ def run(
                                remat=step_remat)
   eval_step = (make_eval_step(model, mesh, loss=dataset.loss, precision=tc.precision)
                if tc.eval_every else None)
+  bytes_per_token = 1.0 if isinstance(dataset, TextDataset) else None  # byte-level tokens
   sharding = batch_sharding(mesh)
 
   # What each checkpoint keeps of the data, and a resume compares (0.1 s for MNIST).
@@ -411,7 +453,7 @@ def run(
         with watchdog.paused() if watchdog is not None else contextlib.nullcontext():
           last_eval = evaluate(eval_step, state.params, dataset.x_test,
                                dataset.y_test, mesh, tc.eval_batch_size,
-                               progress=tc.progress)
+                               progress=tc.progress, bytes_per_token=bytes_per_token)
         record = {"step": step, **last_eval}
         writer.write(record)
         board.write(record)
