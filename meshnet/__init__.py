@@ -7,7 +7,7 @@ a training step is ``state, metrics = step(state, batch)``.
 
 from meshnet import (
     checkpoint, cli, collectives, commbench, data, distributed, faults, fetch, hardware, losses,
-    models, nn, pipeline, planner, profiling, sharding, train,
+    models, nn, pipeline, planner, profiling, runcost, sharding, train,
 )
 from meshnet.commbench import BenchConfig, run_bench
 from meshnet.config import (
@@ -32,6 +32,9 @@ from meshnet.planner import Plan, PlanConfig, format_plan, plan
 from meshnet.plot import plot_metrics
 from meshnet.profile_report import ProfileSummary, format_profile, profile_summary
 from meshnet.profiling import StepProfiler
+from meshnet.runcost import (
+    ParamRow, bytes_per_device, device_bytes, format_param_table, param_table, run_record,
+)
 from meshnet.sharding import DEFAULT_RULES, logical_to_mesh, param_shardings, param_specs
 from meshnet.step import (
     TrainState, init_train_state, make_eval_step, make_grad_fn, make_train_step,
@@ -54,4 +57,6 @@ __all__ = [
     "profile_summary", "profiling", "BenchConfig", "commbench", "run_bench",
     "DEFAULT_RULES", "from_flax", "from_nnx", "logical_to_mesh", "param_shardings",
     "param_specs", "Plan", "PlanConfig", "format_plan", "hardware", "plan", "planner",
+    "runcost", "ParamRow", "bytes_per_device", "device_bytes", "format_param_table",
+    "param_table", "run_record",
 ]

@@ -193,6 +193,10 @@ def _add_train_flags(parser: argparse.ArgumentParser | Any,
                         help=help_text)
   parser.add_argument("--no-progress", action="store_true",
                       help="do not draw the progress bar (TrainConfig.progress=False)")
+  parser.add_argument("--show-sharding", action="store_true",
+                      help="print a table of every parameter before training: path, "
+                      "shape, dtype, PartitionSpec and bytes per device "
+                      "(TrainConfig.show_sharding)")
   parser.add_argument("--deterministic", action="store_true",
                       help="average gradients in a fixed order: bit-identical results on "
                       "any process layout (OptimConfig.deterministic)")
@@ -258,6 +262,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
   for flag, (section, field, parse, _) in TRAIN_FLAGS.items():
     fields[section][field] = getattr(args, _dest(flag))
   fields["train"]["progress"] = not args.no_progress
+  fields["train"]["show_sharding"] = args.show_sharding
   fields["checkpoint"]["resume"] = args.resume
   fields["checkpoint"]["overwrite"] = args.overwrite
   fields["checkpoint"]["allow_data_change"] = args.allow_data_change

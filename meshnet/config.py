@@ -337,6 +337,9 @@ class TrainConfig:
     remat: ``none``, ``layer`` or ``full``: what the backward recomputes
       instead of keeping (``jax.checkpoint``; :mod:`meshnet.compute`), with
       or without a pipeline. ``True``/``False`` mean ``full``/``none``.
+    show_sharding: print, before training, a table of every parameter: its
+      path, shape, dtype, ``PartitionSpec`` and bytes per device
+      (:func:`meshnet.runcost.format_param_table`).
   """
 
   steps: int | None = None
@@ -353,6 +356,7 @@ class TrainConfig:
   profile_dir: str | None = None
   precision: str = "fp32"
   remat: str = "none"
+  show_sharding: bool = False
 
   def __post_init__(self):
     check_precision(self.precision)
