@@ -98,7 +98,7 @@ def bytes_per_device(tree: Any) -> int:
 def total_bytes(tree: Any) -> int:
   """Bytes of ``tree``'s arrays counted once each (their global size)."""
   return sum(int(np.prod(leaf.shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
-             for leaf in jax.tree.leaves(tree) if hasattr(leaf, "shape"))
+             for leaf in jax.tree.leaves(tree) if hasattr(leaf, "dtype"))
 
 
 def spec_text(leaf: Any) -> str:
@@ -121,10 +121,12 @@ def param_table(params: Any) -> list[ParamRow]:
   """
   rows = []
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    if not hasattr(leaf, "dtype"):  # a Python number
+      leaf = np.asarray(leaf)
     rows.append(ParamRow(
         path=jax.tree_util.keystr(path),
-        shape=tuple(int(d) for d in np.shape(leaf)),
-        dtype=str(np.dtype(getattr(leaf, "dtype", np.asarray(leaf).dtype))),
+        shape=tuple(int(d) for d in leaf.shape),
+        dtype=str(np.dtype(leaf.dtype)),
         spec=spec_text(leaf),
         bytes_per_device=bytes_per_device(leaf),
     ))
@@ -224,8 +226,10 @@ def format_run_record(record: dict[str, Any]) -> str:
   temp = record["temp_bytes_per_device"]
   temp_text = ("train step not compiled" if temp is None
                else f"train step temporaries {format_bytes(temp)}")
-  if processes > 1:
+  if processes > 1 and devices // processes > 1:
     where = f"the most on one of this process's {devices // processes} devices"
+  elif processes > 1:
+    where = "this process's device"
   elif devices > 1:
     where = f"the most on one of the {devices} devices"
   else:

@@ -408,13 +408,15 @@ def _describe_cost(mesh: jax.sharding.Mesh, state: TrainState, compiled: Any | N
                    writer: MetricsWriter, board: TensorBoardWriter,
                    say: Callable[[str], None], *, step: int) -> dict[str, Any]:
   """Measures what the run costs per device (before the first step donates
-  ``state``), writes it as the metrics file's run record and TensorBoard's
-  ``run/cost`` text, prints it, and returns it."""
+  ``state``; ``compiled``: the compiled train step, ``None`` when there is
+  nothing to train), writes it as the metrics file's run record and
+  TensorBoard's ``run/cost`` text (at ``step``), prints it, and returns it."""
   cost = runcost.run_record(mesh, state, compiled)
   writer.write(cost)
-  board.text("run/cost", json.dumps({k: v for k, v in cost.items() if k != "kind"},
-                                    indent=1), step)
-  say(runcost.format_run_record(cost))
+  line = runcost.format_run_record(cost)
+  board.text("run/cost", line + "\n" + json.dumps(
+      {k: v for k, v in cost.items() if k != "kind"}, indent=1), step)
+  say(line)
   return cost
 
 

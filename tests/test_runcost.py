@@ -116,6 +116,20 @@ def test_param_table_rows_follow_param_specs():
       f"({runcost.format_bytes(4 * count)} in all)")
 
 
+def test_the_printed_line_says_whose_devices():
+  record = {"param_bytes_per_device": 2048, "opt_state_bytes_per_device": 4096,
+            "temp_bytes_per_device": 3 * 2 ** 20, "devices": 8, "processes": 1}
+  assert runcost.format_run_record(record) == (
+      "memory per device: parameters 2.00 KiB, optimizer state 4.00 KiB, train step "
+      "temporaries 3.00 MiB (the most on one of the 8 devices)")
+  assert runcost.format_run_record({**record, "processes": 2}).endswith(
+      "(the most on one of this process's 4 devices)")
+  assert runcost.format_run_record({**record, "devices": 2, "processes": 2}).endswith(
+      "3.00 MiB (this process's device)")
+  assert runcost.format_run_record({**record, "temp_bytes_per_device": None}).endswith(
+      "optimizer state 4.00 KiB, train step not compiled (the most on one of the 8 devices)")
+
+
 def test_format_bytes():
   assert [runcost.format_bytes(n) for n in (0, 40, 1023, 2560, 52520, 1029344, 3 * 2 ** 30,
                                             None)] == [
