@@ -7,7 +7,7 @@ a training step is ``state, metrics = step(state, batch)``.
 
 from meshnet import (
     checkpoint, cli, collectives, commbench, corpus, data, distributed, faults, fetch, flops,
-    hardware, losses, models, nn, pipeline, planner, profiling, sample, sharding, train,
+    hardware, losses, models, nn, pipeline, planner, profiling, runcost, sample, sharding, train,
 )
 from meshnet.commbench import BenchConfig, run_bench
 from meshnet.config import (
@@ -34,6 +34,9 @@ from meshnet.planner import Plan, PlanConfig, format_plan, plan
 from meshnet.plot import plot_metrics
 from meshnet.profile_report import ProfileSummary, format_profile, profile_summary
 from meshnet.profiling import StepProfiler
+from meshnet.runcost import (
+    ParamRow, bytes_per_device, device_bytes, format_param_table, param_table, run_record,
+)
 from meshnet.sample import generate, sample_checkpoint
 from meshnet.sharding import DEFAULT_RULES, logical_to_mesh, param_shardings, param_specs
 from meshnet.step import (
@@ -58,4 +61,6 @@ __all__ = [
     "DEFAULT_RULES", "from_flax", "from_nnx", "logical_to_mesh", "param_shardings",
     "param_specs", "Plan", "PlanConfig", "format_plan", "hardware", "plan", "planner", "flops",
     "TextDataset", "corpus", "generate", "sample", "sample_checkpoint",
+    "runcost", "ParamRow", "bytes_per_device", "device_bytes", "format_param_table",
+    "param_table", "run_record",
 ]

@@ -233,6 +233,10 @@ def _add_train_flags(parser: argparse.ArgumentParser | Any,
   parser.add_argument("--tie-embeddings", action="store_true",
                       help="gpt's head is its token table, as GPT-2's, instead of a matrix "
                       "of its own (ModelConfig.tie_embeddings)")
+  parser.add_argument("--show-sharding", action="store_true",
+                      help="print a table of every parameter before training: path, "
+                      "shape, dtype, PartitionSpec and bytes per device "
+                      "(TrainConfig.show_sharding)")
   parser.add_argument("--deterministic", action="store_true",
                       help="average gradients in a fixed order: bit-identical results on "
                       "any process layout (OptimConfig.deterministic)")
@@ -301,6 +305,7 @@ def config_from_args(args: argparse.Namespace, skip: Sequence[str] = ()) -> Conf
       fields[section][field] = getattr(args, _dest(flag))
   fields["model"]["tie_embeddings"] = args.tie_embeddings
   fields["train"]["progress"] = not args.no_progress
+  fields["train"]["show_sharding"] = args.show_sharding
   fields["checkpoint"]["resume"] = args.resume
   fields["checkpoint"]["overwrite"] = args.overwrite
   fields["checkpoint"]["allow_data_change"] = args.allow_data_change

@@ -379,6 +379,9 @@ class TrainConfig:
     remat: ``none``, ``layer`` or ``full``: what the backward recomputes
       instead of keeping (``jax.checkpoint``; :mod:`meshnet.compute`), with
       or without a pipeline. ``True``/``False`` mean ``full``/``none``.
+    show_sharding: print, before training, a table of every parameter: its
+      path, shape, dtype, ``PartitionSpec`` and bytes per device
+      (:func:`meshnet.runcost.format_param_table`).
   """
 
   steps: int | None = None
@@ -396,6 +399,7 @@ class TrainConfig:
   precision: str = "fp32"
   remat: str = "none"
   peak_flops: float | None = None
+  show_sharding: bool = False
 
   def __post_init__(self):
     check_precision(self.precision)

@@ -319,11 +319,27 @@ def _keep_until(path: str, step: int) -> None:
   os.replace(tmp, path)
 
 
+def _json_value(value: Any) -> Any:
+  """``value`` as JSON can write it: numpy and JAX scalars become floats."""
+  if value is None or isinstance(value, (str, int)):  # bool is an int
+    return value
+  if isinstance(value, dict):
+    return {str(k): _json_value(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_json_value(v) for v in value]
+  return float(value)
+
+
 class MetricsWriter:
   """Appends one JSON object per line to ``path`` (process 0 only).
 
-  Every record gets a ``time`` field (seconds since the epoch). Values must
-  be JSON numbers or strings; numpy and JAX scalars are converted.
+  Every record gets a ``time`` field (seconds since the epoch). Values are
+  JSON values (numbers, strings, booleans, ``None``, lists and dicts of
+  them) or numpy and JAX scalars, which become numbers.
+
+  A training run writes a run record first (``"kind": "run"``: what it costs
+  per device, :func:`meshnet.runcost.run_record`), then one record per logged
+  step and evaluation (each with an integer ``step`` and no ``kind``).
 
   Args:
     path: the file; ``None`` writes nothing. Parent directories are created.
@@ -348,8 +364,7 @@ class MetricsWriter:
   def write(self, record: dict[str, Any]) -> None:
     if self._file is None:
       return
-    clean = {k: v if isinstance(v, str) else float(v) if not isinstance(v, int) else v
-             for k, v in record.items()}
+    clean = {k: _json_value(v) for k, v in record.items()}
     clean.setdefault("time", time.time())
     self._file.write(json.dumps(clean) + "\n")
     self._file.flush()

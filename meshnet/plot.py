@@ -9,7 +9,8 @@ function behind a flag parser::
 
 A file holds training records (``step``, ``loss``, ...) and evaluation
 records (``step``, ``eval_loss``, ``eval_accuracy``), see
-:class:`~meshnet.metrics.MetricsWriter`. When a step shows up again (a run
+:class:`~meshnet.metrics.MetricsWriter`; records with a ``kind`` (the run
+record a run writes first) describe the run and are skipped. When a step shows up again (a run
 resumed from an earlier checkpoint and appended), the later records replace
 the earlier ones from that step on, as TensorBoard does.
 """
@@ -53,8 +54,9 @@ def _drop_from(points: list[tuple[int, float]], step: int) -> None:
 def read_curves(path: str, label: str | None = None) -> Curves:
   """The curves in metrics file ``path``.
 
-  Blank lines are skipped, and so is a last line that is cut short (no
-  newline and not JSON: a run still writing it, or killed while it did).
+  Blank lines are skipped, and so are records with a ``kind`` (the run
+  record) and a last line that is cut short (no newline and not JSON: a run
+  still writing it, or killed while it did).
 
   Args:
     path: a JSON-lines metrics file.
@@ -86,6 +88,8 @@ def read_curves(path: str, label: str | None = None) -> Curves:
         break  # being written, or cut by a kill
       raise MeshnetError(f"{path} line {number} is not JSON ({e.msg}); a metrics file "
                          "holds one JSON object per line") from None
+    if isinstance(record, dict) and isinstance(record.get("kind"), str):
+      continue  # the run record (or another description): no curve
     step = record.get("step") if isinstance(record, dict) else None
     if not isinstance(step, int) or isinstance(step, bool):
       raise MeshnetError(f"{path} line {number} is not a metrics record (a JSON object "

@@ -7,6 +7,7 @@ and step from a :class:`~meshnet.config.Config`, trains, evaluates and logs.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import shlex
 import signal
@@ -17,7 +18,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import numpy as np
 
-from meshnet import flops, models
+from meshnet import flops, models, runcost
 from meshnet.checkpoint import Checkpointer, from_logical, saved_config, to_logical
 from meshnet.config import CheckpointConfig, Config
 from meshnet.data import (
@@ -59,6 +60,8 @@ class RunResult(NamedTuple):
     params: the final parameters (``state.params``: the model's own tree,
       pipelined or not, laid out as the state keeps them).
     interrupted: SIGTERM/SIGINT stopped the run (after saving a checkpoint).
+    cost: the run record, the metrics file's first record: what the run
+      costs per device (:func:`meshnet.runcost.run_record`).
   """
 
   state: TrainState
@@ -66,6 +69,7 @@ class RunResult(NamedTuple):
   history: list[dict[str, Any]]
   params: Any = None
   interrupted: bool = False
+  cost: dict[str, Any] | None = None
 
 
 def evaluate(
@@ -339,6 +343,8 @@ def run(
   # "full" also keeps only its input.
   step_remat = ("none" if pipeline is not None or (builds_gpt and tc.remat == "layer")
                 else tc.remat)
+  if tc.show_sharding:
+    say(runcost.format_param_table(state.params))
   train_step = make_train_step(model, optimizer, mesh, loss=dataset.loss,
                                grad_accum=grad_accum, pipeline=pipeline,
                                deterministic=oc.deterministic,
@@ -391,10 +397,12 @@ def run(
     cleanup.enter_context(profiler)  # an early exit keeps what was traced
     started = time.perf_counter()
     batch = next_batch() if first_step <= total else None
+    compiled = None
     if batch is not None:
-      train_step = train_step.lower(state, batch).compile()
+      compiled = train_step = train_step.lower(state, batch).compile()
       profiler.program = train_step  # its HLO names the ops of the trace
       say(f"compiled the train step in {time.perf_counter() - started:.1f}s")
+    cost = _describe_cost(mesh, state, compiled, writer, board, say, step=first_step - 1)
 
     # A stuck peer: the step never finishes (several processes only).
     watchdog = (cleanup.enter_context(StepWatchdog(guard, tc.step_timeout))
@@ -466,7 +474,23 @@ def run(
   if is_main_process() and tc.tensorboard:
     say(f"TensorBoard events written to {tc.tensorboard} (view: tensorboard --logdir "
         f"{shlex.quote(tc.tensorboard)})")
-  return RunResult(state, last_eval, history, state.params, interrupted)
+  return RunResult(state, last_eval, history, state.params, interrupted, cost)
+
+
+def _describe_cost(mesh: jax.sharding.Mesh, state: TrainState, compiled: Any | None,
+                   writer: MetricsWriter, board: TensorBoardWriter,
+                   say: Callable[[str], None], *, step: int) -> dict[str, Any]:
+  """Measures what the run costs per device (before the first step donates
+  ``state``; ``compiled``: the compiled train step, ``None`` when there is
+  nothing to train), writes it as the metrics file's run record and
+  TensorBoard's ``run/cost`` text (at ``step``), prints it, and returns it."""
+  cost = runcost.run_record(mesh, state, compiled)
+  writer.write(cost)
+  line = runcost.format_run_record(cost)
+  board.text("run/cost", line + "\n" + json.dumps(
+      {k: v for k, v in cost.items() if k != "kind"}, indent=1), step)
+  say(line)
+  return cost
 
 
 def _check_finite(window: list[tuple[Any, Any]], step: int, progress: Progress) -> np.ndarray:

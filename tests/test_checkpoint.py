@@ -128,7 +128,7 @@ def test_restore_on_another_mesh_continues_the_trajectory(tmp_path, new_mesh):
   got = [r["loss"] for r in resumed.history]
   assert [r["step"] for r in resumed.history] == list(range(16, 31))
   np.testing.assert_allclose(got, expected, rtol=2e-4)
-  metrics = read_metrics(str(tmp_path / "part" / "m.jsonl"))
+  metrics = [r for r in read_metrics(str(tmp_path / "part" / "m.jsonl")) if "kind" not in r]
   assert [r["step"] for r in metrics] == list(range(1, 31))  # appended on resume
 
 
@@ -353,7 +353,9 @@ def test_metrics_after_a_resume_hold_every_step_once(tmp_path):
   run(_small(ckpt, 14, every=5, metrics=metrics), log=lambda _: None)
   shutil.rmtree(ckpt / "14")  # as if killed after step 14 was logged, before its save
   run(_small(ckpt, 14, every=5, resume=True, metrics=metrics), log=lambda _: None)
-  assert [r["step"] for r in read_metrics(metrics)] == list(range(1, 15))
+  # Each run's record first, then its steps (the resumed run's from step 11).
+  assert [r.get("kind", r.get("step")) for r in read_metrics(metrics)] == [
+      "run", *range(1, 11), "run", *range(11, 15)]
 
 
 def test_restore_errors_print_no_event_loop_tracebacks(tmp_path):
