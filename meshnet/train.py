@@ -7,6 +7,7 @@ and step from a :class:`~meshnet.config.Config`, trains, evaluates and logs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import shlex
@@ -20,7 +21,7 @@ import numpy as np
 
 from meshnet import flops, models, runcost
 from meshnet.checkpoint import Checkpointer, from_logical, saved_config, to_logical
-from meshnet.config import CheckpointConfig, Config
+from meshnet.config import CheckpointConfig, Config, DataConfig
 from meshnet.data import (
     TEXT_CONTEXT, BatchSampler, Dataset, TextDataset, check_dataset, describe_text,
     fingerprint, global_batch, load_dataset,
@@ -280,10 +281,17 @@ def run(
     except MeshnetError:
       pass  # JAX already started; select_devices says what can be used
   initialize()  # joins the other processes when launched as several; else no-op
+  gpt_on_text = (dataset is None and model is None and config.model.name == "gpt"
+                 and config.data.dataset == DataConfig().dataset)
+  if gpt_on_text:  # a gpt reads byte tokens: the embedded text, not the default digits
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, dataset="text"))
   if dataset is None:
     dataset = load_dataset(config.data.dataset, config.data.data_dir,
                            context=text_context(config))
   config, notes, mesh = _resolve(config, dataset, builds_model=model is None)
+  if gpt_on_text:
+    notes.insert(0, f"dataset text (--model gpt reads byte tokens; default "
+                 f"{DataConfig().dataset})")
   tc, oc = config.train, config.optim
   builds_gpt = model is None and config.model.name == "gpt"
   if model is None:
