@@ -131,7 +131,7 @@ TRAIN_FLAGS: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
     "--precision": ("train", "precision", str,
                     "fp32 or bf16: bf16 runs matmuls and activations in bfloat16 on "
                     "float32 master weights and optimizer state, loss and gradients in "
-                    "float32 (not yet with stage > 1)"),
+                    "float32 (with stage > 1 also between stages)"),
     "--peak-flops": ("train", "peak_flops", _optional_count,
                      "peak FLOP/s of one device for a gpt's mfu metric, e.g. 989T (default: "
                      "the device's dense bf16 peak from a table; none on CPU)"),

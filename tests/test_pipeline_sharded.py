@@ -281,3 +281,35 @@ def test_bf16_pipeline_trains_digits_as_well_as_fp32():
     accuracy[precision] = result.eval["eval_accuracy"]
   assert accuracy["fp32"] > 0.9
   assert abs(accuracy["bf16"] - accuracy["fp32"]) <= 0.01, accuracy
+
+
+@pytest.mark.parametrize("widths, batch, schedule", [
+    ([2, 8, 1], 4, "1f1b"),  # XOR's net: stages of different shapes, microbatches of 1
+    ([64, 32, 32, 32, 16, 10], 16, "zb"),
+    ([64, 32, 32, 32, 16, 10], 4, "gpipe"),
+], ids=["xor-mb1", "mlp-zb", "mlp-gpipe-mb1"])
+def test_collectives_inside_the_stages_never_exchange_halos(widths, batch, schedule):
+  """Devices on other stages do not run a switch branch, so a
+  collective-permute the compiler put in one would wait for them forever (on
+  CPU: a deadlock, then an abort). None is in a branch (the send between
+  stages runs outside them); and a few steps run."""
+  model = meshnet.models.mlp(widths, activation="tanh")
+  mesh = meshnet.make_mesh(stage=2, fsdp=2, tensor=2)
+  pipe = make_pipeline(model, mesh, (widths[0],), schedule=schedule, microbatches=2)
+  optimizer = optax.adam(1e-2)
+  state = meshnet.init_train_state(model, optimizer, mesh, jax.random.key(0))
+  step = meshnet.make_train_step(model, optimizer, mesh, pipeline=pipe, loss="mse")
+  rng = np.random.default_rng(0)
+  data = _put(mesh, (rng.normal(size=(batch, widths[0])).astype(np.float32),
+                     rng.normal(size=(batch, widths[-1])).astype(np.float32)))
+  text = step.lower(state, data).compile().as_text()
+  permutes = [line for line in text.splitlines()
+              if re.search(r"collective-permute(-start)?\(", line)]
+  assert any("pipeline_send" in line for line in permutes), permutes
+  in_branches = [line for line in permutes if "branch_" in line]
+  assert not in_branches, in_branches
+  losses = []
+  for _ in range(3):
+    state, metrics = step(state, data)
+    losses.append(float(metrics["loss"]))
+  assert losses[-1] < losses[0]

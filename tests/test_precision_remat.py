@@ -146,7 +146,7 @@ def test_config_remat_accepts_the_former_boolean():
     (["--precision", "fp16"], "unknown precision 'fp16'; choose one of fp32, bf16"),
     (["--remat", "some"], "unknown remat policy 'some'; choose one of none, layer, full"),
     (["--precision", "bf16", "--devices", "2", "--mesh", "stage=4", "--steps", "1"],
-     "mesh stage=4 uses 4 devices but there are 2"),
+     "mesh data=-1,stage=4 needs a multiple of 4 devices but there are 2"),
 ])
 def test_bad_precision_or_remat_is_one_line(argv, message, capsys):
   assert cli.main(["train", "--no-progress", *argv]) == 2

@@ -300,6 +300,22 @@ class Pipeline:
         lambda a, spec: jax.lax.with_sharding_constraint(a, NamedSharding(self.mesh, spec)),
         tree, specs, is_leaf=lambda x: isinstance(x, P))
 
+  def _stored(self, params: list[Any]) -> list[Any]:
+    """``params`` (inside ``jit``) laid out, and typed, as the train state
+    keeps them: ``jax.reshard`` places the ``Explicit`` axes, a sharding
+    constraint ``tensor`` (an ``Auto`` axis). Without it the optimizer would
+    see whole gradients and gather its own state to meet them."""
+    is_spec = lambda x: isinstance(x, P)
+    explicit = jax.tree.map(
+        lambda spec: P(*(_drop_tensor(e) for e in spec)), self._storage, is_leaf=is_spec)
+    params = jax.tree.map(lambda a, spec: jax.reshard(a, NamedSharding(self.mesh, spec)),
+                          params, explicit, is_leaf=lambda x: is_spec(x) or x is None)
+    if self.tensor == 1:
+      return params
+    return jax.tree.map(
+        lambda a, spec: jax.lax.with_sharding_constraint(a, NamedSharding(self.mesh, spec)),
+        params, self._leaf_tensor_specs(), is_leaf=lambda x: is_spec(x) or x is None)
+
   def _leaf_tensor_specs(self) -> list[Any]:
     """Per layer, each leaf's spec with only its ``tensor`` entry."""
     return jax.tree.map(
@@ -345,7 +361,7 @@ class Pipeline:
         params.extend(_unravel_stage(
             self._run_layouts[k], whole[d, c, :self._sizes[k]],
             None if parts is None else parts[d, c, :, :self._split_sizes[k]]))
-      return params
+      return self._stored(params)
 
     return jax.jit(split, out_shardings=self.param_shardings())
 
@@ -418,6 +434,7 @@ class Pipeline:
     identical layers is one ``lax.scan`` over their stacked parameters, so
     the program does not grow with the number of blocks."""
     b = x_pad.shape[0]
+    x_pad = self._whole_over_tensor(x_pad)
     x = self._whole_over_tensor(x_pad[:, :self._widths[k]].reshape(b, *self._shapes[k]))
     first = self.bounds[k]
     layers = self.model.layers[first:self.bounds[k + 1]]
@@ -570,6 +587,11 @@ class Pipeline:
         return jax.tree.map(lambda a: a[0] if v == 1 else a[c], flat_params)
 
       param_zeros = lambda: jax.tree.map(lambda a: zeros(a.shape[1:]), flat_params)
+      # Inside the switches' branches, which devices on other stages do not
+      # run, every buffer and residual stays whole over tensor: a slice of a
+      # value the compiler split over tensor would exchange halos with
+      # collective-permutes there (a deadlock on CPU).
+      whole = self._whole_over_tensor
       layouts = {} if self.remat else {
           k: residuals.layout(stage_fn(k), chunk_params(0), x_mb, y_mb, keys_mb)
           for k in reps}
@@ -588,13 +610,13 @@ class Pipeline:
         fn = stage_fn(k)
 
         def run(c, m, act_buf, act_slot, first, keys):
-          x_in = jnp.where(first, xs[m], act_buf[c, act_slot])
+          x_in = whole(jnp.where(first, xs[m], act_buf[c, act_slot]))
           flat = chunk_params(c)
           if self.remat:
-            out, res = fn(flat, x_in, ys[m], keys), residuals.encode(x_in)
+            out, res = fn(flat, x_in, ys[m], keys), whole(residuals.encode(x_in))
           else:
             out, leaves = residuals.leaves_fn(fn)(flat, x_in, ys[m], keys)
-            res = residuals.pack(leaves, layouts[k], R)
+            res = whole(residuals.pack([whole(a) for a in leaves], layouts[k], R))
           if k == K - 1:
             return res, act_zeros(), out
           return res, out, zeros(())
@@ -606,11 +628,12 @@ class Pipeline:
       def pullback_of(k, c, m, res, keys):
         fn, flat = stage_fn(k), chunk_params(c)
         if self.remat:
-          x_in = residuals.decode(res, (mb, D), act)
+          x_in = whole(residuals.decode(whole(res), (mb, D), act))
           return jax.vjp(lambda f, a: fn(f, a, ys[m], keys), flat, x_in)[1]
         lay = layouts[k]
         _, recomputed = residuals.leaves_fn(fn)(flat, x_mb, y_mb, keys_mb)
-        return residuals.pullback(lay, residuals.unpack(res, lay), recomputed)
+        stored = [whole(a) for a in residuals.unpack(whole(res), lay)]
+        return residuals.pullback(lay, stored, recomputed)
 
       def backward(k, half):
         """``half``: "both" (full backward: ``(dflat, dx)``), "input" (``dx``)
@@ -622,9 +645,9 @@ class Pipeline:
         def run(c, m, res_buf, res_slot, cot_buf, cot_slot, keys):
           if half == "input" and no_dx:
             return act_zeros()
-          res = res_buf[c, res_slot]
+          res = whole(res_buf[c, res_slot])
           seed = _varying(jnp.ones((), jnp.float32), axes) if k == K - 1 else \
-              cot_buf[c, cot_slot]
+              whole(cot_buf[c, cot_slot])
           dflat, dx = pullback_of(k, c, m, res, keys)(seed)
           dx = act_zeros() if no_dx else dx
           return {"both": (dflat, dx), "input": dx, "weight": dflat}[half]
@@ -867,6 +890,13 @@ def _round_up(n: int, multiple: int) -> int:
 def _axes(entry: Any) -> tuple[str, ...]:
   """A spec entry's mesh axes."""
   return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _drop_tensor(entry: Any) -> Any:
+  """A spec entry without ``tensor`` (an ``Auto`` axis ``jax.reshard`` does
+  not place)."""
+  axes = tuple(a for a in _axes(entry) if a != TENSOR)
+  return None if not axes else axes[0] if len(axes) == 1 else axes
 
 
 def _tensor_dim(spec: P) -> int | None:
