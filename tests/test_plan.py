@@ -398,7 +398,7 @@ def test_bf16_pipeline_halves_the_messages():
   assert bf16.pipeline["activation_dtype"] == "bfloat16"
   stage = lambda r: next(t for t in r.traffic if t.axis == "stage")
   rounds = bf16.pipeline["rounds"]
-  message = 4 * 64 * 784  # [mb, D] float32
+  message = 4 * 32 * 784  # [mb, D] float32: 256 / data=2 / 4 microbatches
   assert stage(fp32).bytes_sent - stage(bf16).bytes_sent == rounds * 2 * message // 2
   assert bf16.memory.activations < fp32.memory.activations
   assert any("precision bf16" in n and "not in the temporaries" in n for n in bf16.notes)
