@@ -27,7 +27,13 @@ On ``fsdp``/``tensor`` meshes the bytes per device are each leaf's shard
 under :func:`meshnet.sharding.param_specs` (the step's own layout), the
 batch is split over ``data`` x ``fsdp``, matmuls over ``tensor``, and the
 traffic adds ``fsdp``'s all-gather and reduce-scatter and ``tensor``'s
-all-reduces per Megatron pair (see :func:`_sharded_step`).
+all-reduces per Megatron pair (see :func:`_sharded_step`). With ``stage`` >
+1 the state is each leaf's shard under :func:`meshnet.sharding.storage_specs`;
+the step gathers it to stack the stage vectors (``[v, N / fsdp]`` and
+``[v, N_t / fsdp]`` per device), all-gathers them over ``fsdp`` once,
+reduce-scatters their gradient, runs ``tensor``'s all-reduces inside the
+stages' ops and moves activations in the pipeline's dtype (see
+:func:`_pipeline_traffic`).
 """
 
 from __future__ import annotations
