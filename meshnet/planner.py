@@ -27,7 +27,13 @@ On ``fsdp``/``tensor`` meshes the bytes per device are each leaf's shard
 under :func:`meshnet.sharding.param_specs` (the step's own layout), the
 batch is split over ``data`` x ``fsdp``, matmuls over ``tensor``, and the
 traffic adds ``fsdp``'s all-gather and reduce-scatter and ``tensor``'s
-all-reduces per Megatron pair (see :func:`_sharded_step`).
+all-reduces per Megatron pair (see :func:`_sharded_step`). With ``stage`` >
+1 the state is each leaf's shard under :func:`meshnet.sharding.storage_specs`;
+the step gathers it to stack the stage vectors (``[v, N / fsdp]`` and
+``[v, N_t / fsdp]`` per device), all-gathers them over ``fsdp`` once,
+reduce-scatters their gradient, runs ``tensor``'s all-reduces inside the
+stages' ops and moves activations in the pipeline's dtype (see
+:func:`_pipeline_traffic`).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from typing import Any, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from meshnet import collectives, stepcost
 from meshnet.config import Config, MeshConfig, OptimConfig
@@ -49,6 +56,7 @@ from meshnet.hardware import (
 )
 from meshnet.mesh import AXES, DATA, FSDP, STAGE, TENSOR
 from meshnet.plan_report import format_plan
+from meshnet.sharding import storage_specs
 
 
 # Shapes of the built-in data sets: (input features, outputs, loss, training examples).
@@ -79,6 +87,9 @@ class PlanConfig:
       grad_accum`` microbatches, as ``meshnet train`` does).
     schedule, virtual_stages, remat: the pipeline's (``meshnet train``'s flags).
     optim: the optimizer (its state's shapes count).
+    precision: ``fp32`` or ``bf16``; with a pipeline, ``bf16`` moves the
+      activations and cotangents between stages (and keeps them in the ring
+      buffers) as bfloat16. Unpipelined, the plan is float32's.
     deterministic: average gradients in a fixed order (``axis_size`` times
       the traffic: an all-reduce of every device's row).
     device: what a device and its links cost.
@@ -100,6 +111,7 @@ class PlanConfig:
   virtual_stages: int = 1
   remat: bool = False
   optim: OptimConfig = OptimConfig()
+  precision: str = "fp32"
   deterministic: bool = False
   max_devices: int = 8
   label: str = "mlp"
@@ -119,6 +131,8 @@ class PlanConfig:
     if self.widths is not None and (len(self.widths) < 2 or min(self.widths) < 1):
       raise MeshnetError(f"layer widths {','.join(map(str, self.widths))} need an input and "
                          "an output width, all >= 1, e.g. --layers 784,1024,10")
+    if self.precision not in ("fp32", "bf16"):
+      raise MeshnetError(f"precision {self.precision!r} must be fp32 or bf16")
     if self.loss not in ("cross_entropy", "mse"):
       raise MeshnetError(f"loss {self.loss!r} must be cross_entropy or mse")
     if self.num_params is not None and self.num_params < 1:
@@ -127,12 +141,11 @@ class PlanConfig:
       raise MeshnetError(f"batch size {self.batch_size} must be >= 1")
     if self.max_devices < 1:
       raise MeshnetError(f"--max-devices {self.max_devices} must be >= 1")
-    if self.stages > 1 and self.shards_params:
-      axis = FSDP if self.mesh.fsdp > 1 else TENSOR
+    if self.stages > 1 and self.deterministic and self.shards_params:
       raise MeshnetError(
-          f"mesh axis {axis}={getattr(self.mesh, axis)} with a pipeline is not supported "
-          f"yet (the pipeline splits over data and stage only); set {axis}=1, or "
-          "stage=1 to shard the parameters without a pipeline")
+          f"deterministic with fsdp={self.mesh.fsdp}, tensor={self.mesh.tensor} in a "
+          "pipeline: the fixed-order average covers data only; drop --deterministic or "
+          "use fsdp=tensor=1")
     if self.stages > 1 and self.widths is None:
       raise MeshnetError(f"a pipeline (stage={self.stages}) needs the layer widths to cut "
                          "into stages; give --layers W0,W1,... instead of --params")
@@ -364,8 +377,9 @@ class _Shapes(NamedTuple):
     params, opt_state: global ``jax.ShapeDtypeStruct`` trees.
     local_params, local_opt: the same trees with each leaf's shape one
       device's shard (laid out as :func:`meshnet.init_train_state` lays them).
-    layout: :func:`meshnet.sharded.param_layout` on the plan's mesh, or
-      ``None`` when nothing is split (``fsdp`` = ``tensor`` = 1).
+    layout: :func:`meshnet.sharded.param_layout` on the plan's mesh (the
+      ``fsdp``/``tensor`` split the step computes with), or ``None`` when
+      ``fsdp`` = ``tensor`` = 1.
   """
 
   params: Any
@@ -391,21 +405,30 @@ def _layout_model(config: PlanConfig):
 
 def _shapes(config: PlanConfig) -> _Shapes:
   """The state's global and per-device shapes on ``config``'s mesh, from
-  the same :func:`meshnet.sharding.param_specs` the step lays them out by."""
+  the same specs :func:`meshnet.init_train_state` lays them out by:
+  :func:`meshnet.sharding.param_specs`, or with ``stage`` > 1
+  :func:`meshnet.sharding.storage_specs` (also split over ``stage``)."""
   from meshnet import sharded
 
   params = _param_shapes(config)
   opt_state = jax.eval_shape(_optimizer(config.optim).init, params)
-  if not config.shards_params:
+  if not config.shards_params and config.stages == 1:
     return _Shapes(params, opt_state, params, opt_state, None)
   mesh = _abstract_mesh(config)
-  layout = sharded.param_layout(_layout_model(config), params, mesh)
-  opt_shardings = sharded.state_shardings(opt_state, params, layout.shardings, mesh)
+  model = _layout_model(config)
+  layout = sharded.param_layout(model, params, mesh) if config.shards_params else None
+  if config.stages > 1:  # a pipeline stores them split over stage too
+    shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec),
+                             storage_specs(model, params, mesh),
+                             is_leaf=lambda x: isinstance(x, P))
+  else:
+    shardings = layout.shardings
+  opt_shardings = sharded.state_shardings(opt_state, params, shardings, mesh)
 
   def local(leaf, sharding):
     return jax.ShapeDtypeStruct(sharding.shard_shape(leaf.shape), leaf.dtype)
 
-  return _Shapes(params, opt_state, jax.tree.map(local, params, layout.shardings),
+  return _Shapes(params, opt_state, jax.tree.map(local, params, shardings),
                  jax.tree.map(local, opt_state, opt_shardings), layout)
 
 
@@ -545,54 +568,169 @@ def _sharded_step(config: PlanConfig, shapes: _Shapes, param_bytes: int, opt_byt
           traffic)
 
 
-def _pipeline_traffic(config: PlanConfig, shape: stepcost.PipelineShape) -> list[Traffic]:
-  """Per round, activations one device forward and cotangents one back
-  (one swap at S = 2, two ppermutes otherwise); after the rounds, the
-  gradient all-gathered over ``stage`` and the loss summed over it; over
-  ``data``, the stage gradient ``[v, N]`` and the loss, in one all-reduce."""
+def _stack_gathers(config: PlanConfig, shapes: _Shapes) -> list[tuple[int, int]]:
+  """``(gathered bytes, devices)`` of each parameter leaf the step gathers
+  to stack the stage vectors: the leaves the state keeps split over
+  ``stage`` (and ``fsdp``), gathered over those axes (``tensor`` blocks
+  stay split)."""
+  t = config.mesh.tensor
+  tensor = (jax.tree.leaves(shapes.layout.tensor, is_leaf=lambda x: isinstance(x, P))
+            if shapes.layout is not None else [None] * len(jax.tree.leaves(shapes.params)))
+  gathers = []
+  for leaf, local, spec in zip(jax.tree.leaves(shapes.params),
+                               jax.tree.leaves(shapes.local_params), tensor):
+    whole = _nbytes(leaf) // (t if spec is not None and TENSOR in tuple(spec) else 1)
+    if _nbytes(local) < whole:
+      gathers.append((whole, whole // _nbytes(local)))
+  return gathers
+
+
+def _gathered_leaves(config: PlanConfig, shapes: _Shapes) -> list[int]:
+  """Bytes of each parameter leaf gathered over every axis but ``tensor``."""
+  t = config.mesh.tensor
+  if shapes.layout is None:
+    return [_nbytes(leaf) for leaf in jax.tree.leaves(shapes.params)]
+  tensor = jax.tree.leaves(shapes.layout.tensor, is_leaf=lambda x: isinstance(x, P))
+  return [_nbytes(leaf) // (t if TENSOR in tuple(spec) else 1)
+          for leaf, spec in zip(jax.tree.leaves(shapes.params), tensor)]
+
+
+def _tensor_messages(config: PlanConfig, shapes: _Shapes, shape: stepcost.PipelineShape
+                     ) -> dict[tuple[str, int], list[int]]:
+  """Bytes of each all-reduce over ``tensor`` one op of virtual stage ``k``
+  runs, per op kind (``F``, ``B``, ``W``): per Megatron column/row pair,
+  the row layer's output ``[mb, out]`` in the forward (in the stage of the
+  row layer) and the column layer's input cotangent ``[mb, in]`` in the
+  backward (in the column layer's stage; none for the model's first layer);
+  ``remat`` recomputes the forward's in the backward. Elements in the
+  stages' compute dtype."""
+  K, L = shape.pipe.num_virtual_stages, len(config.widths) - 1
+  messages = {(kind, k): [] for kind in "FBW" for k in range(K)}
+  if config.mesh.tensor == 1:
+    return messages
+  item = 2 if config.precision == "bf16" else stepcost.F32
+  bounds = shape.pipe.bounds
+  stage_of = [next(k for k in range(K) if bounds[k] <= l < bounds[k + 1]) for l in range(L)]
+  layers = _sharded_layers(config, shapes)
+  backward = "B"  # the input cotangent: the B op (the input half when split)
+  for l, layer in enumerate(layers[:-1]):
+    if layer.outputs == config.widths[l + 1]:
+      continue  # not a column-split layer
+    forward = item * shape.mb * config.widths[l + 2]
+    messages[("F", stage_of[l + 1])].append(forward)
+    if config.remat:
+      messages[(backward, stage_of[l + 1])].append(forward)
+    if l > 0:
+      messages[(backward, stage_of[l])].append(item * shape.mb * config.widths[l])
+  return messages
+
+
+def _pipeline_traffic(config: PlanConfig, shapes: _Shapes, shape: stepcost.PipelineShape,
+                      tensor: dict[tuple[str, int], list[int]]) -> list[Traffic]:
+  """The pipelined step's collectives, per mesh axis.
+
+  Over ``stage``: each parameter leaf split over it gathered to build the
+  stage vectors; per round, activations one device forward and cotangents
+  one back (one swap at S = 2, two ppermutes otherwise; in the activation
+  dtype); after the rounds, the ``[S, v, N]`` (and ``[S, v, T, N_t]``)
+  gradient all-gathered over ``stage`` x ``fsdp``, the loss summed and the
+  finite check (a byte per split state leaf) reduced. Over ``fsdp``: the
+  stage vectors all-gathered once and their gradient reduce-scattered,
+  and the loss's mean. Over ``tensor``: the Megatron all-reduces of every
+  op the busiest device runs. Over ``data``: the gradient's piece
+  ``[v, N / F]`` (its ``split`` part in a second call) and the loss, in one
+  all-reduce each."""
   link, F32 = config.device.link, stepcost.F32
-  S, v, N, rounds = shape.S, shape.v, shape.N, shape.pipe.rounds.num_rounds
-  message = F32 * shape.mb * shape.D
+  S, F, rounds = shape.S, shape.F, shape.pipe.rounds.num_rounds
+  message = shape.message
   if S == 2:
     round_s, round_calls = link.time(PPERMUTE, 2 * message, S), 1
   else:
     round_s, round_calls = 2 * link.time(PPERMUTE, message, S), 2
-  gathered = F32 * S * v * N
+  stack = _stack_gathers(config, shapes)
+  gathered = F32 * S * shape.stage_words
+  parts = 2 if shape.Nt else 1
+  split_leaves = sum(1 for a, b in zip(jax.tree.leaves(shapes.opt_state) +
+                                       jax.tree.leaves(shapes.params),
+                                       jax.tree.leaves(shapes.local_opt) +
+                                       jax.tree.leaves(shapes.local_params))
+                     if a.shape != b.shape)
   stage = Traffic(
       STAGE,
-      int(round(rounds * 2 * message + bus_factor(ALL_GATHER, S) * gathered
-                + bus_factor(ALL_REDUCE, S) * F32)),
-      {PPERMUTE: rounds * round_calls, ALL_GATHER: 1, ALL_REDUCE: 1},
-      rounds * round_s + link.time(ALL_GATHER, gathered, S) + link.time(ALL_REDUCE, F32, S))
+      int(round(sum(bus_factor(ALL_GATHER, n) * g for g, n in stack)
+                + rounds * 2 * message + bus_factor(ALL_GATHER, S * F) * gathered
+                + bus_factor(ALL_REDUCE, S) * (F32 + split_leaves))),
+      {ALL_GATHER: len(stack) + parts, PPERMUTE: rounds * round_calls, ALL_REDUCE: 2},
+      sum(link.time(ALL_GATHER, g, n) for g, n in stack) + rounds * round_s
+      + parts * link.time(ALL_GATHER, gathered / parts, S * F)
+      + link.time(ALL_REDUCE, F32, S) + link.time(ALL_REDUCE, split_leaves, S))
+  traffic = [stage]
+  if F > 1:
+    words = F32 * shape.stage_words  # gathered, and its gradient before the scatter
+    traffic.append(Traffic(
+        FSDP, int(round(2 * bus_factor(ALL_GATHER, F) * words
+                        + bus_factor(ALL_REDUCE, F) * F32)),
+        {ALL_GATHER: parts, "reduce_scatter": parts, ALL_REDUCE: 1},
+        2 * parts * link.time(ALL_GATHER, words / parts, F) + link.time(ALL_REDUCE, F32, F)))
+  T = shape.T
+  if T > 1:
+    busiest = _tensor_per_device(shape, tensor)
+    traffic.append(Traffic(TENSOR, int(round(sum(bus_factor(ALL_REDUCE, T) * m
+                                                 for m in busiest))),
+                           {ALL_REDUCE: len(busiest)},
+                           sum(link.time(ALL_REDUCE, m, T) for m in busiest)))
   n = config.mesh.data
   if n == 1:
-    return [stage]
+    return traffic
   # XLA's all-reduce combiner joins the loss's mean to the gradient's (one
   # all-reduce of both); the op counts' sum is dead code in the train step.
-  grad = F32 * v * N * (n if config.deterministic else 1)
-  data = Traffic(DATA, int(round(bus_factor(ALL_REDUCE, n) * (grad + F32))), {ALL_REDUCE: 1},
-                 link.time(ALL_REDUCE, grad + F32, n))
-  return [stage, data]
+  grad = F32 * shape.stage_words // F * (n if config.deterministic else 1)
+  traffic.append(Traffic(DATA, int(round(bus_factor(ALL_REDUCE, n) * (grad + F32))),
+                         {ALL_REDUCE: parts},
+                         parts * link.time(ALL_REDUCE, (grad + F32) / parts, n)))
+  return traffic
 
 
-def _pipeline_step(config: PlanConfig, shape: stepcost.PipelineShape, param_bytes: int,
-                   opt_bytes: int) -> tuple[StepTime, list[Traffic]]:
+def _tensor_per_device(shape: stepcost.PipelineShape,
+                       tensor: dict[tuple[str, int], list[int]]) -> list[int]:
+  """The ``tensor`` all-reduces (bytes each) of the device that runs the
+  most: every op of its chunks, once per microbatch."""
+  S, v, M = shape.S, shape.v, shape.pipe.schedule.num_microbatches
+  per_device = [[m for c in range(v) for kind in "FBW"
+                 for m in tensor[(kind, c * S + d)]] * M for d in range(S)]
+  return max(per_device, key=sum)
+
+
+def _pipeline_step(config: PlanConfig, shapes: _Shapes, shape: stepcost.PipelineShape,
+                   param_bytes: int, opt_bytes: int, gathered_bytes: int
+                   ) -> tuple[StepTime, list[Traffic]]:
   """The pipelined step: the lockstep rounds (each as long as its busiest
-  device, ops timed at the microbatch's rate), the elementwise work, and
-  the collectives (none overlapped)."""
-  dev, F32 = config.device, stepcost.F32
-  S, v, N = shape.S, shape.v, shape.N
+  device, ops timed at the microbatch's rate, ``tensor``'s all-reduces
+  inside them), the elementwise work, and the other collectives (none
+  overlapped)."""
+  dev, F32, link = config.device, stepcost.F32, config.device.link
+  S = shape.S
   rate = dev.rate(shape.mb)
-  flops = stepcost.pipeline_op_flops(shape, config.widths, config.remat)
-  duration, busy = stepcost.rounds_time(shape, {op: f / rate for op, f in flops.items()})
+  widths = config.widths
+  if config.mesh.tensor > 1:
+    layers = _sharded_layers(config, shapes)
+    widths = [layers[0].inputs] + [layer.outputs for layer in layers]
+  flops = stepcost.pipeline_op_flops(shape, widths, config.remat)
+  tensor = _tensor_messages(config, shapes, shape)
+  seconds = {op: f / rate + sum(link.time(ALL_REDUCE, m, shape.T) for m in tensor[op])
+             for op, f in flops.items()}
+  duration, busy = stepcost.rounds_time(shape, seconds)
+  compute_busy = stepcost.rounds_time(shape, {op: f / rate for op, f in flops.items()})[1]
   bubble = 1.0 - busy / (S * duration) if duration > 0 else 0.0
   rounds = shape.pipe.rounds.num_rounds
-  stores = F32 * (4 * shape.mb * shape.D + 2 * shape.R)  # into the ring buffers, per round
+  stores = 4 * shape.message + F32 * 2 * shape.R  # into the ring buffers, per round
+  words = F32 * shape.stage_words
   elementwise = (stepcost.elementwise_bytes(param_bytes, opt_bytes) + rounds * stores
-                 + F32 * (v * N + S * v * N) + 2 * param_bytes)  # stack and unstack
-  traffic = _pipeline_traffic(config, shape)
-  step = _step_time(config, config.batch_size // config.mesh.data, busy * rate / S,
-                    duration + elementwise / dev.memory_bandwidth,
+                 + words // shape.F + S * words + 2 * gathered_bytes)  # stack and unstack
+  traffic = _pipeline_traffic(config, shapes, shape, tensor)
+  in_rounds = sum(t.seconds for t in traffic if t.axis == TENSOR)
+  step = _step_time(config, config.local_batch, compute_busy * rate / S,
+                    duration - in_rounds + elementwise / dev.memory_bandwidth,
                     sum(t.seconds for t in traffic), bubble)
   return step, traffic
 
@@ -623,17 +761,19 @@ def _io_bytes(config: PlanConfig, params: Any, opt_state: Any) -> tuple[int, int
   return arguments, outputs
 
 
-def _pipelined(config: PlanConfig, params: Any, param_bytes: int, opt_bytes: int):
+def _pipelined(config: PlanConfig, shapes: _Shapes, param_bytes: int, opt_bytes: int):
   """``(step, traffic, temporaries, buffers, pipeline summary)`` of a pipelined step."""
-  local = config.batch_size // config.mesh.data
+  local = config.local_batch
   shape = stepcost.pipeline_shape(
       _model(config), {a: getattr(config.mesh, a) for a in AXES}, config.widths[0],
       schedule=config.schedule, microbatches=config.parts,
       virtual_stages=config.virtual_stages, remat=config.remat, loss=config.loss,
-      outputs=config.widths[-1], local_batch=local)
-  step, traffic = _pipeline_step(config, shape, param_bytes, opt_bytes)
-  largest = max(_nbytes(leaf) for leaf in jax.tree.leaves(params))
-  phases = stepcost.pipeline_temporaries(shape, config.widths[0], param_bytes, largest, local)
+      outputs=config.widths[-1], local_batch=local, precision=config.precision)
+  gathered = _gathered_leaves(config, shapes)
+  step, traffic = _pipeline_step(config, shapes, shape, param_bytes, opt_bytes, sum(gathered))
+  copies = round(_nbytes(shapes.opt_state) / _nbytes(shapes.params))
+  phases = stepcost.pipeline_temporaries(shape, config.widths[0], sum(gathered),
+                                         max(gathered), local, copies)
   b = shape.pipe.bounds
   summary = {
       "schedule": config.schedule, "stages": shape.S, "virtual_stages": shape.v,
@@ -641,7 +781,9 @@ def _pipelined(config: PlanConfig, params: Any, param_bytes: int, opt_bytes: int
       "layers_per_stage": [b[k + 1] - b[k] for k in range(len(b) - 1)],
       "rounds": shape.pipe.rounds.num_rounds, "bubble": step.bubble,
       "schedule_bubble": shape.pipe.rounds.bubble,
-      "param_width": shape.N, "activation_width": shape.D,
+      "param_width": shape.N, "split_width": shape.Nt, "activation_width": shape.D,
+      "activation_dtype": str(jnp.dtype(shape.pipe.activation_dtype)),
+      "stage_vector_bytes": stepcost.F32 * shape.stage_words // shape.F,
       "slots": {"activations": shape.slots[0], "cotangents": shape.slots[1],
                 "residuals": shape.slots[2]},
       "residual_words": shape.R, "remat": config.remat, "temporaries": phases,
@@ -659,7 +801,7 @@ def _estimate(config: PlanConfig) -> tuple[StepTime, list[Traffic], Memory, dict
   pipeline = None
   if config.stages > 1:
     step, traffic, temporaries, activations, pipeline = _pipelined(
-        config, params, param_bytes, opt_bytes)
+        config, shapes, param_bytes, opt_bytes)
   else:
     leaves = [(tuple(leaf.shape), leaf.dtype) for leaf in jax.tree.leaves(params)]
     if shapes.layout is not None:
@@ -693,12 +835,14 @@ def _projection_configs(config: PlanConfig) -> list[tuple[int, PlanConfig | str]
   rows = []
   n = 1
   shard = config.mesh.fsdp * config.mesh.tensor
+  kept_stage = config.stages if shard > 1 else 1  # a sharded pipeline keeps its stages
+  shard *= kept_stage
   while n <= max(config.max_devices, 1):
-    if shard > 1:  # fsdp and tensor kept, data varied
-      if n % shard:  # too few devices for fsdp x tensor (a note says so)
+    if shard > 1:  # fsdp, tensor (and stage) kept, data varied
+      if n % shard:  # too few devices for them (a note says so)
         n *= 2
         continue
-      mesh = MeshConfig(data=n // shard, fsdp=config.mesh.fsdp, stage=1,
+      mesh = MeshConfig(data=n // shard, fsdp=config.mesh.fsdp, stage=kept_stage,
                         tensor=config.mesh.tensor)
     else:
       S = config.stages if n % config.stages == 0 and n >= config.stages else 1
@@ -746,10 +890,17 @@ def plan(config: PlanConfig) -> Plan:
 def _notes(config: PlanConfig) -> tuple[str, ...]:
   notes = []
   if config.shards_params:
-    shard = config.mesh.fsdp * config.mesh.tensor
-    notes.append(f"projection: fsdp={config.mesh.fsdp} and tensor={config.mesh.tensor} "
-                 f"kept, data varied; speedup against {shard} device{'s' * (shard > 1)} "
-                 "(data=1)")
+    shard = config.mesh.fsdp * config.mesh.tensor * config.stages
+    kept = f"fsdp={config.mesh.fsdp} and tensor={config.mesh.tensor}"
+    if config.stages > 1:
+      kept = f"stage={config.stages}, {kept}"
+    notes.append(f"projection: {kept} kept, data varied; speedup against {shard} "
+                 f"device{'s' * (shard > 1)} (data=1)")
+  if config.stages > 1 and config.precision == "bf16":
+    notes.append("precision bf16: the activations and cotangents between stages (messages "
+                 "and ring buffers) are bfloat16, tensor's all-reduces too; the stages' "
+                 "compute is timed at float32's rate and their bfloat16 copies of weights "
+                 "and activations are not in the temporaries")
   if config.optim.grad_transport == "shm":
     notes.append("grad_transport shm: the exchange is priced as an all-reduce")
   if config.dropout:
@@ -818,15 +969,18 @@ def plan_config(config: Config, device: DeviceSpec, *, layers: Sequence[int] | N
       microbatches=resolved.pipeline.microbatches, grad_accum=resolved.optim.grad_accum,
       schedule=resolved.pipeline.schedule, virtual_stages=resolved.pipeline.virtual_stages,
       remat=resolved.pipeline.remat, optim=resolved.optim,
+      precision=resolved.train.precision if mesh.stage > 1 else "fp32",
       deterministic=resolved.optim.deterministic,
       max_devices=max_devices or max(8, size), label=label)
   train = resolved.train
-  unmodelled = [f"--precision {train.precision}"] if train.precision != "fp32" else []
+  unmodelled = ([f"--precision {train.precision}"]
+                if train.precision != "fp32" and mesh.stage == 1 else [])
   if train.remat not in ("none", "full") or (train.remat != "none" and mesh.stage == 1):
     unmodelled.append(f"--remat {train.remat}")
   if unmodelled:
     notes.append(f"{' and '.join(unmodelled)}: not modelled yet; the plan (and XLA's "
-                 "numbers beside it) are for float32 " + (
+                 "numbers beside it) are for " + ("the pipeline's precision " if
+                                                  mesh.stage > 1 else "float32 ") + (
                      "with the pipeline's full remat" if mesh.stage > 1 and train.remat != "none"
                      else "without remat"))
   return pc, notes
@@ -1000,7 +1154,7 @@ def compiled_memory(config: PlanConfig, devices: Sequence[jax.Device] | None = N
   if config.stages > 1:
     pipeline = make_pipeline(model, mesh, (config.widths[0],), schedule=config.schedule,
                              microbatches=config.parts, virtual_stages=config.virtual_stages,
-                             remat=config.remat)
+                             remat=config.remat, precision=config.precision)
   step = make_train_step(model, optimizer, mesh, loss=config.loss,
                          grad_accum=1 if pipeline else config.grad_accum, pipeline=pipeline,
                          deterministic=config.deterministic)
@@ -1008,7 +1162,9 @@ def compiled_memory(config: PlanConfig, devices: Sequence[jax.Device] | None = N
   shapes = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params,
                       jax.eval_shape(optimizer.init, params),
                       jax.ShapeDtypeStruct((2,), jnp.uint32))
-  if config.shards_params:  # laid out as init_train_state lays them
+  if pipeline is not None:  # laid out as init_train_state lays them
+    shardings = sharded.state_shardings(shapes, params, pipeline.param_shardings(), mesh)
+  elif config.shards_params:
     layout = sharded.param_layout(model, params, mesh)
     shardings = sharded.state_shardings(shapes, params, layout.shardings, mesh)
   else:

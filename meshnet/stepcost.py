@@ -302,6 +302,35 @@ class PipelineShape:
   def R(self) -> int:
     return max(self.residual_words.values())
 
+  @property
+  def Nt(self) -> int:
+    """Elements per tensor block of a stage's ``split`` vector (0: none)."""
+    return self.pipe.split_width
+
+  @property
+  def F(self) -> int:
+    return self.pipe.fsdp
+
+  @property
+  def T(self) -> int:
+    return self.pipe.tensor
+
+  @property
+  def act_bytes(self) -> int:
+    """Bytes of one element of an activation or cotangent between stages."""
+    return jnp.dtype(self.pipe.activation_dtype).itemsize
+
+  @property
+  def stage_words(self) -> int:
+    """float32 elements of one device's stage vectors once gathered over
+    ``fsdp`` (``[v, N]`` and its tensor block of ``[v, T, N_t]``)."""
+    return self.v * (self.N + self.Nt)
+
+  @property
+  def message(self) -> int:
+    """Bytes of one microbatch's activation (or cotangent) between stages."""
+    return self.act_bytes * self.mb * self.D
+
   def stage_widths(self, widths: Sequence[int], k: int) -> list[int]:
     """The widths of virtual stage ``k``'s layers, its input first."""
     b = self.pipe.bounds
@@ -310,16 +339,17 @@ class PipelineShape:
   def buffers(self) -> int:
     """Bytes of the three ring buffers (each with its trash slot), per device."""
     act, cot, res = self.slots
-    return (aligned(F32 * self.v * (act + 1) * self.mb * self.D)
-            + aligned(F32 * self.v * (cot + 1) * self.mb * self.D)
+    return (aligned(self.v * (act + 1) * self.message)
+            + aligned(self.v * (cot + 1) * self.message)
             + aligned(F32 * self.v * (res + 1) * self.R))
 
 
 def pipeline_shape(model, sizes: Mapping[str, int], example_size: int, *, schedule: str,
                    microbatches: int, virtual_stages: int, remat: bool, loss: str,
-                   outputs: int, local_batch: int) -> PipelineShape:
+                   outputs: int, local_batch: int, precision: str = "fp32") -> PipelineShape:
   """The executor's layout for ``model`` on a mesh of ``sizes`` (abstract:
-  no devices needed), at ``local_batch`` examples per data replica."""
+  no devices needed), at ``local_batch`` examples per batch replica
+  (``data`` x ``fsdp``)."""
   from jax.sharding import AbstractMesh
 
   from meshnet.mesh import AXES
@@ -327,7 +357,8 @@ def pipeline_shape(model, sizes: Mapping[str, int], example_size: int, *, schedu
 
   mesh = AbstractMesh(tuple(sizes[a] for a in AXES), AXES)
   pipe = make_pipeline(model, mesh, (example_size,), schedule=schedule,
-                       microbatches=microbatches, virtual_stages=virtual_stages, remat=remat)
+                       microbatches=microbatches, virtual_stages=virtual_stages, remat=remat,
+                       precision=precision)
   mb = local_batch // microbatches
   buffers = plan.plan(pipe.rounds, list(range(pipe.num_virtual_stages)))
   words = _residual_words(pipe, mb, loss, outputs, remat)
@@ -346,44 +377,67 @@ def _residual_words(pipe, mb: int, loss: str, outputs: int, remat: bool) -> dict
     return {k: mb * D for k in groups}
   objective = losses.objective(loss)
   M = pipe.schedule.num_microbatches
+  flat = jax.ShapeDtypeStruct((N,), jnp.float32)
+  if pipe.split_width:  # the stage's (whole [N], split [T, N_t]) vectors
+    flat = (flat, jax.ShapeDtypeStruct((pipe.tensor, pipe.split_width), jnp.float32))
   y = (jax.ShapeDtypeStruct((mb,), jnp.int32) if loss == "cross_entropy"
        else jax.ShapeDtypeStruct((mb, outputs), jnp.float32))
   words = {}
   for k in groups:
     def fn(flat, x, y, keys, k=k):  # the executor's stage function (no dropout keys)
       out = pipe._stage_forward(k, flat, x, None, True)  # noqa: SLF001
-      return jnp.mean(objective.loss(out, y)) / M if k == K - 1 else out.astype(jnp.float32)
+      return (jnp.mean(objective.loss(out, y)) / M if k == K - 1
+              else out.astype(pipe.activation_dtype))
 
-    words[k] = residuals.layout(fn, jax.ShapeDtypeStruct((N,), jnp.float32),
-                                jax.ShapeDtypeStruct((mb, D), jnp.float32), y,
-                                jax.ShapeDtypeStruct((), jnp.uint32)).size
+    words[k] = residuals.layout(fn, flat, jax.ShapeDtypeStruct((mb, D), pipe.activation_dtype),
+                                y, jax.ShapeDtypeStruct((), jnp.uint32)).size
   return words
 
 
-def pipeline_temporaries(shape: PipelineShape, example_size: int, grad_bytes: int,
-                         largest_leaf: int, local_batch: int) -> dict[str, int]:
+def pipeline_temporaries(shape: PipelineShape, example_size: int, gathered_bytes: int,
+                         largest_leaf: int, local_batch: int, state_copies: int = 0
+                         ) -> dict[str, int]:
   """Peak temporary bytes per device of the pipelined step's two phases:
-  ``rounds`` (the scan over the schedule) and ``gather`` (after it)."""
+  ``rounds`` (the scan over the schedule) and ``gather`` (after it).
+
+  Args:
+    shape: the executor's layout.
+    example_size: features of one input example.
+    gathered_bytes: the parameters' bytes gathered over every axis but
+      ``tensor`` (the tree the step stacks from and unstacks into).
+    largest_leaf: the largest such leaf's bytes.
+    local_batch: examples per batch replica.
+    state_copies: per-parameter optimizer state trees (Adam: 2, momentum: 1).
+  """
   S, v, N, D, mb = shape.S, shape.v, shape.N, shape.D, shape.mb
-  sizes = shape.pipe._sizes  # noqa: SLF001 (the executor's stage sizes)
+  pipe = shape.pipe
+  sizes, split_sizes = pipe._sizes, pipe._split_sizes or (0,) * len(pipe._sizes)  # noqa: SLF001
   # One op: the stage's weights as leaves (a copy), its flat gradient (or
   # the idle branch's zeros), its residuals unpacked, a cotangent in and out.
-  op = max(aligned(F32 * sizes[k]) + aligned(F32 * N) + aligned(F32 * shape.residual_words[g])
-           + 2 * aligned(F32 * mb * D) for k, g in enumerate(shape.pipe.stage_groups))
-  padded_input = aligned(F32 * local_batch * D) if example_size != D else 0
-  rounds = (2 * aligned(F32 * v * N)  # the stage's parameters, and the gradient accumulated
+  op = max(aligned(F32 * (sizes[k] + split_sizes[k])) + aligned(F32 * (N + shape.Nt))
+           + aligned(F32 * shape.residual_words[g]) + 2 * aligned(shape.message)
+           for k, g in enumerate(pipe.stage_groups))
+  padded_input = aligned(shape.act_bytes * local_batch * D) if example_size != D else 0
+  words = shape.stage_words
+  rounds = (2 * aligned(F32 * words)  # the stage's parameters, and the gradient accumulated
+            + (aligned(F32 * words // shape.F) if shape.F > 1 else 0)  # its fsdp piece
             + shape.buffers()  # activation, cotangent and residual ring buffers
-            + 2 * aligned(F32 * mb * D)  # received last round, stored this round
+            + 2 * aligned(shape.message)  # received last round, stored this round
             + padded_input + op)
-  # The [S, v, N] gradient gathered over stage, unstacked into the model's
-  # tree, and one leaf's update before it is written into the parameters.
-  gather = aligned(F32 * S * v * N) + aligned(grad_bytes) + aligned(largest_leaf)
+  # The [S, v, N] (and [S, v, T, N_t]) gradient gathered over stage and
+  # fsdp, unstacked into the model's tree, the optimizer state gathered
+  # beside it (the unstacked gradient is typed whole over stage and fsdp, so
+  # XLA gathers the state to update it) and one leaf's update.
+  gather = (aligned(F32 * S * words) + (1 + state_copies) * aligned(gathered_bytes)
+            + aligned(largest_leaf))
   return {"rounds": rounds, "gather": gather}
 
 
 def pipeline_op_flops(shape: PipelineShape, widths: Sequence[int], remat: bool
                       ) -> dict[tuple[str, int], float]:
-  """FLOPs of each op kind (``F``, ``B``, ``W``) of each virtual stage.
+  """FLOPs of each op kind (``F``, ``B``, ``W``) of each virtual stage
+  (``widths``: one device's, e.g. a column-split layer's outputs divided
+  by ``tensor``).
 
   ``B`` is the input and weight gradients together, or only the input's
   when the schedule splits the backward (``W`` is then the weights');

@@ -137,7 +137,12 @@ def test_pipeline_traffic_counts_every_round():
   assert stage.calls["ppermute"] == 2 * p["rounds"]  # activations and cotangents
   message = 4 * p["microbatch"] * p["activation_width"]
   gathered = 4 * 4 * p["param_width"]
-  assert stage.bytes_sent == round(p["rounds"] * 2 * message + 3 / 4 * gathered + 2 * 3 / 4 * 4)
+  # stacking gathers every leaf the state splits over stage (all but b3 [10]);
+  # the finite check reduces a byte per split leaf (7 params, Adam's 7 + 7).
+  stack = 4 * 567_434 - 4 * 10
+  assert stage.calls["all_gather"] == 7 + 1 and stage.calls["all_reduce"] == 2
+  assert stage.bytes_sent == round(3 / 4 * stack + p["rounds"] * 2 * message
+                                   + 3 / 4 * gathered + 2 * 3 / 4 * (4 + 21))
   assert 0 < p["bubble"] < 1 and p["microbatches"] == 8 and p["microbatch"] == 64
 
 
@@ -238,8 +243,6 @@ def test_parameter_count_plans_without_layers():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--mesh", "fsdp=2,stage=2"], "mesh axis fsdp=2 with a pipeline is not supported"),
-    (["--mesh", "tensor=2,stage=2"], "mesh axis tensor=2 with a pipeline is not supported"),
     (["--link-file", "/nonexistent.jsonl"], "cannot read link file /nonexistent.jsonl"),
     (["--bandwidth", "-1"], "--bandwidth -1 must be a finite number > 0"),
     (["--device-kind", "tpu-v9"], "unknown device kind 'tpu-v9'"),
@@ -334,9 +337,79 @@ def test_sharded_traffic_and_projection():
   assert any("data varied" in note for note in result.notes)
 
 
-def test_stage_with_fsdp_is_refused_in_one_line():
-  with pytest.raises(MeshnetError, match="fsdp=2 with a pipeline is not supported") as e:
-    _config(mesh=_mesh(fsdp=2, stage=2))
+# --- pipelines composed with fsdp and tensor, bf16 -----------------------------------
+
+PIPELINED = [
+    (_mesh(stage=2, fsdp=2, tensor=2), DIGITS_MLP, "adam"),
+    (_mesh(stage=2, fsdp=2, tensor=2), CUSTOM_MLP, "momentum"),
+    (_mesh(data=2, stage=4), MNIST_MLP, "adam"),
+]
+PIPELINED_IDS = [f"{m.data}-{m.stage}-{m.fsdp}-{m.tensor}-{'x'.join(map(str, w))}-{o}"
+                 for m, w, o in PIPELINED]
+
+
+@pytest.mark.parametrize("mesh, widths, optimizer", PIPELINED, ids=PIPELINED_IDS)
+def test_pipelined_bytes_are_the_real_arrays(mesh, widths, optimizer):
+  """The state as init_train_state stores it (split over stage x fsdp x
+  tensor), the stage vectors as Pipeline.stack builds them, and XLA's
+  arguments and outputs of the compiled step."""
+  config = _config(widths, batch=128, optimizer=optimizer, mesh=mesh, microbatches=4)
+  result = planner.plan(config)
+  model, _, jax_mesh, state = _real_state(config)
+  assert result.memory.params == _device_bytes(state.params)
+  assert result.memory.grads == _device_bytes(state.params)
+  assert result.memory.optimizer == _device_bytes(state.opt_state)
+  pipe = meshnet.make_pipeline(model, jax_mesh, (widths[0],), microbatches=4)
+  stacked = pipe.stack(state.params)
+  assert result.pipeline["stage_vector_bytes"] == _device_bytes(stacked)
+  assert result.pipeline["param_width"] == pipe.param_width
+  assert result.pipeline["split_width"] == pipe.split_width
+  total = 4 * sum(i * o + o for i, o in zip(widths[:-1], widths[1:]))
+  assert result.memory.params <= 1.1 * total / (mesh.stage * mesh.fsdp * mesh.tensor)
+  xla = planner.compiled_memory(config)
+  assert result.memory.arguments == xla.arguments
+  assert result.memory.outputs == xla.outputs
+
+
+def test_pipeline_with_fsdp_and_tensor_traffic():
+  """fsdp: the stage vectors gathered once and their gradient
+  reduce-scattered ((n - 1) / n of [v, N] + [v, N_t] each); tensor: per
+  microbatch, the forward all-reduce of the row layer's output [mb, 128]."""
+  config = _config(DIGITS_MLP, batch=128, mesh=_mesh(stage=2, fsdp=2, tensor=2),
+                   microbatches=4)
+  result = planner.plan(config)
+  p, traffic = result.pipeline, {t.axis: t for t in result.traffic}
+  words = 4 * (p["param_width"] + p["split_width"])
+  assert traffic["fsdp"].calls == {"all_gather": 2, "reduce_scatter": 2, "all_reduce": 1}
+  assert traffic["fsdp"].bytes_sent == round(2 * 0.5 * words + 2 * 0.5 * 4)
+  assert p["microbatch"] == 16 and result.step.local_batch == 64  # batch over fsdp too
+  assert traffic["tensor"].calls == {"all_reduce": 4}
+  assert traffic["tensor"].bytes_sent == round(4 * 2 * 0.5 * 4 * 16 * 128)
+  assert any("stage=2, fsdp=2 and tensor=2 kept" in n for n in result.notes)
+  assert [r.mesh for r in result.scaling] == ["data=1,fsdp=2,stage=2,tensor=2"]
+
+
+def test_bf16_pipeline_halves_the_messages():
+  fp32 = planner.plan(_config(MNIST_MLP, batch=256, mesh=_mesh(data=2, stage=4),
+                              microbatches=4))
+  config = _config(MNIST_MLP, batch=256, mesh=_mesh(data=2, stage=4), microbatches=4,
+                   precision="bf16")
+  bf16 = planner.plan(config)
+  assert bf16.pipeline["activation_dtype"] == "bfloat16"
+  stage = lambda r: next(t for t in r.traffic if t.axis == "stage")
+  rounds = bf16.pipeline["rounds"]
+  message = 4 * 32 * 784  # [mb, D] float32: 256 / data=2 / 4 microbatches
+  assert stage(fp32).bytes_sent - stage(bf16).bytes_sent == rounds * 2 * message // 2
+  assert bf16.memory.activations < fp32.memory.activations
+  assert any("precision bf16" in n and "not in the temporaries" in n for n in bf16.notes)
+  xla = planner.compiled_memory(config)
+  assert bf16.memory.arguments == xla.arguments and bf16.memory.outputs == xla.outputs
+  assert abs(bf16.memory.temporaries / xla.temporaries - 1) <= 0.25
+
+
+def test_deterministic_pipeline_with_fsdp_is_refused_in_one_line():
+  with pytest.raises(MeshnetError, match="deterministic with fsdp=2") as e:
+    _config(mesh=_mesh(fsdp=2, stage=2), deterministic=True)
   assert "\n" not in str(e.value)
 
 
@@ -371,13 +444,14 @@ def _compiled_hlo(config: planner.PlanConfig):
 
 def test_pipeline_all_reduces_are_the_compiled_steps():
   """XLA joins the loss's mean over data to the gradient's: one all-reduce
-  over data, one (the loss) over stage, as many as the compiled step has."""
+  over data, two over stage (the loss, the finite check of the state split
+  over it), as many as the compiled step has."""
   config = _config(DIGITS_MLP, batch=128, mesh=_mesh(data=2, stage=2), microbatches=4)
   result = planner.plan(config)
   module = _compiled_hlo(config)
   compiled = [op for op in module.ops.values() if op.kind == "all-reduce" and op.bytes]
   planned = sum(t.calls.get("all_reduce", 0) for t in result.traffic)
-  assert planned == len(compiled) == 2
+  assert planned == len(compiled) == 3
   data = next(t for t in result.traffic if t.axis == "data")
   exchanged = max(op.bytes for op in compiled)  # [v, N] gradient and the loss
   assert data.calls == {"all_reduce": 1}
