@@ -1,11 +1,14 @@
 """Per-device memory and step time of sharded layouts on 8 simulated devices.
 
 An MLP 784-4096x4-10 (53.5M parameters) with Adam, global batch 64, on
-three meshes of the same 8 simulated CPU devices in one process:
+four meshes of the same 8 simulated CPU devices in one process:
 
   data=8                  parameters and optimizer state replicated
   fsdp=8                  ZeRO-3: parameters, gradients, optimizer state split
   data=2,fsdp=2,tensor=2  FSDP and Megatron column/row pairs together
+  fsdp=2,stage=2,tensor=2 the same inside a 2-stage 1F1B pipeline (M=4): the
+                          state stored split over all 8, each stage's
+                          vectors over fsdp x tensor
 
 For each: the bytes of parameters and optimizer state on one device (from
 the arrays' own shards), XLA's compiled temporary bytes
@@ -38,7 +41,9 @@ from meshnet.config import MeshConfig  # noqa: E402
 
 WIDTHS = (784, 4096, 4096, 4096, 4096, 10)
 MESHES = {"data=8": dict(data=8), "fsdp=8": dict(fsdp=8),
-          "data=2,fsdp=2,tensor=2": dict(data=2, fsdp=2, tensor=2)}
+          "data=2,fsdp=2,tensor=2": dict(data=2, fsdp=2, tensor=2),
+          "fsdp=2,stage=2,tensor=2": dict(fsdp=2, stage=2, tensor=2)}
+MICROBATCHES = 4  # with stage > 1
 
 
 def _device_bytes(tree) -> int:
@@ -51,7 +56,10 @@ def _layout(name: str, batch_size: int):
   optimizer = optax.adam(1e-3)
   mesh = meshnet.make_mesh(**MESHES[name])
   state = meshnet.init_train_state(model, optimizer, mesh, jax.random.key(0))
-  step = meshnet.make_train_step(model, optimizer, mesh, donate=True)
+  staged = MESHES[name].get("stage", 1) > 1
+  pipe = (meshnet.make_pipeline(model, mesh, WIDTHS[:1], microbatches=MICROBATCHES)
+          if staged else None)
+  step = meshnet.make_train_step(model, optimizer, mesh, donate=True, pipeline=pipe)
   rng = np.random.default_rng(0)
   x = rng.random((batch_size, WIDTHS[0]), np.float32)
   y = rng.integers(0, WIDTHS[-1], batch_size).astype(np.int32)
@@ -63,6 +71,7 @@ def _layout(name: str, batch_size: int):
   }
   forecast = meshnet.plan(meshnet.PlanConfig(
       widths=WIDTHS, batch_size=batch_size, mesh=MeshConfig(**MESHES[name]),
+      microbatches=MICROBATCHES if staged else None,
       device=meshnet.hardware.device_spec("cpu", flops=1e11, memory_bandwidth=1e10)))
   return {"step": step, "state": state, "batch": batch, "memory": memory, "plan": forecast}
 

@@ -633,7 +633,8 @@ def _pipeline_traffic(config: PlanConfig, shapes: _Shapes, shape: stepcost.Pipel
   stage vectors; per round, activations one device forward and cotangents
   one back (one swap at S = 2, two ppermutes otherwise; in the activation
   dtype); after the rounds, the ``[S, v, N]`` (and ``[S, v, T, N_t]``)
-  gradient all-gathered over ``stage`` x ``fsdp``, the loss summed and the
+  gradient all-gathered over ``stage`` x ``fsdp``, the loss summed, the
+  gradient norm's squares summed (a float per split parameter leaf) and the
   finite check (a byte per split state leaf) reduced. Over ``fsdp``: the
   stage vectors all-gathered once and their gradient reduce-scattered,
   and the loss's mean. Over ``tensor``: the Megatron all-reduces of every
@@ -655,15 +656,19 @@ def _pipeline_traffic(config: PlanConfig, shapes: _Shapes, shape: stepcost.Pipel
                                        jax.tree.leaves(shapes.local_opt) +
                                        jax.tree.leaves(shapes.local_params))
                      if a.shape != b.shape)
+  norm = F32 * sum(1 for a, b in zip(jax.tree.leaves(shapes.params),
+                                     jax.tree.leaves(shapes.local_params)) if a.shape != b.shape)
   stage = Traffic(
       STAGE,
       int(round(sum(bus_factor(ALL_GATHER, n) * g for g, n in stack)
                 + rounds * 2 * message + bus_factor(ALL_GATHER, S * F) * gathered
-                + bus_factor(ALL_REDUCE, S) * (F32 + split_leaves))),
-      {ALL_GATHER: len(stack) + parts, PPERMUTE: rounds * round_calls, ALL_REDUCE: 2},
+                + bus_factor(ALL_REDUCE, S) * (F32 + norm + split_leaves))),
+      {ALL_GATHER: len(stack) + parts, PPERMUTE: rounds * round_calls,
+       ALL_REDUCE: 2 + (norm > 0)},
       sum(link.time(ALL_GATHER, g, n) for g, n in stack) + rounds * round_s
       + parts * link.time(ALL_GATHER, gathered / parts, S * F)
-      + link.time(ALL_REDUCE, F32, S) + link.time(ALL_REDUCE, split_leaves, S))
+      + link.time(ALL_REDUCE, F32, S) + link.time(ALL_REDUCE, split_leaves, S)
+      + (link.time(ALL_REDUCE, norm, S) if norm else 0.0))
   traffic = [stage]
   if F > 1:
     words = F32 * shape.stage_words  # gathered, and its gradient before the scatter
@@ -771,9 +776,7 @@ def _pipelined(config: PlanConfig, shapes: _Shapes, param_bytes: int, opt_bytes:
       outputs=config.widths[-1], local_batch=local, precision=config.precision)
   gathered = _gathered_leaves(config, shapes)
   step, traffic = _pipeline_step(config, shapes, shape, param_bytes, opt_bytes, sum(gathered))
-  copies = round(_nbytes(shapes.opt_state) / _nbytes(shapes.params))
-  phases = stepcost.pipeline_temporaries(shape, config.widths[0], sum(gathered),
-                                         max(gathered), local, copies)
+  phases = stepcost.pipeline_temporaries(shape, config.widths[0], max(gathered), local)
   b = shape.pipe.bounds
   summary = {
       "schedule": config.schedule, "stages": shape.S, "virtual_stages": shape.v,

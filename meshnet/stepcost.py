@@ -394,22 +394,19 @@ def _residual_words(pipe, mb: int, loss: str, outputs: int, remat: bool) -> dict
   return words
 
 
-def pipeline_temporaries(shape: PipelineShape, example_size: int, gathered_bytes: int,
-                         largest_leaf: int, local_batch: int, state_copies: int = 0
-                         ) -> dict[str, int]:
+def pipeline_temporaries(shape: PipelineShape, example_size: int, largest_leaf: int,
+                         local_batch: int) -> dict[str, int]:
   """Peak temporary bytes per device of the pipelined step's two phases:
   ``rounds`` (the scan over the schedule) and ``gather`` (after it).
 
   Args:
     shape: the executor's layout.
     example_size: features of one input example.
-    gathered_bytes: the parameters' bytes gathered over every axis but
-      ``tensor`` (the tree the step stacks from and unstacks into).
-    largest_leaf: the largest such leaf's bytes.
+    largest_leaf: the largest parameter's bytes gathered over every axis
+      but ``tensor``.
     local_batch: examples per batch replica.
-    state_copies: per-parameter optimizer state trees (Adam: 2, momentum: 1).
   """
-  S, v, N, D, mb = shape.S, shape.v, shape.N, shape.D, shape.mb
+  S, N, D = shape.S, shape.N, shape.D
   pipe = shape.pipe
   sizes, split_sizes = pipe._sizes, pipe._split_sizes or (0,) * len(pipe._sizes)  # noqa: SLF001
   # One op: the stage's weights as leaves (a copy), its flat gradient (or
@@ -425,11 +422,9 @@ def pipeline_temporaries(shape: PipelineShape, example_size: int, gathered_bytes
             + 2 * aligned(shape.message)  # received last round, stored this round
             + padded_input + op)
   # The [S, v, N] (and [S, v, T, N_t]) gradient gathered over stage and
-  # fsdp, unstacked into the model's tree, the optimizer state gathered
-  # beside it (the unstacked gradient is typed whole over stage and fsdp, so
-  # XLA gathers the state to update it) and one leaf's update.
-  gather = (aligned(F32 * S * words) + (1 + state_copies) * aligned(gathered_bytes)
-            + aligned(largest_leaf))
+  # fsdp, and one leaf at a time cut out of it (resharded as the state stores
+  # it, where the optimizer updates it and its state in place).
+  gather = aligned(F32 * S * words) + aligned(largest_leaf)
   return {"rounds": rounds, "gather": gather}
 
 

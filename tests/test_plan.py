@@ -138,11 +138,12 @@ def test_pipeline_traffic_counts_every_round():
   message = 4 * p["microbatch"] * p["activation_width"]
   gathered = 4 * 4 * p["param_width"]
   # stacking gathers every leaf the state splits over stage (all but b3 [10]);
-  # the finite check reduces a byte per split leaf (7 params, Adam's 7 + 7).
+  # the gradient norm sums a float per split parameter (7), the finite check
+  # a byte per split leaf (7 params, Adam's 7 + 7).
   stack = 4 * 567_434 - 4 * 10
-  assert stage.calls["all_gather"] == 7 + 1 and stage.calls["all_reduce"] == 2
+  assert stage.calls["all_gather"] == 7 + 1 and stage.calls["all_reduce"] == 3
   assert stage.bytes_sent == round(3 / 4 * stack + p["rounds"] * 2 * message
-                                   + 3 / 4 * gathered + 2 * 3 / 4 * (4 + 21))
+                                   + 3 / 4 * gathered + 2 * 3 / 4 * (4 + 4 * 7 + 21))
   assert 0 < p["bubble"] < 1 and p["microbatches"] == 8 and p["microbatch"] == 64
 
 
@@ -444,14 +445,14 @@ def _compiled_hlo(config: planner.PlanConfig):
 
 def test_pipeline_all_reduces_are_the_compiled_steps():
   """XLA joins the loss's mean over data to the gradient's: one all-reduce
-  over data, two over stage (the loss, the finite check of the state split
-  over it), as many as the compiled step has."""
+  over data, three over stage (the loss, the gradient norm's squares and the
+  finite check of the state split over it), as many as the compiled step has."""
   config = _config(DIGITS_MLP, batch=128, mesh=_mesh(data=2, stage=2), microbatches=4)
   result = planner.plan(config)
   module = _compiled_hlo(config)
   compiled = [op for op in module.ops.values() if op.kind == "all-reduce" and op.bytes]
   planned = sum(t.calls.get("all_reduce", 0) for t in result.traffic)
-  assert planned == len(compiled) == 3
+  assert planned == len(compiled) == 4
   data = next(t for t in result.traffic if t.axis == "data")
   exchanged = max(op.bytes for op in compiled)  # [v, N] gradient and the loss
   assert data.calls == {"all_reduce": 1}
