@@ -298,7 +298,8 @@ def run(
     microbatches = (pc.microbatches or axis_size(mesh, STAGE)) * oc.grad_accum
     pipeline = make_pipeline(model, mesh, dataset.x_train.shape[1:], schedule=pc.schedule,
                              microbatches=microbatches, virtual_stages=pc.virtual_stages,
-                             remat=tc.remat, precision=tc.precision)
+                             remat=tc.remat, precision=tc.precision,
+                             input_dtype=dataset.x_train.dtype)
     grad_accum = 1  # folded into the microbatches: the same mean gradient
     check_batch_size(batch_size, mesh, microbatches, what="microbatches")
   else:
