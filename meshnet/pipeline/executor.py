@@ -7,8 +7,11 @@ one vector, padded to the longest (``N``), and stacked as a global array
 ``[S, v, N]`` sharded over ``stage`` (``Pipeline.stack``; the train step
 does it from the replicated parameter tree each step, and gathers the
 gradient back with ``Pipeline.unstack``, so the optimizer always sees the
-model's own tree). Activations between stages are raveled per example and
-padded to the widest boundary ``D``.
+model's own tree: a list, or any tree a model's ``to_layers``/``from_layers``
+view as its layers, e.g. a gpt's stacked blocks). Activations between stages
+are raveled per example and padded to the widest boundary ``D``; a first
+stage whose computation no other stage shares (a gpt's embedding) reads its
+microbatch as it is (``int32`` tokens ``[mb, T]``).
 
 Inside a stage, a run of identical layers (same program, shapes and closed-over
 values, in training and in evaluation) is one ``lax.scan`` over their
