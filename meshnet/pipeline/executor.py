@@ -833,9 +833,9 @@ def make_pipeline(
         "meshnet.models.mlp or meshnet.model.sequential); this model has none")
   S, T = axis_size(mesh, STAGE), axis_size(mesh, TENSOR)
   tree = jax.eval_shape(model.init, jax.random.key(0))
-  params = jax.eval_shape(lambda p: layer_params(model, p), tree)
-  if (model.to_layers is None and not isinstance(tree, (list, tuple))) or len(params) != len(
-      model.layers):
+  listed = model.to_layers is not None or isinstance(tree, (list, tuple))
+  params = jax.eval_shape(lambda p: layer_params(model, p), tree) if listed else []
+  if not listed or len(params) != len(model.layers):
     raise MeshnetError(
         f"a pipelined model's init must return a list or tuple with one entry per layer "
         f"({len(model.layers)}), got {type(tree).__name__} ({len(params)} entries); build "
