@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from meshnet.errors import MeshnetError
-from meshnet.model import ApplyFn, Model, sequential, uses_key
+from meshnet.model import ApplyFn, Model, run_layers, uses_key
 
 PRECISIONS: dict[str, Any] = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 REMAT_POLICIES = ("none", "layer", "full")
@@ -115,7 +115,11 @@ def remat_model(model: Model, remat: str) -> Model:
   if model.layers:
     layers = tuple(dataclasses.replace(layer, apply=checkpointed(layer.apply))
                    for layer in model.layers)
-    model = dataclasses.replace(model, apply=sequential(layers).apply, layers=layers)
+    # A model with its own layered view (to_layers: a gpt's scan over stacked
+    # blocks) keeps its apply, which checkpoints its blocks itself; the
+    # checkpointed layers are what a pipeline runs.
+    apply = model.apply if model.to_layers is not None else run_layers(layers)
+    model = dataclasses.replace(model, apply=apply, layers=layers)
     if remat == "layer":
       return model
   return dataclasses.replace(model, apply=checkpointed(model.apply))
@@ -156,7 +160,7 @@ def precision_layers(model: Model, precision: str) -> Model:
 
   layers = tuple(cast(layer, jnp.float32 if i == len(model.layers) - 1 else dtype)
                  for i, layer in enumerate(model.layers))
-  return dataclasses.replace(model, apply=sequential(layers).apply, layers=layers)
+  return dataclasses.replace(model, apply=run_layers(layers, model.to_layers), layers=layers)
 
 
 def policy_model(model: Model, *, precision: str = "fp32", remat: str = "none") -> Model:

@@ -61,6 +61,15 @@ class Model:
       "embed", "mlp")``. ``None`` (the whole field, or a subtree) means no
       names: those parameters get the default FSDP rule.
       :mod:`meshnet.sharding` maps names to mesh axes with a rules table.
+    to_layers, from_layers: for a model with ``layers`` whose ``params`` is
+      not a list (e.g. :func:`meshnet.models.gpt`, whose blocks are stacked
+      along a leading ``[L]`` dimension): ``to_layers(params) -> list`` (one
+      entry per layer, each what ``layers[i].init`` returns) and its inverse
+      ``from_layers(list) -> params``, both pure. A pipeline cuts the model
+      through them, so the train state, the optimizer and checkpoints keep
+      the model's own tree. ``apply`` must compute what running the layers
+      on ``to_layers(params)`` one after another computes, with the same
+      per-layer keys. ``None`` (both): ``params`` is the list itself.
 
   Randomness (dropout) in training is drawn per example: meshnet calls
   ``apply`` on one example at a time (``jax.vmap``) with the key
@@ -73,11 +82,17 @@ class Model:
   apply: ApplyFn
   layers: tuple["Model", ...] | None = None
   logical_axes: Any = None
+  to_layers: Callable[[Params], list] | None = None
+  from_layers: Callable[[Sequence[Any]], Params] | None = None
 
   def __post_init__(self):
     if not callable(self.init) or not callable(self.apply):
       raise TypeError("Model(init, apply) needs two callables")
     _check_logical_axes(self.logical_axes)
+    if (self.to_layers is None) != (self.from_layers is None):
+      raise MeshnetError("Model needs both to_layers and from_layers, or neither")
+    if self.to_layers is not None and not self.layers:
+      raise MeshnetError("Model.to_layers/from_layers describe layers: give layers too")
     if not _accepts_train_and_key(self.apply):
       plain = self.apply
 
@@ -100,6 +115,34 @@ def _check_logical_axes(logical_axes: Any) -> None:
           "of names is a pytree, not a spec), or None for no names")
 
 
+def layer_params(model: Model, params: Params) -> list:
+  """``params`` of a model with ``layers`` as a list, one entry per layer
+  (``model.to_layers(params)``, or ``params`` itself)."""
+  return list(model.to_layers(params) if model.to_layers is not None else params)
+
+
+def model_params(model: Model, per_layer: Sequence[Any]) -> Params:
+  """Inverse of :func:`layer_params`: the model's own parameter tree."""
+  return model.from_layers(list(per_layer)) if model.from_layers is not None else list(
+      per_layer)
+
+
+def run_layers(layers: Sequence[Model], to_layers: Callable[[Params], list] | None = None
+               ) -> ApplyFn:
+  """``apply`` that runs ``layers`` one after another on ``params`` (a list,
+  or ``to_layers(params)``), layer ``i`` with ``jax.random.split(key,
+  len(layers))[i]``."""
+  layers = tuple(layers)
+
+  def apply(params, x, *, train=False, key=None):
+    per_layer = to_layers(params) if to_layers is not None else params
+    keys = jax.random.split(key, len(layers)) if key is not None else [None] * len(layers)
+    for layer, p, k in zip(layers, per_layer, keys):
+      x = layer.apply(p, x, train=train, key=k)
+    return x
+  return apply
+
+
 def sequential(layers: Sequence[Model]) -> Model:
   """The layers run one after another, as one :class:`Model`.
 
@@ -114,14 +157,8 @@ def sequential(layers: Sequence[Model]) -> Model:
     keys = jax.random.split(key, len(layers))
     return [layer.init(k) for layer, k in zip(layers, keys)]
 
-  def apply(params, x, *, train=False, key=None):
-    keys = jax.random.split(key, len(layers)) if key is not None else [None] * len(layers)
-    for layer, p, k in zip(layers, params, keys):
-      x = layer.apply(p, x, train=train, key=k)
-    return x
-
   names = [layer.logical_axes for layer in layers]
-  return Model(init, apply, layers=layers,
+  return Model(init, run_layers(layers), layers=layers,
                logical_axes=names if any(n is not None for n in names) else None)
 
 

@@ -390,11 +390,33 @@ def with_stage(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
   return P(*entries)
 
 
+def without_stage(rules: Rules | None = None) -> Rules:
+  """``rules`` (``None``: :data:`DEFAULT_RULES`) with ``stage`` taken out of
+  every target: the layout of a whole model on each stage (the unpipelined
+  evaluation on a mesh with ``stage`` > 1), where a stacked ``layers``
+  dimension is not split."""
+  checked = DEFAULT_RULES if rules is None else check_rules(rules)
+  out = []
+  for name, target in checked:
+    axes = tuple(a for a in _as_axes(target) if a != STAGE)
+    out.append((name, None if not axes else axes[0] if len(axes) == 1 else axes))
+  return tuple(out)
+
+
 def storage_specs(model_or_logical_axes: Model | LogicalAxes, params: Any, mesh: Mesh,
                   rules: Rules | None = None) -> Any:
   """:func:`param_specs`, each also split over ``stage`` by :func:`with_stage`
-  (the same as :func:`param_specs` on a mesh with ``stage`` = 1)."""
-  specs = param_specs(model_or_logical_axes, params, mesh, rules)
+  (the same as :func:`param_specs` on a mesh with ``stage`` = 1). A stacked
+  ``layers`` dimension that ``stage`` does not divide (2 blocks on
+  ``stage=4``) is not split; :func:`with_stage` then puts ``stage`` on
+  another dimension."""
+  rules = DEFAULT_RULES if rules is None else check_rules(rules)
+  try:
+    specs = param_specs(model_or_logical_axes, params, mesh, rules)
+  except MeshnetError:
+    if int(dict(mesh.shape).get(STAGE, 1)) == 1:
+      raise
+    specs = param_specs(model_or_logical_axes, params, mesh, (("layers", None),) + rules)
   return jax.tree.map(lambda spec, leaf: with_stage(spec, np.shape(leaf) if not hasattr(
       leaf, "shape") else tuple(leaf.shape), mesh), specs, params,
                       is_leaf=lambda x: isinstance(x, P))

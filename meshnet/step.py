@@ -38,7 +38,7 @@ from meshnet.errors import MeshnetError
 from meshnet.mesh import DATA, FSDP, STAGE, TENSOR, axis_size
 from meshnet.model import Model, Params, apply_train
 from meshnet.sharding import (Rules, batch_axes, batch_sharding, batch_spec, replicated,
-                              storage_specs)
+                              storage_specs, without_stage)
 
 if TYPE_CHECKING:
   from meshnet.pipeline.executor import Pipeline
@@ -586,8 +586,12 @@ def make_eval_step(
     with jax.named_scope("eval_reduce"):
       return collectives.all_reduce(sums, batch_axes(mesh), "sum")
 
+  # Every stage evaluates the whole model: a stacked layers dimension is not
+  # split over stage here (the state's storage may split it; constrain moves it).
+  eval_rules = without_stage(rules) if axis_size(mesh, STAGE) > 1 else rules
+
   def sharded_eval_step(params, batch, mask):
-    layout = sharded.param_layout(model, params, mesh, rules)
+    layout = sharded.param_layout(model, params, mesh, eval_rules)
     params = sharded.constrain(params, layout, mesh)
     x, y, mask = (jax.reshard(a, batch_sharding(mesh)) for a in (*batch, mask))
     spec = batch_spec(mesh)

@@ -302,11 +302,17 @@ def run(
   pipeline = None
   grad_accum = oc.grad_accum
   if axis_size(mesh, STAGE) > 1:
+    if builds_gpt and config.model.tie_embeddings:
+      raise MeshnetError(
+          f"--tie-embeddings with stage={axis_size(mesh, STAGE)}: a tied gpt head reads the "
+          "first stage's token table, so it cannot be pipelined; drop --tie-embeddings or "
+          "use a mesh without stage")
     pc = config.pipeline
     microbatches = (pc.microbatches or axis_size(mesh, STAGE)) * oc.grad_accum
     pipeline = make_pipeline(model, mesh, dataset.x_train.shape[1:], schedule=pc.schedule,
                              microbatches=microbatches, virtual_stages=pc.virtual_stages,
-                             remat=tc.remat, precision=tc.precision)
+                             remat=tc.remat, precision=tc.precision,
+                             input_dtype=dataset.x_train.dtype)
     grad_accum = 1  # folded into the microbatches: the same mean gradient
     check_batch_size(batch_size, mesh, microbatches, what="microbatches")
   else:

@@ -28,8 +28,9 @@ the last stage, so pipelines want ``tie_embeddings=False`` (the default).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -165,23 +166,33 @@ def init_params(cfg: GPTConfig, key: jax.Array) -> dict[str, Any]:
   normal std 0.02, the residual projections (``attn.out``, ``mlp.down``)
   ``0.02 / sqrt(2 L)``, norms at identity."""
   k_tok, k_pos, k_blocks, k_head = jax.random.split(key, 4)
+  return {"embed": _embed_init(cfg, k_tok, k_pos),
+          "blocks": jax.vmap(functools.partial(_block_init, cfg))(
+              jax.random.split(k_blocks, cfg.layers)),
+          "head": _head_init(cfg, k_head)}
+
+
+def _embed_init(cfg: GPTConfig, k_tok: jax.Array, k_pos: jax.Array) -> dict[str, Any]:
   embed = {"tokens": nn.embedding_init(k_tok, cfg.vocab, cfg.width)}
   if cfg.positions == "learned":
     embed["positions"] = nn.positions_init(k_pos, cfg.context, cfg.width)
+  return embed
+
+
+def _block_init(cfg: GPTConfig, key: jax.Array) -> dict[str, Any]:
   out_std = 0.02 / math.sqrt(2 * cfg.layers)
+  k_attn, k_mlp = jax.random.split(key)
+  return {"attn_norm": nn.norm_init(cfg.width, cfg.norm),
+          "attn": nn.attention_init(k_attn, cfg.width, cfg.heads, out_std=out_std),
+          "mlp_norm": nn.norm_init(cfg.width, cfg.norm),
+          "mlp": nn.mlp_block_init(k_mlp, cfg.width, cfg.mlp_width, out_std=out_std)}
 
-  def one_block(key):
-    k_attn, k_mlp = jax.random.split(key)
-    return {"attn_norm": nn.norm_init(cfg.width, cfg.norm),
-            "attn": nn.attention_init(k_attn, cfg.width, cfg.heads, out_std=out_std),
-            "mlp_norm": nn.norm_init(cfg.width, cfg.norm),
-            "mlp": nn.mlp_block_init(k_mlp, cfg.width, cfg.mlp_width, out_std=out_std)}
 
+def _head_init(cfg: GPTConfig, key: jax.Array) -> dict[str, Any]:
   head = {"norm": nn.norm_init(cfg.width, cfg.norm)}
   if not cfg.tie_embeddings:
-    head["w"] = nn.normal_init(k_head, (cfg.width, cfg.vocab), 0.02)
-  return {"embed": embed, "blocks": jax.vmap(one_block)(jax.random.split(k_blocks, cfg.layers)),
-          "head": head}
+    head["w"] = nn.normal_init(key, (cfg.width, cfg.vocab), 0.02)
+  return head
 
 
 def logical_axes(cfg: GPTConfig) -> dict[str, Any]:
@@ -193,12 +204,18 @@ def logical_axes(cfg: GPTConfig) -> dict[str, Any]:
   embed = {"tokens": nn.logical_axes_of("embedding")}
   if cfg.positions == "learned":
     embed["positions"] = nn.logical_axes_of("positions")
-  block = {"attn_norm": norm, "attn": nn.logical_axes_of("attention"),
-           "mlp_norm": norm, "mlp": nn.logical_axes_of("mlp")}
+  block = _block_logical_axes(cfg)
   head = {"norm": norm}
   if not cfg.tie_embeddings:
     head["w"] = P("embed", "vocab")
   return {"embed": embed, "blocks": nn.stacked(block), "head": head}
+
+
+def _block_logical_axes(cfg: GPTConfig) -> dict[str, Any]:
+  """One block's names (without the stacked ``layers`` dimension)."""
+  norm = nn.logical_axes_of("norm", kind=cfg.norm)
+  return {"attn_norm": norm, "attn": nn.logical_axes_of("attention"),
+          "mlp_norm": norm, "mlp": nn.logical_axes_of("mlp")}
 
 
 def embed_apply(cfg: GPTConfig, params: dict[str, Any], tokens_BxT: jax.Array, *,
@@ -231,13 +248,15 @@ def block_apply(cfg: GPTConfig, params: dict[str, Any], x_BxTxD: jax.Array, *,
 
 
 def blocks_apply(cfg: GPTConfig, params: dict[str, Any], x_BxTxD: jax.Array, *,
-                 train: bool = False, key: jax.Array | None = None) -> jax.Array:
+                 train: bool = False, key: jax.Array | None = None,
+                 keys: jax.Array | None = None) -> jax.Array:
   """The stacked blocks (leaves ``[L', ...]``, any ``L'``: a pipeline stage
   passes its slice) as one ``scan``; block ``l`` of the slice gets
-  ``jax.random.split(key, L')[l]``. ``[B, T, D] -> [B, T, D]``."""
+  ``keys[l]`` (``keys``: ``[L']`` keys), else ``jax.random.split(key, L')[l]``.
+  ``[B, T, D] -> [B, T, D]``."""
   count = jax.tree.leaves(params)[0].shape[0]
   keyed = train and cfg.dropout > 0.0
-  if keyed and key is None:
+  if keyed and key is None and keys is None:
     raise MeshnetError(f"gpt dropout {cfg.dropout} needs a key when train=True")
 
   def body(x, inputs):
@@ -246,7 +265,9 @@ def blocks_apply(cfg: GPTConfig, params: dict[str, Any], x_BxTxD: jax.Array, *,
 
   if cfg.remat:
     body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-  xs = (params, jax.random.split(key, count)) if keyed else params
+  if keyed and keys is None:
+    keys = jax.random.split(key, count)
+  xs = (params, keys) if keyed else params
   x_BxTxD, _ = jax.lax.scan(body, x_BxTxD, xs)
   return x_BxTxD
 
@@ -266,12 +287,19 @@ def head_apply(cfg: GPTConfig, params: dict[str, Any], x_BxTxD: jax.Array,
 def apply_params(cfg: GPTConfig, params: dict[str, Any], tokens_BxT: jax.Array, *,
                  train: bool = False, key: jax.Array | None = None) -> jax.Array:
   """The whole model: ``int [B, T] -> [B, T, V]`` logits (the compute dtype;
-  :mod:`meshnet.compute` casts them to float32 under ``bf16``)."""
-  k_embed, k_blocks = jax.random.split(key) if key is not None else (None, None)
+  :mod:`meshnet.compute` casts them to float32 under ``bf16``).
+
+  Keys are per layer, as :func:`meshnet.model.sequential` draws them for the
+  ``L + 2`` layers of :func:`to_layers` (so a pipeline draws the same
+  dropout masks): ``keys = jax.random.split(key, L + 2)``, the embedding
+  ``keys[0]``, block ``l`` ``keys[1 + l]`` (the head has no randomness)."""
+  keys = jax.random.split(key, cfg.layers + 2) if key is not None else None
   with jax.named_scope("embed"):
-    x_BxTxD = embed_apply(cfg, params["embed"], tokens_BxT, train=train, key=k_embed)
+    x_BxTxD = embed_apply(cfg, params["embed"], tokens_BxT, train=train,
+                          key=None if keys is None else keys[0])
   with jax.named_scope("blocks"):
-    x_BxTxD = blocks_apply(cfg, params["blocks"], x_BxTxD, train=train, key=k_blocks)
+    x_BxTxD = blocks_apply(cfg, params["blocks"], x_BxTxD, train=train,
+                           keys=None if keys is None else keys[1:cfg.layers + 1])
   with jax.named_scope("head"):
     return head_apply(cfg, params["head"], x_BxTxD, params["embed"])
 
@@ -307,4 +335,63 @@ def from_config(cfg: GPTConfig) -> Model:
   def apply(params, tokens_BxT, *, train: bool = False, key: jax.Array | None = None):
     return apply_params(cfg, params, tokens_BxT, train=train, key=key)
 
-  return Model(init, apply, logical_axes=logical_axes(cfg))
+  if cfg.tie_embeddings:  # the head reads the embedding: no cut between them
+    return Model(init, apply, logical_axes=logical_axes(cfg))
+  return Model(init, apply, logical_axes=logical_axes(cfg), layers=layers(cfg),
+               to_layers=functools.partial(to_layers, cfg),
+               from_layers=functools.partial(from_layers, cfg))
+
+
+def layers(cfg: GPTConfig) -> tuple[Model, ...]:
+  """The ``L + 2`` layers a pipeline cuts an untied gpt into: the
+  embedding (tokens ``int [B, T] -> [B, T, D]``), ``L`` identical blocks
+  (``[B, T, D] -> [B, T, D]``; one :class:`~meshnet.Model`, so a pipeline
+  scans a stage's blocks and compiles equal stages once) and the head
+  (``[B, T, D] -> [B, T, V]``). Their parameters are :func:`to_layers`'
+  entries; each layer's ``init`` gives the right shapes (not the values of
+  :func:`init_params`).
+
+  Raises:
+    MeshnetError: a tied head (it reads the embedding's table, so the
+      first and last layers share a parameter).
+  """
+  if cfg.tie_embeddings:
+    raise MeshnetError("a gpt with tie_embeddings=True has no layers to pipeline (its head "
+                       "is the embedding's table); use an untied head (the default)")
+
+  def embed_init(key):
+    return _embed_init(cfg, *jax.random.split(key))
+
+  def embed(params, tokens_BxT, *, train=False, key=None):
+    return embed_apply(cfg, params, tokens_BxT, train=train, key=key)
+
+  def block(params, x_BxTxD, *, train=False, key=None):
+    return block_apply(cfg, params, x_BxTxD, train=train, key=key)
+
+  def head(params, x_BxTxD, *, train=False, key=None):
+    del train, key
+    return head_apply(cfg, params, x_BxTxD)
+
+  axes = logical_axes(cfg)
+  block_layer = Model(functools.partial(_block_init, cfg), block,
+                      logical_axes=_block_logical_axes(cfg))
+  return (Model(embed_init, embed, logical_axes=axes["embed"]),
+          *(block_layer,) * cfg.layers,
+          Model(functools.partial(_head_init, cfg), head, logical_axes=axes["head"]))
+
+
+def to_layers(cfg: GPTConfig, params: dict[str, Any]) -> list[Any]:
+  """The parameters as :func:`layers` takes them: ``[embed, block_0, ...,
+  block_{L-1}, head]``, block ``l`` the ``[l]`` slice of every ``blocks`` leaf."""
+  blocks = [jax.tree.map(lambda a, l=l: a[l], params["blocks"]) for l in range(cfg.layers)]
+  return [params["embed"], *blocks, params["head"]]
+
+
+def from_layers(cfg: GPTConfig, per_layer: Sequence[Any]) -> dict[str, Any]:
+  """Inverse of :func:`to_layers`: the blocks stacked back along ``[L]``."""
+  if len(per_layer) != cfg.layers + 2:
+    raise MeshnetError(f"a gpt with {cfg.layers} blocks has {cfg.layers + 2} layers, got "
+                       f"{len(per_layer)} entries")
+  return {"embed": per_layer[0],
+          "blocks": jax.tree.map(lambda *a: jnp.stack(a), *per_layer[1:-1]),
+          "head": per_layer[-1]}

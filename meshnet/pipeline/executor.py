@@ -7,8 +7,11 @@ one vector, padded to the longest (``N``), and stacked as a global array
 ``[S, v, N]`` sharded over ``stage`` (``Pipeline.stack``; the train step
 does it from the replicated parameter tree each step, and gathers the
 gradient back with ``Pipeline.unstack``, so the optimizer always sees the
-model's own tree). Activations between stages are raveled per example and
-padded to the widest boundary ``D``.
+model's own tree: a list, or any tree a model's ``to_layers``/``from_layers``
+view as its layers, e.g. a gpt's stacked blocks). Activations between stages
+are raveled per example and padded to the widest boundary ``D``; a first
+stage whose computation no other stage shares (a gpt's embedding) reads its
+microbatch as it is (``int32`` tokens ``[mb, T]``).
 
 Inside a stage, a run of identical layers (same program, shapes and closed-over
 values, in training and in evaluation) is one ``lax.scan`` over their
@@ -53,8 +56,9 @@ from meshnet import collectives, losses, sharded
 from meshnet.compute import check_precision, check_remat, precision_layers, remat_model
 from meshnet.errors import MeshnetError
 from meshnet.mesh import DATA, FSDP, STAGE, TENSOR, axis_size
-from meshnet.sharding import Rules, batch_axes, batch_sharding, batch_spec, storage_specs
-from meshnet.model import Model, example_keys, uses_key
+from meshnet.sharding import (Rules, batch_axes, batch_sharding, batch_spec, param_specs,
+                              storage_specs)
+from meshnet.model import Model, example_keys, layer_params, model_params, uses_key
 from meshnet.step import check_batch_size
 from meshnet.pipeline import plan, residuals, rounds as packing
 from meshnet.pipeline import schedules as sched
@@ -200,6 +204,7 @@ class Pipeline:
     schedule: the validated schedule.
     bounds: layer boundaries of the ``K = S * v`` virtual stages.
     example_shape: shape of one input example (without the batch axis).
+    input_dtype: the inputs' dtype.
   """
 
   model: Model
@@ -207,6 +212,7 @@ class Pipeline:
   schedule: sched.Schedule
   bounds: tuple[int, ...]
   example_shape: tuple[int, ...]
+  input_dtype: Any
   _sizes: tuple[int, ...]
   _widths: tuple[int, ...]  # flattened activation size entering stage k; last = output
   _groups: tuple[int, ...] = ()  # stage k computes what stage _groups[k] computes
@@ -218,6 +224,7 @@ class Pipeline:
   _boundary_dtypes: tuple[Any, ...] = ()  # dtype of the activation entering stage k >= 1
   _split_sizes: tuple[int, ...] = ()  # per virtual stage: elements per row of ``split``
   _storage: Any = None  # the state's parameter specs (sharding.storage_specs)
+  _raw_first: bool = False  # stage 0 reads its microbatch as it is (its own group)
 
   @functools.cached_property
   def rounds(self) -> packing.Rounds:
@@ -270,6 +277,7 @@ class Pipeline:
     return dtypes.pop() if len(dtypes) == 1 else jnp.dtype(jnp.float32)
 
   def stage_params(self, params: Sequence[Any], k: int) -> list[Any]:
+    """Stage ``k``'s entries of per-layer ``params`` (:func:`~meshnet.model.layer_params`)."""
     return list(params[self.bounds[k]:self.bounds[k + 1]])
 
   def stacked_sharding(self) -> NamedSharding | tuple[NamedSharding, NamedSharding]:
@@ -282,8 +290,8 @@ class Pipeline:
       return whole
     return whole, NamedSharding(self.mesh, P(STAGE, None, TENSOR, fsdp))
 
-  def param_shardings(self) -> list[Any]:
-    """Where the train state keeps the model's own per-layer parameters
+  def param_shardings(self) -> Any:
+    """Where the train state keeps the model's own parameters
     (:func:`meshnet.sharding.storage_specs`: split over ``stage`` too)."""
     return jax.tree.map(lambda spec: NamedSharding(self.mesh, spec), self._storage,
                         is_leaf=lambda x: isinstance(x, P))
@@ -329,7 +337,7 @@ class Pipeline:
     N, Nt, T = self.param_width, self.split_width, self.tensor
 
     def build(params):
-      params = self._tensor_only(params, self._leaf_tensor_specs())
+      params = layer_params(self.model, self._tensor_only(params, self._leaf_tensor_specs()))
       rows, split_rows = [], []
       for k in range(self.num_virtual_stages):
         flat, split = _ravel_stage(self._run_layouts[k], self.stage_params(params, k),
@@ -361,18 +369,19 @@ class Pipeline:
         params.extend(_unravel_stage(
             self._run_layouts[k], whole[d, c, :self._sizes[k]],
             None if parts is None else parts[d, c, :, :self._split_sizes[k]]))
-      return self._stored(params)
+      return self._stored(model_params(self.model, params))
 
     return jax.jit(split, out_shardings=self.param_shardings())
 
-  def stack(self, params: Sequence[Any]) -> jax.Array | tuple[jax.Array, jax.Array]:
-    """Logical per-layer params -> ``whole`` ``[S, v, N]`` (and, when some
-    parameters are split over ``tensor``, ``(whole, split [S, v, T, N_t])``),
-    laid out as :meth:`stacked_sharding` says."""
-    return self._stack_fn(list(params))
+  def stack(self, params: Any) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """The model's own params (a list, one entry per layer, or the tree
+    :attr:`Model.to_layers` takes apart) -> ``whole`` ``[S, v, N]`` (and,
+    when some parameters are split over ``tensor``, ``(whole, split [S, v,
+    T, N_t])``), laid out as :meth:`stacked_sharding` says."""
+    return self._stack_fn(list(params) if self.model.to_layers is None else params)
 
-  def unstack(self, stacked: jax.Array | tuple[jax.Array, jax.Array]) -> list[Any]:
-    """The inverse of ``stack``: logical per-layer params, laid out as the
+  def unstack(self, stacked: jax.Array | tuple[jax.Array, jax.Array]) -> Any:
+    """The inverse of ``stack``: the model's own params, laid out as the
     train state keeps them (:meth:`param_shardings`)."""
     return self._unstack_fn(stacked)
 
@@ -424,9 +433,11 @@ class Pipeline:
     return jnp.pad(data, ((0, 0), (0, self._max_layers), (0, 0)))
 
   def _stage_forward(self, k: int, flat: jax.Array | tuple[jax.Array, jax.Array],
-                     x_pad: jax.Array, layer_keys: jax.Array | None, train: bool):
+                     x_pad: jax.Array, layer_keys: jax.Array | None, train: bool,
+                     raw: bool = False):
     """Stage ``k`` on padded activations: ``[b, D] -> [b, D]`` (the last
-    stage returns its real output shape ``[b, ...]``). ``flat``: the stage's
+    stage returns its real output shape ``[b, ...]``; with ``raw``, ``x_pad``
+    is the input as it is, ``[b, *example_shape]`` in its own dtype). ``flat``: the stage's
     ``whole`` vector ``[N]``, or ``(whole, split [T, N_t])``. ``layer_keys``:
     ``[b, n]`` raw key data, column ``i`` for the stage's ``i``-th layer (a
     layer that reads its key runs per example with it, as
@@ -434,8 +445,12 @@ class Pipeline:
     identical layers is one ``lax.scan`` over their stacked parameters, so
     the program does not grow with the number of blocks."""
     b = x_pad.shape[0]
-    x_pad = self._whole_over_tensor(x_pad)
-    x = self._whole_over_tensor(x_pad[:, :self._widths[k]].reshape(b, *self._shapes[k]))
+    if raw:
+      x = x_pad
+    else:
+      x_pad = self._whole_over_tensor(x_pad)
+      x = x_pad[:, :self._widths[k]].reshape(b, *self._shapes[k])
+    x = self._whole_over_tensor(x)
     first = self.bounds[k]
     layers = self.model.layers[first:self.bounds[k + 1]]
     keys = None if layer_keys is None else jax.random.wrap_key_data(layer_keys)
@@ -557,11 +572,16 @@ class Pipeline:
     def mean_loss(out, y):
       return jnp.mean(objective.loss(out, y)) / M
 
+    raw_first = self._raw_first  # stage 0 reads x as it is, else padded and cast
+
+    def raw(k):
+      return raw_first and k == 0
+
     def stage_fn(k):
       """``(flat, x, y, keys) -> output`` of virtual stage ``k`` (the last
       stage's output is its share of the loss)."""
       def fn(flat, x, y, keys):
-        out = self._stage_forward(k, flat, x, keys if use_keys else None, train)
+        out = self._stage_forward(k, flat, x, keys if use_keys else None, train, raw(k))
         return mean_loss(out, y) if k == K - 1 else out.astype(act)
       return fn
 
@@ -573,14 +593,22 @@ class Pipeline:
       first_row = collectives.axis_index(over_batch) * b  # global index of x[0]
       # [v, N] (and [v, T, N_t]): own gradient, no implicit psum
       flat_params = jax.tree.map(lambda a: _varying(a, axes), gather(stacked))
-      xs = x.reshape(M, mb, -1)
-      xs = jnp.pad(xs, ((0, 0), (0, 0), (0, D - xs.shape[-1]))).astype(act)
+      if raw_first:  # [M, mb, ...] in the inputs' dtype (a gpt's int32 tokens)
+        xs = x.reshape(M, mb, *x.shape[1:])
+      else:  # [M, mb, D]: padded and cast like an activation between stages
+        xs = x.reshape(M, mb, -1)
+        xs = jnp.pad(xs, ((0, 0), (0, 0), (0, D - xs.shape[-1]))).astype(act)
       ys = y.reshape(M, mb, *y.shape[1:])
       zeros = lambda shape, dtype=jnp.float32: _varying(jnp.zeros(shape, dtype), axes)
       act_zeros = lambda: zeros((mb, D), act)  # an activation or its cotangent
       key_shape = (mb, n_max, *jax.random.key_data(key).shape) if use_keys else ()
       # Example arguments with this program's types (varying over the mesh axes).
       x_mb, y_mb, keys_mb = act_zeros(), _varying(ys[0], axes), zeros(key_shape, jnp.uint32)
+      x_first = _varying(jnp.zeros_like(xs[0]), axes)  # stage 0's input
+
+      def x_example(k):
+        return x_first if raw(k) else x_mb
+
       def chunk_params(c):
         """``[N]`` (and ``[T, N_t]``) parameters of chunk ``c`` (a static
         index with one chunk: slices of it are then views, not copies)."""
@@ -593,9 +621,10 @@ class Pipeline:
       # collective-permutes there (a deadlock on CPU).
       whole = self._whole_over_tensor
       layouts = {} if self.remat else {
-          k: residuals.layout(stage_fn(k), chunk_params(0), x_mb, y_mb, keys_mb)
+          k: residuals.layout(stage_fn(k), chunk_params(0), x_example(k), y_mb, keys_mb)
           for k in reps}
-      R = mb * D if self.remat else max([1] + [lay.size for lay in layouts.values()])
+      R = (max(mb * D, residuals.encode(x_first).shape[0]) if self.remat
+           else max([1] + [lay.size for lay in layouts.values()]))
 
       def op_keys(m, k):
         """``[mb, n_max, 2]`` key data of microbatch ``m``'s examples for
@@ -610,7 +639,12 @@ class Pipeline:
         fn = stage_fn(k)
 
         def run(c, m, act_buf, act_slot, first, keys):
-          x_in = whole(jnp.where(first, xs[m], act_buf[c, act_slot]))
+          if raw(k):  # only virtual stage 0 runs this branch
+            x_in = whole(xs[m])
+          elif raw_first:  # never the first stage
+            x_in = whole(act_buf[c, act_slot])
+          else:
+            x_in = whole(jnp.where(first, xs[m], act_buf[c, act_slot]))
           flat = chunk_params(c)
           if self.remat:
             out, res = fn(flat, x_in, ys[m], keys), whole(residuals.encode(x_in))
@@ -628,10 +662,11 @@ class Pipeline:
       def pullback_of(k, c, m, res, keys):
         fn, flat = stage_fn(k), chunk_params(c)
         if self.remat:
-          x_in = whole(residuals.decode(whole(res), (mb, D), act))
+          x_in = (residuals.decode(whole(res), x_first.shape, x_first.dtype) if raw(k)
+                  else whole(residuals.decode(whole(res), (mb, D), act)))
           return jax.vjp(lambda f, a: fn(f, a, ys[m], keys), flat, x_in)[1]
         lay = layouts[k]
-        _, recomputed = residuals.leaves_fn(fn)(flat, x_mb, y_mb, keys_mb)
+        _, recomputed = residuals.leaves_fn(fn)(flat, x_example(k), y_mb, keys_mb)
         stored = [whole(a) for a in residuals.unpack(whole(res), lay)]
         return residuals.pullback(lay, stored, recomputed)
 
@@ -767,7 +802,7 @@ def make_pipeline(
     model: Model, mesh: Mesh, example_shape: Sequence[int], *,
     schedule: str | sched.Schedule = "1f1b", microbatches: int | None = None,
     virtual_stages: int = 1, bounds: Sequence[int] | None = None, remat: bool | str = False,
-    rules: Rules | None = None, precision: str = "fp32",
+    rules: Rules | None = None, precision: str = "fp32", input_dtype: Any = jnp.float32,
 ) -> Pipeline:
   """Cuts ``model`` (which must have ``layers``) into stages over ``stage``.
 
@@ -798,6 +833,10 @@ def make_pipeline(
     rules: the logical-axis rules (:data:`meshnet.sharding.DEFAULT_RULES`
       when ``None``) that say which parameters ``tensor`` splits and where
       the train state keeps them (pass the same to :func:`meshnet.init_train_state`).
+    input_dtype: the dtype of the inputs (``int32`` for a gpt's tokens). A
+      first stage whose computation no other stage shares reads its
+      microbatch as it is (shape and dtype); otherwise the input is cast to
+      the activations' dtype.
 
   With ``fsdp`` > 1 each stage's vectors are split over ``fsdp`` (gathered
   once per step, gradients reduce-scattered) and the batch over ``data`` x
@@ -819,12 +858,14 @@ def make_pipeline(
         "pipelining needs a model made of layers (Model(..., layers=...), e.g. "
         "meshnet.models.mlp or meshnet.model.sequential); this model has none")
   S, T = axis_size(mesh, STAGE), axis_size(mesh, TENSOR)
-  params = jax.eval_shape(model.init, jax.random.key(0))
-  if not isinstance(params, (list, tuple)) or len(params) != len(model.layers):
+  tree = jax.eval_shape(model.init, jax.random.key(0))
+  listed = model.to_layers is not None or isinstance(tree, (list, tuple))
+  params = jax.eval_shape(lambda p: layer_params(model, p), tree) if listed else []
+  if not listed or len(params) != len(model.layers):
     raise MeshnetError(
         f"a pipelined model's init must return a list or tuple with one entry per layer "
-        f"({len(model.layers)}), got {type(params).__name__}; build it with "
-        "meshnet.sequential(layers)")
+        f"({len(model.layers)}), got {type(tree).__name__} ({len(params)} entries); build "
+        "it with meshnet.sequential(layers), or give Model.to_layers/from_layers")
   if isinstance(schedule, sched.Schedule):
     plan = schedule
     if plan.num_stages != S:
@@ -842,16 +883,20 @@ def make_pipeline(
     bounds = check_bounds(bounds, n_layers, K)
   example_shape = tuple(int(s) for s in example_shape)
   model = precision_layers(model, precision)  # after the checks: casts keep the tree
-  storage = storage_specs(model, params, mesh, rules)  # checks every split divides
+  storage = storage_specs(model, tree, mesh, rules)  # checks every split divides
+  # Each layer's tensor split: the model's own (per layer) names, or, for a
+  # model with a layered view of another tree, each layer's names.
+  per_layer_specs = storage if model.to_layers is None else [
+      param_specs(layer, p, mesh, rules) for layer, p in zip(model.layers, params)]
   split_dims = [tuple(_tensor_dim(spec) if T > 1 else None for spec in
                       jax.tree.leaves(layer_specs, is_leaf=lambda x: isinstance(x, P)))
-                for layer_specs in storage]
+                for layer_specs in per_layer_specs]
 
   # Shapes of every stage's parameters and boundary activations (abstractly),
   # and, inside each stage, runs of identical layers to scan over.
   sizes, shapes, runs, run_layouts, key_layers = [], [example_shape], [], [], []
   split_sizes, boundary_dtypes = [], []
-  x = jax.ShapeDtypeStruct((2, *example_shape), jnp.float32)
+  x = jax.ShapeDtypeStruct((2, *example_shape), jnp.dtype(input_dtype))
   for k in range(K):
     stage = list(params[bounds[k]:bounds[k + 1]])
     signatures = []
@@ -874,13 +919,14 @@ def make_pipeline(
     sizes.append(sum(run.size for run in layouts))
     split_sizes.append(sum(run.split_size for run in layouts))
     shapes.append(tuple(x.shape[1:]))
-  pipe = Pipeline(model, mesh, plan, tuple(bounds), example_shape,
+  pipe = Pipeline(model, mesh, plan, tuple(bounds), example_shape, jnp.dtype(input_dtype),
                   tuple(sizes), tuple(int(np.prod(s)) for s in shapes[:-1]),
                   _shapes=tuple(shapes), _runs=tuple(runs), _run_layouts=tuple(run_layouts),
                   _key_layers=tuple(key_layers), remat=bool(remat),
                   _split_sizes=tuple(split_sizes), _storage=storage,
                   _boundary_dtypes=tuple(jnp.dtype(d) for d in boundary_dtypes[:-1]))
-  return dataclasses.replace(pipe, _groups=_stage_groups(pipe))
+  groups = _stage_groups(pipe)
+  return dataclasses.replace(pipe, _groups=groups, _raw_first=groups.count(0) == 1)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -970,6 +1016,10 @@ def _stage_groups(pipe: Pipeline) -> tuple[int, ...]:
   x = jax.ShapeDtypeStruct((2, pipe.activation_width), pipe.activation_dtype)
   signatures = []
   for k in range(pipe.num_virtual_stages):
+    if k == 0 and not jnp.issubdtype(pipe.input_dtype, jnp.floating):
+      signatures.append(("first stage", "its inputs are not activations"))  # its own group
+      continue
+
     def fn(f, x, *, train, key, k=k):
       keys = jax.random.key_data(jax.random.split(key, (x.shape[0], pipe._max_layers)))
       return pipe._stage_forward(k, f, x, keys, train)
