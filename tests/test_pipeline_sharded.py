@@ -72,14 +72,18 @@ def _one_device_grads(model, batch, key):
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("model_name", sorted(MODELS))
 def test_loss_and_gradients_equal_one_device(model_name, layout, schedule, digits_batches):
-  model = MODELS[model_name]()
+  _assert_equals_one_device(MODELS[model_name](), LAYOUTS[layout], digits_batches[0],
+                            schedule=schedule, microbatches=4)
+
+
+def _assert_equals_one_device(model, axes, batch, **pipeline):
+  """The pipeline on ``axes`` gives one device's loss and gradients."""
   key = jax.random.key(1)
-  ref_loss, ref_grads = _one_device_grads(model, digits_batches[0], key)
-  mesh = meshnet.make_mesh(**LAYOUTS[layout])
-  pipe = make_pipeline(model, mesh, (64,), schedule=schedule, microbatches=4)
+  ref_loss, ref_grads = _one_device_grads(model, batch, key)
+  mesh = meshnet.make_mesh(**axes)
+  pipe = make_pipeline(model, mesh, (64,), **pipeline)
   params = jax.device_put(model.init(jax.random.key(0)), pipe.param_shardings())
-  loss, stacked = jax.jit(pipe.make_grad_fn())(pipe.stack(params),
-                                               _put(mesh, digits_batches[0]), key)
+  loss, stacked = jax.jit(pipe.make_grad_fn())(pipe.stack(params), _put(mesh, batch), key)
   np.testing.assert_allclose(loss, ref_loss, **TIGHT)
   chex.assert_trees_all_close(reference.to_numpy(pipe.unstack(stacked)),
                               reference.to_numpy(ref_grads), **TIGHT)
@@ -114,18 +118,9 @@ def test_parameters_after_three_adam_steps_equal_one_device(model_name, layout, 
 
 
 def test_interleaved_with_fsdp_and_tensor_equals_one_device(digits_batches):
-  model = MODELS["mlp"]()
-  key = jax.random.key(1)
-  ref_loss, ref_grads = _one_device_grads(model, digits_batches[0], key)
-  mesh = meshnet.make_mesh(fsdp=2, stage=2, tensor=2)
-  pipe = make_pipeline(model, mesh, (64,), schedule="interleaved", microbatches=4,
-                       virtual_stages=2)
-  params = jax.device_put(model.init(jax.random.key(0)), pipe.param_shardings())
-  loss, stacked = jax.jit(pipe.make_grad_fn())(pipe.stack(params),
-                                               _put(mesh, digits_batches[0]), key)
-  np.testing.assert_allclose(loss, ref_loss, **TIGHT)
-  chex.assert_trees_all_close(reference.to_numpy(pipe.unstack(stacked)),
-                              reference.to_numpy(ref_grads), **TIGHT)
+  _assert_equals_one_device(MODELS["mlp"](), dict(fsdp=2, stage=2, tensor=2),
+                            digits_batches[0], schedule="interleaved", microbatches=4,
+                            virtual_stages=2)
 
 
 def _per_device_bytes(tree):
