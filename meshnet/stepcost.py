@@ -414,7 +414,9 @@ def pipeline_temporaries(shape: PipelineShape, example_size: int, largest_leaf: 
   op = max(aligned(F32 * (sizes[k] + split_sizes[k])) + aligned(F32 * (N + shape.Nt))
            + aligned(F32 * shape.residual_words[g]) + 2 * aligned(shape.message)
            for k, g in enumerate(pipe.stage_groups))
-  padded_input = aligned(shape.act_bytes * local_batch * D) if example_size != D else 0
+  # The batch padded to [b, D] and cast, unless stage 0 reads it as it is.
+  padded = example_size != D and not pipe._raw_first  # noqa: SLF001
+  padded_input = aligned(shape.act_bytes * local_batch * D) if padded else 0
   words = shape.stage_words
   rounds = (2 * aligned(F32 * words)  # the stage's parameters, and the gradient accumulated
             + (aligned(F32 * words // shape.F) if shape.F > 1 else 0)  # its fsdp piece
