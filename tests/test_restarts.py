@@ -98,9 +98,11 @@ def test_used_up_restarts_end_with_the_last_failure():
   restarts = re.findall(r"^meshnet launch: process 1 exited with 3; restart (\d) of 2 with the "
                         r"same command \(not meshnet train: nothing to resume\)$", out, re.M)
   assert restarts == ["1", "2"], out
-  assert out.strip().splitlines()[-1] == (
-      "meshnet launch: process 1 failed (exit code 3); stopped the others (0: exit code 0); "
-      "restarts used up (2 of 2)")
+  # Process 0 exits at once, or is stopped if process 1 fails first (a loaded machine).
+  assert re.fullmatch(
+      r"meshnet launch: process 1 failed \(exit code 3\); stopped the others "
+      r"\(0: (exit code 0|signal SIGTERM)\); restarts used up \(2 of 2\)",
+      out.strip().splitlines()[-1]), out
   ports = re.findall(r"^\[1\] port (\d+) restart (\d)$", out, re.M)
   assert [r for _, r in ports] == ["0", "1", "2"], out
   assert len({p for p, _ in ports}) == 3, ports
