@@ -48,8 +48,11 @@ def test_quick_gpt_benchmark_prints_both_tables():
   assert [r["step"] for r in steps] == ["jax.jit", "meshnet"], out
   values = {r["step"]: {k: _number(v) for k, v in r.items() if k != "step"} for r in steps}
   assert values["jax.jit"]["vs jax.jit"] == 1.0
-  assert math.isclose(values["meshnet"]["vs jax.jit"],
-                      values["meshnet"]["ms/step"] / values["jax.jit"]["ms/step"], rel_tol=0.01)
+  # The ratio is of the unrounded times; the ms columns are rounded to 0.1 ms,
+  # which at --quick's few milliseconds moves their quotient by a few percent.
+  ms, base = values["meshnet"]["ms/step"], values["jax.jit"]["ms/step"]
+  rounding = 0.05 / ms + 0.05 / base
+  assert math.isclose(values["meshnet"]["vs jax.jit"], ms / base, rel_tol=rounding + 0.01)
   assert math.isclose(values["meshnet"]["loss after 1 step"],
                       values["jax.jit"]["loss after 1 step"], rel_tol=1e-4)
 
