@@ -45,3 +45,20 @@ def train(model, per_example_loss, optimizer, params, batches):
 
 def to_numpy(tree):
   return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def markdown_tables(out: str) -> dict[str, list[dict[str, str]]]:
+  """Markdown tables in a benchmark's output, by their first column's
+  header: rows as ``{header: cell}``."""
+  tables, header = {}, None
+  for line in out.splitlines():
+    if not line.startswith("|"):
+      header = None
+      continue
+    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    if header is None:
+      header = cells
+      tables[header[0]] = []
+    elif set(cells) != {"---"}:
+      tables[header[0]].append(dict(zip(header, cells)))
+  return tables

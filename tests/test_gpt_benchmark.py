@@ -8,25 +8,13 @@ import pathlib
 import subprocess
 import sys
 
+import reference
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MESHES = ["data=8", "fsdp=8", "data=2,fsdp=2,tensor=2", "fsdp=2,stage=4 (1f1b, M=4)"]
 
 
-def _tables(out: str) -> dict[str, list[dict[str, str]]]:
-  """Markdown tables in ``out``, by their first column's header: rows as
-  ``{header: cell}``."""
-  tables, header = {}, None
-  for line in out.splitlines():
-    if not line.startswith("|"):
-      header = None
-      continue
-    cells = [c.strip() for c in line.strip().strip("|").split("|")]
-    if header is None:
-      header = cells
-      tables[header[0]] = []
-    elif set(cells) != {"---"}:
-      tables[header[0]].append(dict(zip(header, cells)))
-  return tables
+_tables = reference.markdown_tables
 
 
 def _number(cell: str) -> float:

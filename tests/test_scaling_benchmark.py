@@ -9,25 +9,13 @@ import pathlib
 import subprocess
 import sys
 
+import reference
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
 
 
-def _tables(out: str) -> dict[str, list[dict[str, str]]]:
-  """Markdown tables in ``out``, by their first column's header: rows as
-  ``{header: cell}``."""
-  tables, header = {}, None
-  for line in out.splitlines():
-    if not line.startswith("|"):
-      header = None
-      continue
-    cells = [c.strip() for c in line.strip().strip("|").split("|")]
-    if header is None:
-      header = cells
-      tables[header[0]] = []
-    elif set(cells) != {"---"}:
-      tables[header[0]].append(dict(zip(header, cells)))
-  return tables
+_tables = reference.markdown_tables
 
 
 def _positive(cell: str) -> bool:
