@@ -93,6 +93,10 @@ TRAIN_FLAGS: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
     "--context": ("model", "context", _optional_int,
                   "gpt's longest sequence in tokens (default: --gpt-size's)"),
     "--positions": ("model", "positions", str, "gpt positions: learned or rotary"),
+    "--attention": ("model", "attention", str,
+                    "gpt attention: plain (scores written out) or fused "
+                    "(jax.nn.dot_product_attention: cuDNN flash attention on NVIDIA GPUs "
+                    "with --precision bf16)"),
     "--dataset": ("data", "dataset", str, "xor, digits, mnist or text"),
     "--data-dir": ("data", "data_dir", _optional_str,
                    "data files: mnist's directory (default: where `meshnet data fetch "

@@ -21,7 +21,7 @@ from meshnet.compute import check_precision, check_remat
 from meshnet.errors import MeshnetError
 from meshnet.mesh import AXES, DATA, check_axis_sizes
 from meshnet.models.gpt import GPT_SIZES, gpt_config
-from meshnet.nn_transformer import POSITIONS
+from meshnet.nn_transformer import ATTENTIONS, POSITIONS
 from meshnet.pipeline.schedules import SCHEDULES
 
 _MAX_SEED = 2**63 - 1
@@ -148,6 +148,9 @@ class ModelConfig:
     positions: ``gpt``'s positions, ``learned`` or ``rotary``.
     tie_embeddings: ``gpt``'s head is its token table (GPT-2) rather than a
       matrix of its own.
+    attention: ``gpt``'s attention, ``plain`` or ``fused``
+      (``jax.nn.dot_product_attention``: cuDNN flash attention on NVIDIA
+      GPUs under bf16).
   """
 
   name: str = "mlp"
@@ -161,6 +164,7 @@ class ModelConfig:
   context: int | None = None
   positions: str = "learned"
   tie_embeddings: bool = False
+  attention: str = "plain"
 
   def __post_init__(self):
     hidden = self.hidden
@@ -180,6 +184,9 @@ class ModelConfig:
     if self.positions not in POSITIONS:
       raise MeshnetError(f"model.positions={self.positions!r} must be one of "
                          f"{', '.join(POSITIONS)} (--positions)")
+    if self.attention not in ATTENTIONS:
+      raise MeshnetError(f"model.attention={self.attention!r} must be one of "
+                         f"{', '.join(ATTENTIONS)} (--attention)")
     if self.name == "gpt":  # the shape holds together (heads divide the width...)
       self.gpt_config()
 
@@ -188,7 +195,8 @@ class ModelConfig:
     ``options`` (e.g. ``vocab``, ``remat``) added."""
     return gpt_config(self.gpt_size, layers=self.layers, heads=self.heads,
                       width=self.width, context=self.context, positions=self.positions,
-                      tie_embeddings=self.tie_embeddings, dropout=self.dropout, **options)
+                      tie_embeddings=self.tie_embeddings, dropout=self.dropout,
+                      attention=self.attention, **options)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -180,6 +180,28 @@ def test_layout_gives_the_loss_gradient_and_adam_steps_of_one_device(axes, one_d
         None, "fsdp", None, None, None)
 
 
+@pytest.mark.parametrize("positions", ["learned", "rotary"])
+def test_fused_attention_matches_plain_and_shards(positions):
+  """``attention="fused"`` (``jax.nn.dot_product_attention``; XLA's lowering
+  on CPU) gives the plain attention's logits and gradients, on one device and
+  split over data x fsdp x tensor."""
+  plain, fused = (gpt("tiny", positions=positions, attention=a) for a in ("plain", "fused"))
+  params = plain.init(jax.random.key(0))
+  seq = np.random.default_rng(2).integers(0, V, (8, GPT_SIZES["tiny"]["context"] + 1))
+  batch = (seq[:, :-1].astype(np.int32), seq[:, 1:].astype(np.int32))
+  np.testing.assert_allclose(fused.apply(params, batch[0]), plain.apply(params, batch[0]),
+                             rtol=1e-5, atol=1e-5)
+  one = meshnet.make_mesh(data=1, devices=jax.devices()[:1])
+  ref = jax.jit(meshnet.make_grad_fn(plain, one, loss=token_loss))(
+      params, _put(one, batch), jax.random.key(1))
+  mesh = meshnet.make_mesh(data=2, fsdp=2, tensor=2)
+  got = jax.jit(meshnet.make_grad_fn(fused, mesh, loss=token_loss))(
+      params, _put(mesh, batch), jax.random.key(1))
+  np.testing.assert_allclose(got[0], ref[0], rtol=1e-5)
+  chex.assert_trees_all_close(reference.to_numpy(got[1]), reference.to_numpy(ref[1]),
+                              rtol=1e-4, atol=1e-6)
+
+
 def test_dropout_masks_do_not_depend_on_the_layout():
   model = gpt(None, **TINY, dropout=0.1)
   params = model.init(jax.random.key(0))
@@ -268,14 +290,37 @@ def test_analytic_flops_agree_with_xla():
   seq = np.random.default_rng(0).integers(0, V, (4, size["context"] + 1)).astype(np.int32)
   batch = (seq[:, :-1], seq[:, 1:])
   tokens = seq[:, :-1].size
-  one = gpt_config("tiny", layers=1)
+  one = gpt_config("tiny", layers=1, embedding="gather")
   analytic_one = flops.gpt_flops_per_token(one) * tokens
-  xla_one = _xla_flops(gpt("tiny", layers=1), batch)
+  xla_one = _xla_flops(gpt("tiny", layers=1, embedding="gather"), batch)
   assert abs(xla_one / analytic_one - 1) < 0.10, (xla_one, analytic_one)
-  two = gpt_config("tiny", layers=2)
+  two = gpt_config("tiny", layers=2, embedding="gather")
   per_block = (flops.gpt_flops_per_token(two) - flops.gpt_flops_per_token(one)) * tokens
-  xla_two = _xla_flops(gpt("tiny", layers=2), batch)
+  xla_two = _xla_flops(gpt("tiny", layers=2, embedding="gather"), batch)
   assert abs(xla_two / (flops.gpt_flops_per_token(two) * tokens - per_block) - 1) < 0.10
+
+
+def test_onehot_embedding_costs_4VD_flops_per_token_and_matches_gather():
+  """The one-hot embedding (``auto`` at V=256) is implementation work outside
+  the model-FLOP count: its forward matmul and the table's gradient, 2 V D
+  FLOPs per token each. Its logits equal the gather's and its gradients agree
+  to float32 summation order."""
+  size = GPT_SIZES["tiny"]
+  seq = np.random.default_rng(1).integers(0, V, (4, size["context"] + 1)).astype(np.int32)
+  batch = (seq[:, :-1], seq[:, 1:])
+  gather, onehot = gpt("tiny", layers=1, embedding="gather"), gpt("tiny", layers=1)
+  extra = _xla_flops(onehot, batch) - _xla_flops(gather, batch)
+  expected = 4 * V * size["width"] * seq[:, :-1].size
+  assert abs(extra / expected - 1) < 0.05, (extra, expected)
+  params = gather.init(jax.random.key(0))
+  np.testing.assert_array_equal(np.asarray(onehot.apply(params, batch[0])),
+                                np.asarray(gather.apply(params, batch[0])))
+
+  def grads(model):
+    return jax.grad(lambda p: jnp.mean(token_loss(model.apply(p, batch[0]), batch[1])))(params)
+
+  chex.assert_trees_all_close(reference.to_numpy(grads(onehot)),
+                              reference.to_numpy(grads(gather)), rtol=1e-5, atol=1e-7)
 
 
 def test_matmul_parameter_count_convention():
@@ -350,7 +395,7 @@ def test_gpt_flags_parse_into_the_config_and_override_the_size():
   args = cli.build_parser().parse_args([
       "train", "--model", "gpt", "--gpt-size", "small", "--layers", "3", "--heads", "6",
       "--width", "96", "--context", "32", "--positions", "rotary", "--tie-embeddings",
-      "--peak-flops", "989T"])
+      "--peak-flops", "989T", "--attention", "fused"])
   config = cli.config_from_args(args)
   m = config.model
   assert (m.name, m.gpt_size, m.layers, m.heads, m.width, m.context, m.positions,
@@ -358,6 +403,7 @@ def test_gpt_flags_parse_into_the_config_and_override_the_size():
   assert config.train.peak_flops == 989e12
   cfg = m.gpt_config()
   assert (cfg.layers, cfg.heads, cfg.width, cfg.context) == (3, 6, 96, 32)
+  assert (m.attention, cfg.attention) == ("fused", "fused")
   assert ModelConfig(name="gpt", gpt_size="small").gpt_config().width == 768
   # meshnet plan keeps its own --layers (MLP widths).
   plan = cli.build_parser().parse_args(["plan", "--layers", "784,512,10"])
@@ -370,6 +416,7 @@ def test_gpt_flags_parse_into_the_config_and_override_the_size():
     (dict(width=102), "gpt width 102 is not divisible by heads 4"),
     (dict(layers=0), "model.layers=0 must be an integer >= 1"),
     (dict(positions="alibi"), "model.positions='alibi' must be one of learned, rotary"),
+    (dict(attention="flash"), "model.attention='flash' must be one of plain, fused"),
 ])
 def test_bad_gpt_settings_are_one_line(fields, message):
   with pytest.raises(meshnet.MeshnetError, match=message.replace("(", r"\(")):

@@ -75,6 +75,14 @@ class GPTConfig:
       ``[D, V]`` matrix.
     dropout: rate after the embedding and on each residual branch, when
       training.
+    attention: ``plain`` (scores written out, a masked float32 softmax) or
+      ``fused`` (``jax.nn.dot_product_attention``: cuDNN's flash attention
+      on NVIDIA GPUs in bfloat16; XLA's arithmetic elsewhere). See
+      :func:`meshnet.nn.causal_attention`.
+    embedding: how tokens read the table: ``gather`` (``jnp.take``),
+      ``onehot`` (a one-hot matmul, no scatter-add in the backward) or
+      ``auto`` (``onehot`` up to vocabulary 1024); see
+      :func:`meshnet.nn.embedding`.
     remat: checkpoint each block (``jax.checkpoint`` with
       ``nothing_saveable`` around the scan's body): the backward keeps each
       block's input and recomputes the block.
@@ -90,6 +98,8 @@ class GPTConfig:
   norm: str = "layer"
   tie_embeddings: bool = False
   dropout: float = 0.0
+  attention: str = "plain"
+  embedding: str = "auto"
   remat: bool = False
 
   def __post_init__(self):
@@ -103,6 +113,8 @@ class GPTConfig:
           f"that is a multiple of the head count (--width, --heads)")
     check_choice("gpt positions", self.positions, nn.POSITIONS)
     check_choice("gpt norm", self.norm, nn.NORMS)
+    check_choice("gpt attention", self.attention, nn.ATTENTIONS)
+    check_choice("gpt embedding", self.embedding, nn.EMBEDDINGS)
     if self.positions == "rotary" and self.head_width % 2:
       raise MeshnetError(f"rotary positions need an even per-head width; width "
                          f"{self.width} / heads {self.heads} = {self.head_width}")
@@ -229,7 +241,7 @@ def embed_apply(cfg: GPTConfig, params: dict[str, Any], tokens_BxT: jax.Array, *
   if tokens_BxT.ndim != 2 or not jnp.issubdtype(tokens_BxT.dtype, jnp.integer):
     raise MeshnetError(f"gpt takes integer tokens [B, T], got {tokens_BxT.dtype} "
                        f"{tuple(tokens_BxT.shape)}; use a token data set (--dataset text)")
-  x_BxTxD = nn.embedding(params["tokens"], tokens_BxT)
+  x_BxTxD = nn.embedding(params["tokens"], tokens_BxT, kind=cfg.embedding)
   if cfg.positions == "learned":
     x_BxTxD = nn.add_positions(params["positions"], x_BxTxD)
   return nn.dropout(x_BxTxD, cfg.dropout, key=key, train=train)
@@ -241,7 +253,7 @@ def block_apply(cfg: GPTConfig, params: dict[str, Any], x_BxTxD: jax.Array, *,
   ``x + drop(attn(norm(x)))`` then ``x + drop(mlp(norm(x)))``; ``[B, T, D] -> [B, T, D]``."""
   k_attn, k_mlp = jax.random.split(key) if key is not None else (None, None)
   h = nn.causal_attention(params["attn"], nn.norm(params["attn_norm"], x_BxTxD),
-                          rotary_positions=cfg.positions == "rotary")
+                          rotary_positions=cfg.positions == "rotary", kind=cfg.attention)
   x_BxTxD = x_BxTxD + nn.dropout(h, cfg.dropout, key=k_attn, train=train)
   h = nn.mlp_block(params["mlp"], nn.norm(params["mlp_norm"], x_BxTxD))
   return x_BxTxD + nn.dropout(h, cfg.dropout, key=k_mlp, train=train)
@@ -316,7 +328,7 @@ def gpt(size: str | None = "tiny", **options: Any) -> Model:
     size: a name in :data:`GPT_SIZES`, or ``None`` to give every dimension.
     **options: fields of :class:`GPTConfig` (``layers``, ``heads``,
       ``width``, ``context``, ``vocab``, ``mlp_ratio``, ``positions``,
-      ``norm``, ``tie_embeddings``, ``dropout``, ``remat``); ``None`` keeps
+      ``norm``, ``tie_embeddings``, ``dropout``, ``attention``, ``remat``); ``None`` keeps
       the size's value.
 
   Returns:

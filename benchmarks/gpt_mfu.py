@@ -1,0 +1,215 @@
+"""MFU of meshnet's GPT train step on one accelerator (a GPU or a TPU chip).
+
+For each configuration (``--vocab`` x ``--attention`` x ``--batch-size``) it
+builds ``meshnet.models.gpt(--size)``, ``meshnet.init_train_state`` and
+``meshnet.make_train_step(precision="bf16")`` (AdamW, float32 master
+parameters and optimizer state) on a one-device mesh, feeds random token
+batches, and times ``--steps`` steps after ``--warmup``. It prints one
+markdown row per configuration:
+
+- tokens/s and ms/step;
+- model TFLOP/s: tokens/s times ``6N + 12LHQT`` per token
+  (:mod:`meshnet.flops`; nanoGPT's and PaLM's convention, the full ``T x T``
+  attention square counted even where a causal kernel skips half);
+- MFU against the device's datasheet dense-bf16 peak
+  (:data:`meshnet.flops.PEAK_FLOPS`, or ``--peak-flops``) and against a bf16
+  8192^3 matmul timed in the same run (what this chip reaches at best);
+- the compiled step's temporary bytes.
+
+``--jit-baseline`` adds, for the first configuration, a hand-written
+``jax.jit`` bf16 step of the same model (no meshnet step code), timed
+alternately with meshnet's, and prints their ratio.
+
+Run (on the accelerator machine):
+  python benchmarks/gpt_mfu.py --size small --vocab 256,50304 --attention plain,fused
+On CPU it runs too (``--size tiny``), but there is no datasheet peak: give
+``--peak-flops`` for an MFU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import meshnet  # noqa: E402
+from meshnet import flops  # noqa: E402
+from meshnet.models.gpt import gpt_config  # noqa: E402
+from meshnet.sharding import batch_sharding  # noqa: E402
+
+LR = 3e-4
+
+
+def _tokens(batch_size: int, context: int, vocab: int, seed: int = 0):
+  seq = np.random.default_rng(seed).integers(0, vocab, (batch_size, context + 1))
+  return seq[:, :-1].astype(np.int32), seq[:, 1:].astype(np.int32)
+
+
+def _text_tokens(batch_size: int, context: int):
+  """A batch of windows of the embedded corpus (bytes of English text)."""
+  data = meshnet.data.text(context=context)
+  return data.x_train[:batch_size], data.y_train[:batch_size]
+
+
+def matmul_peak(n: int = 8192, reps: int = 20) -> float:
+  """FLOP/s of a bf16 ``n x n x n`` matmul on the first device (best of 3 timings)."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
+
+  @jax.jit
+  def chain(a, b):
+    def body(_, c):
+      return (c @ b) * jnp.bfloat16(1e-2)
+    return jax.lax.fori_loop(0, reps, body, a)
+
+  jax.block_until_ready(chain(a, b))
+  best = float("inf")
+  for _ in range(3):
+    begin = time.perf_counter()
+    jax.block_until_ready(chain(a, b))
+    best = min(best, time.perf_counter() - begin)
+  return 2.0 * n**3 * reps / best
+
+
+def _plain_step(model, optimizer):
+  """A hand-written jitted bf16 AdamW step: float32 masters cast to bf16 for
+  the forward, float32 loss (the same recipe as ``precision="bf16"``)."""
+  def loss_fn(params, x_BxT, y_BxT):
+    half = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    logits_BxTxV = model.apply(half, x_BxT).astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits_BxTxV, axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, y_BxT[..., None], axis=-1))
+
+  def step(params, opt_state, x_BxT, y_BxT):
+    loss, grads = jax.value_and_grad(loss_fn)(params, x_BxT, y_BxT)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+def _time(step, carry, steps: int):
+  jax.block_until_ready(carry)
+  begin = time.perf_counter()
+  for _ in range(steps):
+    carry = step(carry)
+  jax.block_until_ready(carry)
+  return carry, (time.perf_counter() - begin) / steps
+
+
+def measure(size: str, vocab: int, attention: str, batch_size: int, steps: int,
+            warmup: int, remat: bool, jit_baseline: bool, tie: bool = False,
+            embedding: str = "auto", text: bool = False) -> dict:
+  """One configuration: seconds per step, XLA's FLOPs and temp bytes (and the
+  plain ``jax.jit`` step's seconds with ``jit_baseline``)."""
+  options = dict(vocab=vocab, attention=attention, remat=remat, tie_embeddings=tie,
+                 embedding=embedding)
+  cfg = gpt_config(size, **options)
+  model = meshnet.models.gpt(size, **options)
+  optimizer = optax.adamw(LR)
+  device = jax.devices()[0]
+  mesh = meshnet.make_mesh(data=1, devices=[device])
+  x, y = _text_tokens(batch_size, cfg.context) if text else _tokens(batch_size, cfg.context,
+                                                                      vocab)
+  batch = tuple(jax.device_put(a, batch_sharding(mesh)) for a in (x, y))
+  state = meshnet.init_train_state(model, optimizer, mesh, jax.random.key(0))
+  step = meshnet.make_train_step(model, optimizer, mesh, donate=True, precision="bf16")
+  begin = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - begin
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  runs = {"meshnet": (lambda c: compiled(c[0], batch), (state, None))}
+  if jit_baseline:
+    params = jax.device_put(jax.device_get(state.params), device)
+    plain = _plain_step(model, optimizer)
+    plain_batch = tuple(jax.device_put(a, device) for a in (x, y))
+    runs["jax.jit"] = (lambda c: plain(c[0], c[1], *plain_batch),
+                       (params, optimizer.init(params), None))
+  carries, best = {}, {}
+  for name, (fn, carry) in runs.items():
+    carries[name], _ = _time(fn, carry, warmup)
+    best[name] = float("inf")
+  for _ in range(2):  # two alternating rounds
+    for name, (fn, _) in runs.items():
+      carries[name], seconds = _time(fn, carries[name], steps)
+      best[name] = min(best[name], seconds)
+  loss = float(carries["meshnet"][1]["loss"])
+  return {"cfg": cfg, "seconds": best, "temp": temp,
+          "compile_s": compile_s, "loss": loss,
+          "params": sum(a.size for a in jax.tree.leaves(state.params))}
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--size", default="small")
+  parser.add_argument("--vocab", default="50304,256",
+                      help="vocabularies, comma-separated (256: bytes; 50304: GPT-2's "
+                      "50257 padded to a multiple of 64)")
+  parser.add_argument("--attention", default="fused,plain")
+  parser.add_argument("--batch-size", default="16", help="sequences per step, comma-separated")
+  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--remat", action="store_true", help="checkpoint each block")
+  parser.add_argument("--tie-embeddings", action="store_true",
+                      help="the head is the token table (GPT-2: 124M at vocab 50304)")
+  parser.add_argument("--embedding", default="auto",
+                      help="auto, gather and/or onehot (meshnet.nn.embedding)")
+  parser.add_argument("--text", action="store_true",
+                      help="batches of the embedded corpus rather than random tokens")
+  parser.add_argument("--jit-baseline", action="store_true")
+  parser.add_argument("--peak-flops", type=float, default=None)
+  args = parser.parse_args(argv)
+
+  device = jax.devices()[0]
+  peak = args.peak_flops or flops.peak_flops()
+  measured = matmul_peak() if device.platform != "cpu" else None
+  print(f"device: {device.device_kind} ({device.platform}); jax {jax.__version__}; "
+        f"datasheet peak {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s; bf16 8192^3 "
+        f"matmul {measured / 1e12 if measured else float('nan'):.0f} TFLOP/s", flush=True)
+  print()
+  print("| size | vocab | params | attention, embedding | batch x T | ms/step | tokens/s | model TFLOP/s "
+        "| MFU (datasheet) | MFU (matmul) | temp GiB | loss |",
+        flush=True)
+  print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        flush=True)
+  baseline = args.jit_baseline
+  grid = [(v, a, b, e) for v in args.vocab.split(",") for a in args.attention.split(",")
+          for b in args.batch_size.split(",") for e in args.embedding.split(",")]
+  for vocab, attention, batch_size, embedding in grid:
+    vocab, batch_size = int(vocab), int(batch_size)
+    try:
+      r = measure(args.size, vocab, attention, batch_size, args.steps, args.warmup,
+                  args.remat, baseline, args.tie_embeddings, embedding, args.text)
+    except Exception as e:  # one failing configuration does not hide the others
+      print(f"| {args.size} | {vocab} | - | {attention} | {batch_size} | failed: "
+            f"{type(e).__name__}: {str(e).splitlines()[0][:300]} |", flush=True)
+      continue
+    cfg, s = r["cfg"], r["seconds"]["meshnet"]
+    tokens_per_s = batch_size * cfg.context / s
+    per_token = flops.gpt_flops_per_token(cfg)
+    achieved = tokens_per_s * per_token
+    mfu = f"{achieved / peak:.1%}" if peak else "-"
+    mfu_m = f"{achieved / measured:.1%}" if measured else "-"
+    print(f"| {args.size}{' tied' if args.tie_embeddings else ''} | {vocab} | "
+          f"{r['params'] / 1e6:.1f}M | {attention}, {embedding} | "
+          f"{batch_size} x {cfg.context} | {s * 1e3:.1f} | {tokens_per_s:,.0f} | "
+          f"{achieved / 1e12:.1f} | {mfu} | "
+          f"{mfu_m} | {r['temp'] / 2**30:.2f} | {r['loss']:.3f} |", flush=True)
+    if baseline:
+      b = r["seconds"]["jax.jit"]
+      print(f"  hand-written jax.jit bf16 step: {b * 1e3:.1f} ms; meshnet / jax.jit = "
+            f"{s / b:.3f} (compile {r['compile_s']:.0f} s)", flush=True)
+      baseline = False
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
