@@ -339,7 +339,9 @@ def run(
   if pipeline is not None:
     b = pipeline.bounds
     say(f"pipeline: {pipeline.num_virtual_stages} stages, layers per stage "
-        f"{[b[k + 1] - b[k] for k in range(len(b) - 1)]}")
+        f"{[b[k + 1] - b[k] for k in range(len(b) - 1)]}, parameters per stage "
+        f"{list(pipeline.stage_param_counts)} (each stage's vectors hold the longest: "
+        f"{pipeline.stage_padding:.2f}x the mean)")
     say(timeline_text(pipeline.schedule))
     rounds = pipeline.rounds
     kept = {"none": "vjp residuals kept", "layer": "layer inputs, layers recomputed",

@@ -113,6 +113,9 @@ def test_middle_stages_share_one_branch_and_pay_no_padding():
   assert len({sizes[k] for k in middle}) == 1
   assert pipe.bounds == (0, 2, 4, 6, 8)
   assert all(sizes[k] == pipe.param_width for k in middle)  # only embed/head stages pad
+  counts = pipe.stage_param_counts  # what the run line prints
+  assert sum(counts) == sum(a.size for a in jax.tree.leaves(model.init(jax.random.key(0))))
+  np.testing.assert_allclose(pipe.stage_padding, max(counts) / np.mean(counts), rtol=1e-3)
   assert pipe._raw_first  # noqa: SLF001 (stage 0 reads int32 tokens as they are)
   state = meshnet.init_train_state(model, optax.adam(1e-3), mesh, jax.random.key(0))
   total = sum(a.nbytes for a in jax.tree.leaves(state.params))

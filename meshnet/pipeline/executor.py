@@ -264,6 +264,23 @@ class Pipeline:
     return _round_up(max(self._split_sizes or (0,)), self.fsdp)
 
   @property
+  def stage_param_counts(self) -> tuple[int, ...]:
+    """Parameters of each virtual stage (its ``whole`` vector plus every
+    tensor block of its ``split`` one), before padding."""
+    splits = self._split_sizes or (0,) * len(self._sizes)
+    return tuple(n + self.tensor * t for n, t in zip(self._sizes, splits))
+
+  @property
+  def stage_padding(self) -> float:
+    """What every stage's vectors hold (the longest stage's ``N + T N_t``,
+    as one SPMD program gives every device the same buffers) over the mean
+    stage's parameters: 1.0 when the stages are equal. The default
+    ``bounds`` balance parameters, so this is what the layers' granularity
+    leaves."""
+    counts = self.stage_param_counts
+    return (self.param_width + self.tensor * self.split_width) / (sum(counts) / len(counts))
+
+  @property
   def activation_width(self) -> int:
     return max(self._widths)
 
