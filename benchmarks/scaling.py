@@ -19,7 +19,12 @@ machine is noisy; each keeps its best round):
   the same computation.
 * **Data parallel**: MLP 784-512-256-128-10, Adam (lr 1e-3), global batch
   256 and 1024, 2 processes against 1, for meshnet (``data=2``, one device
-  per process) and for PyTorch DDP (gloo; one process: the plain model).
+  per process; gloo, and ``grad_transport="shm"``) and for PyTorch DDP
+  (gloo; one process: the plain model). The ideal speedup is twice what
+  one process does on half the batch (each worker's share) over what it
+  does on the whole batch: smaller batches run slower per example here, and
+  that is not the exchange's fault; ``gloo / ideal`` and ``shm / ideal``
+  are what is left for the exchange and the wait for the slower worker.
 
 Every worker is pinned to its own core (``sched_setaffinity``) with its
 math libraries at one thread (``OMP_NUM_THREADS=1``, torch
@@ -200,6 +205,9 @@ def _meshnet_dp_programs(work: DataParallelWork, rank: int, world: int) -> dict:
   for b in work.batches:
     data = ddp._data(b, rank, world, 0)
     programs[str(b)] = _meshnet_program(model, optimizer, mesh, *data)
+    if world == 1:  # one worker's share of the batch, alone: the ideal for two
+      programs[f"half/{b}"] = _meshnet_program(model, optimizer, mesh,
+                                               *ddp._data(b // 2, rank, world, 0))
     if world > 1:
       programs[f"shm/{b}"] = _meshnet_program(model, optimizer, mesh, *data,
                                               grad_transport="shm")
@@ -463,25 +471,30 @@ def _dp_table(work: DataParallelWork, rounds: int, with_torch: bool) -> str:
   specs = {f"{kind} {world}": (kind, world, work) for kind in kinds for world in (1, 2)}
   plan = [(name, str(b)) for b in work.batches for name in specs]
   plan += [("meshnet 2", f"shm/{b}") for b in work.batches]
+  plan += [("meshnet 1", f"half/{b}") for b in work.batches]
   best, _ = _measure(specs, plan, work.steps, rounds)
   rows = []
   for b in work.batches:
     rate = {name: b / best.get((name, str(b)), math.nan) for name in
             ("meshnet 1", "meshnet 2", "torch 1", "torch 2")}
     shm = b / best.get(("meshnet 2", f"shm/{b}"), math.nan)
+    # Two workers can at best do twice what one does on its half of the batch.
+    ideal = 2 * (b // 2) / best.get(("meshnet 1", f"half/{b}"), math.nan)
     cells = [str(b)]
     for kind in ("meshnet", "torch"):
       one, two = rate[f"{kind} 1"], rate[f"{kind} 2"]
       cells += ["-"] * 3 if math.isnan(two) else [f"{one:,.0f}", f"{two:,.0f}",
                                                   f"{two / one:.2f}"]
       if kind == "meshnet":
-        cells += [f"{shm:,.0f}", f"{shm / one:.2f}"]
+        cells += [f"{shm:,.0f}", f"{shm / one:.2f}", f"{ideal / one:.2f}",
+                  f"{two / ideal:.2f}", f"{shm / ideal:.2f}"]
     ratio = rate["meshnet 2"] / rate["torch 2"]
     shm_ratio = shm / rate["torch 2"]
     rows.append(cells + ["-" if math.isnan(ratio) else f"{ratio:.2f}",
                          "-" if math.isnan(shm_ratio) else f"{shm_ratio:.2f}"])
   header = ["global batch", "meshnet 1p samples/s", "meshnet 2p samples/s",
             "meshnet speedup", "meshnet 2p shm samples/s", "shm speedup",
+            "ideal speedup (2 x 1p on B/2)", "gloo / ideal", "shm / ideal",
             "torch 1p samples/s", "torch 2p samples/s", "torch speedup",
             "meshnet / torch at 2p", "meshnet shm / torch at 2p"]
   return _table(header, rows)

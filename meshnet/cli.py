@@ -125,6 +125,9 @@ TRAIN_FLAGS: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
                        "pipeline microbatches per data replica (default: stages)"),
     "--virtual-stages": ("pipeline", "virtual_stages", int,
                          "chunks per device (interleaved schedule)"),
+    "--stage-balance": ("pipeline", "balance", str,
+                        "what the cut into stages balances: params (memory per stage) or "
+                        "flops (compute per stage)"),
     "--checkpoint-dir": ("checkpoint", "dir", _optional_str, "checkpoint directory"),
     "--checkpoint-every": ("checkpoint", "every", int,
                            "save every N steps (0: at the end and on SIGTERM/SIGINT)"),

@@ -23,6 +23,7 @@ from meshnet.mesh import AXES, DATA, check_axis_sizes
 from meshnet.models.gpt import GPT_SIZES, gpt_config
 from meshnet.nn_transformer import ATTENTIONS, POSITIONS
 from meshnet.pipeline.schedules import SCHEDULES
+from meshnet.pipeline.stages import BALANCES
 
 _MAX_SEED = 2**63 - 1
 
@@ -286,6 +287,10 @@ class PipelineConfig:
       number of stages). With gradient accumulation the pipeline runs
       ``microbatches * grad_accum`` microbatches: the same mean gradient.
     virtual_stages: chunks per device for ``interleaved``.
+    balance: what the cut of the layers into stages balances: ``params``
+      (parameter count: equal memory per stage) or ``flops`` (each layer's
+      forward FLOPs: equal compute per stage); see
+      :func:`meshnet.pipeline.make_pipeline`.
     remat: the former switch for ``train.remat="full"`` (kept for configs
       written before the policy): ``True`` sets ``train.remat`` to ``full``
       when it is ``none``. :class:`Config` keeps the two in step: this is
@@ -296,6 +301,7 @@ class PipelineConfig:
   microbatches: int | None = None
   virtual_stages: int = 1
   remat: bool = False
+  balance: str = "params"
 
   def __post_init__(self):
     if self.schedule not in SCHEDULES:
@@ -306,6 +312,9 @@ class PipelineConfig:
                         "for one per stage")
     _check_int("pipeline.virtual_stages", self.virtual_stages, 1)
     check_remat(self.remat)
+    if self.balance not in BALANCES:
+      raise MeshnetError(f"pipeline.balance={self.balance!r} must be one of "
+                         f"{', '.join(BALANCES)} (--stage-balance)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -110,6 +110,7 @@ class PlanConfig:
   schedule: str = "1f1b"
   virtual_stages: int = 1
   remat: bool = False
+  balance: str = "params"
   optim: OptimConfig = OptimConfig()
   precision: str = "fp32"
   deterministic: bool = False
@@ -773,7 +774,8 @@ def _pipelined(config: PlanConfig, shapes: _Shapes, param_bytes: int, opt_bytes:
       _model(config), {a: getattr(config.mesh, a) for a in AXES}, config.widths[0],
       schedule=config.schedule, microbatches=config.parts,
       virtual_stages=config.virtual_stages, remat=config.remat, loss=config.loss,
-      outputs=config.widths[-1], local_batch=local, precision=config.precision)
+      outputs=config.widths[-1], local_batch=local, precision=config.precision,
+      balance=config.balance)
   gathered = _gathered_leaves(config, shapes)
   step, traffic = _pipeline_step(config, shapes, shape, param_bytes, opt_bytes, sum(gathered))
   phases = stepcost.pipeline_temporaries(shape, config.widths[0], max(gathered), local)
@@ -971,7 +973,7 @@ def plan_config(config: Config, device: DeviceSpec, *, layers: Sequence[int] | N
       mesh=MeshConfig(**{a: getattr(mesh, a) for a in AXES}),
       microbatches=resolved.pipeline.microbatches, grad_accum=resolved.optim.grad_accum,
       schedule=resolved.pipeline.schedule, virtual_stages=resolved.pipeline.virtual_stages,
-      remat=resolved.pipeline.remat, optim=resolved.optim,
+      remat=resolved.pipeline.remat, balance=resolved.pipeline.balance, optim=resolved.optim,
       precision=resolved.train.precision if mesh.stage > 1 else "fp32",
       deterministic=resolved.optim.deterministic,
       max_devices=max_devices or max(8, size), label=label)
@@ -1157,7 +1159,8 @@ def compiled_memory(config: PlanConfig, devices: Sequence[jax.Device] | None = N
   if config.stages > 1:
     pipeline = make_pipeline(model, mesh, (config.widths[0],), schedule=config.schedule,
                              microbatches=config.parts, virtual_stages=config.virtual_stages,
-                             remat=config.remat, precision=config.precision)
+                             remat=config.remat, precision=config.precision,
+                             balance=config.balance)
   step = make_train_step(model, optimizer, mesh, loss=config.loss,
                          grad_accum=1 if pipeline else config.grad_accum, pipeline=pipeline,
                          deterministic=config.deterministic)

@@ -346,7 +346,8 @@ class PipelineShape:
 
 def pipeline_shape(model, sizes: Mapping[str, int], example_size: int, *, schedule: str,
                    microbatches: int, virtual_stages: int, remat: bool, loss: str,
-                   outputs: int, local_batch: int, precision: str = "fp32") -> PipelineShape:
+                   outputs: int, local_batch: int, precision: str = "fp32",
+                   balance: str = "params") -> PipelineShape:
   """The executor's layout for ``model`` on a mesh of ``sizes`` (abstract:
   no devices needed), at ``local_batch`` examples per batch replica
   (``data`` x ``fsdp``)."""
@@ -358,7 +359,7 @@ def pipeline_shape(model, sizes: Mapping[str, int], example_size: int, *, schedu
   mesh = AbstractMesh(tuple(sizes[a] for a in AXES), AXES)
   pipe = make_pipeline(model, mesh, (example_size,), schedule=schedule,
                        microbatches=microbatches, virtual_stages=virtual_stages, remat=remat,
-                       precision=precision)
+                       precision=precision, balance=balance)
   mb = local_batch // microbatches
   buffers = plan.plan(pipe.rounds, list(range(pipe.num_virtual_stages)))
   words = _residual_words(pipe, mb, loss, outputs, remat)

@@ -312,7 +312,7 @@ def run(
     pipeline = make_pipeline(model, mesh, dataset.x_train.shape[1:], schedule=pc.schedule,
                              microbatches=microbatches, virtual_stages=pc.virtual_stages,
                              remat=tc.remat, precision=tc.precision,
-                             input_dtype=dataset.x_train.dtype)
+                             input_dtype=dataset.x_train.dtype, balance=pc.balance)
     grad_accum = 1  # folded into the microbatches: the same mean gradient
     check_batch_size(batch_size, mesh, microbatches, what="microbatches")
   else:
@@ -338,7 +338,7 @@ def run(
 
   if pipeline is not None:
     b = pipeline.bounds
-    say(f"pipeline: {pipeline.num_virtual_stages} stages, layers per stage "
+    say(f"pipeline: {pipeline.num_virtual_stages} stages cut by {pc.balance}, layers per stage "
         f"{[b[k + 1] - b[k] for k in range(len(b) - 1)]}, parameters per stage "
         f"{list(pipeline.stage_param_counts)} (each stage's vectors hold the longest: "
         f"{pipeline.stage_padding:.2f}x the mean)")

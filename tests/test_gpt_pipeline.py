@@ -126,6 +126,51 @@ def test_middle_stages_share_one_branch_and_pay_no_padding():
   assert max(held.values()) <= 1.1 * total / 8, (max(held.values()), total / 8)
 
 
+def test_flops_balance_cuts_by_compute_and_equals_one_device():
+  """``balance="flops"`` cuts by each layer's forward FLOPs (XLA's count):
+  with a vocabulary of 4096 the head costs more than a block and the
+  embedding's lookup nothing, so the cut differs from the parameter-balanced
+  one (the embedding alone on stage 0) and puts blocks with the embedding;
+  the gradient is still one device's."""
+  model = meshnet.models.gpt(None, **{**SHAPE, "layers": 6}, vocab=4096)
+  mesh = _mesh(fsdp=2, stage=4)
+  by_params = make_pipeline(model, mesh, (T,), microbatches=4, input_dtype=jnp.int32)
+  by_flops = make_pipeline(model, mesh, (T,), microbatches=4, input_dtype=jnp.int32,
+                           balance="flops")
+  assert by_params.bounds[1] == 1, by_params.bounds  # the 131k-parameter table alone
+  assert by_flops.bounds[1] > 1, by_flops.bounds  # blocks ride with the lookup
+  costs = meshnet.pipeline.stages.layer_flops(
+      model.layers, jax.ShapeDtypeStruct((1, T), jnp.int32))
+  assert costs[0] < costs[1] < costs[-1], costs  # lookup < block < 4096-way head
+  assert len(set(costs[1:-1])) == 1
+  stage_costs = [sum(costs[b:e]) for b, e in zip(by_flops.bounds[:-1], by_flops.bounds[1:])]
+  param_cut = [sum(costs[b:e]) for b, e in zip(by_params.bounds[:-1], by_params.bounds[1:])]
+  # The head's stage costs the same either way (it is one layer); the stages
+  # before it are balanced by compute only when cut by FLOPs.
+  assert max(stage_costs) <= max(param_cut)
+  assert max(stage_costs[:-1]) < 0.5 * max(param_cut[:-1]), (stage_costs, param_cut)
+  batch = _batches(1, seed=4)[0]
+  batch = tuple(np.asarray(a) * 13 % 4096 for a in batch)  # tokens across the vocabulary
+  params = model.init(jax.random.key(0))
+  one = _mesh(data=1)
+  ref_loss, ref_grads = jax.jit(meshnet.make_grad_fn(model, one))(
+      params, _put(one, batch), jax.random.key(1))
+  loss, stacked = jax.jit(by_flops.make_grad_fn())(
+      by_flops.stack(jax.device_put(params, by_flops.param_shardings())), _put(mesh, batch),
+      jax.random.key(1))
+  np.testing.assert_allclose(loss, ref_loss, **TIGHT)
+  chex.assert_trees_all_close(reference.to_numpy(by_flops.unstack(stacked)),
+                              reference.to_numpy(ref_grads), **TIGHT)
+  with pytest.raises(meshnet.MeshnetError, match="unknown stage balance 'memory'"):
+    make_pipeline(model, mesh, (T,), input_dtype=jnp.int32, balance="memory")
+  from meshnet import cli
+  args = cli.build_parser().parse_args(["train", "--mesh", "stage=2", "--stage-balance",
+                                        "flops"])
+  assert cli.config_from_args(args).pipeline.balance == "flops"
+  with pytest.raises(meshnet.MeshnetError, match="pipeline.balance='memory' must be one of"):
+    PipelineConfig(balance="memory")
+
+
 def test_parameters_after_three_adam_steps_equal_one_device():
   model = meshnet.models.gpt(None, **SHAPE)
   optimizer = meshnet.make_optimizer(

@@ -62,7 +62,8 @@ from meshnet.model import Model, example_keys, layer_params, model_params, uses_
 from meshnet.step import check_batch_size
 from meshnet.pipeline import plan, residuals, rounds as packing
 from meshnet.pipeline import schedules as sched
-from meshnet.pipeline.stages import balanced_bounds, check_bounds, layer_param_counts
+from meshnet.pipeline.stages import (balanced_bounds, check_balance, check_bounds,
+                                     layer_flops, layer_param_counts)
 
 
 def _varying(x: jax.Array, axes: Sequence[str]) -> jax.Array:
@@ -820,6 +821,7 @@ def make_pipeline(
     schedule: str | sched.Schedule = "1f1b", microbatches: int | None = None,
     virtual_stages: int = 1, bounds: Sequence[int] | None = None, remat: bool | str = False,
     rules: Rules | None = None, precision: str = "fp32", input_dtype: Any = jnp.float32,
+    balance: str = "params",
 ) -> Pipeline:
   """Cuts ``model`` (which must have ``layers``) into stages over ``stage``.
 
@@ -834,8 +836,14 @@ def make_pipeline(
       :func:`~meshnet.pipeline.schedules.custom`).
     microbatches: ``M`` (default ``S``); ignored for a Schedule object.
     virtual_stages: chunks per device (interleaved schedules).
-    bounds: layer boundaries of the ``S * v`` stages (default: balanced by
-      parameter count).
+    bounds: layer boundaries of the ``S * v`` stages (default: cut by
+      ``balance``).
+    balance: what the default cut balances over the stages: ``params``
+      (parameter count: every device's stage vectors and state hold about
+      the same, so no stage pays memory for another's shape) or ``flops``
+      (each layer's forward FLOPs on one example, from XLA's cost analysis:
+      the rounds are not held back by a slow stage; a gpt's embedding then
+      shares its stage with blocks, which its lookup does not slow).
     remat: a policy of :mod:`meshnet.compute`: ``"layer"`` puts each layer
       under ``jax.checkpoint``, so a forward keeps its layers' inputs as its
       vjp residuals and the backward recomputes each layer; ``"full"`` (or
@@ -892,8 +900,11 @@ def make_pipeline(
     plan = sched.make_schedule(schedule, S, microbatches or S, virtual_stages)
   K = S * plan.virtual_stages
   n_layers = len(model.layers)
+  check_balance(balance)
   if bounds is None:
-    bounds = balanced_bounds(layer_param_counts(model.layers), K)
+    costs = (layer_param_counts(model.layers) if balance == "params" else layer_flops(
+        model.layers, jax.ShapeDtypeStruct((1, *example_shape), jnp.dtype(input_dtype))))
+    bounds = balanced_bounds(costs, K)
   else:
     if K > n_layers:
       balanced_bounds([1] * n_layers, K)  # raises the "more stages than layers" error

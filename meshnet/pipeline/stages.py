@@ -8,7 +8,7 @@ pipelined model is a list of layers; stage ``k`` runs layers
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -24,6 +24,34 @@ def layer_param_counts(layers: Sequence[Model]) -> list[int]:
     shapes = jax.eval_shape(layer.init, jax.random.key(0))
     counts.append(sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes)))
   return counts
+
+
+BALANCES = ("params", "flops")
+"""What :func:`~meshnet.pipeline.make_pipeline`'s default cut balances."""
+
+
+def layer_flops(layers: Sequence[Model], example: Any) -> list[float]:
+  """Forward FLOPs of each layer on one example (XLA's cost analysis of the
+  lowered layer; nothing is compiled or run). ``example`` is the first
+  layer's input, a ``jax.ShapeDtypeStruct`` with a batch dimension of 1.
+  Identical layers (same function, parameter and input shapes) are lowered
+  once. A layer XLA counts no FLOPs for (an embedding's lookup) costs 0."""
+  costs: list[float] = []
+  seen: dict[Any, float] = {}
+  x = example
+  for layer in layers:
+    p = jax.eval_shape(layer.init, jax.random.key(0))
+    key = (layer.apply, jax.tree.structure(p), tuple((a.shape, a.dtype)
+                                                     for a in jax.tree.leaves(p)),
+           x.shape, x.dtype)
+    apply = lambda p, x, layer=layer: layer.apply(p, x)
+    if key not in seen:
+      analysis = jax.jit(apply).lower(p, x).cost_analysis()
+      analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+      seen[key] = max(0.0, float((analysis or {}).get("flops", 0.0)))
+    costs.append(seen[key])
+    x = jax.eval_shape(apply, p, x)
+  return costs
 
 
 def balanced_bounds(costs: Sequence[float], num_stages: int) -> list[int]:
@@ -58,6 +86,14 @@ def balanced_bounds(costs: Sequence[float], num_stages: int) -> list[int]:
   for k in range(num_stages, 0, -1):
     bounds.append(int(cut[k][bounds[-1]]))
   return bounds[::-1]
+
+
+def check_balance(balance: str) -> str:
+  """``balance`` if it is one of :data:`BALANCES`, else a one-line error."""
+  if balance not in BALANCES:
+    raise MeshnetError(f"unknown stage balance {balance!r}; choose one of "
+                       f"{', '.join(BALANCES)} (--stage-balance)")
+  return balance
 
 
 def check_bounds(bounds: Sequence[int], num_layers: int, num_stages: int) -> list[int]:
