@@ -241,7 +241,7 @@ def test_meshnet_train_gpt_pipelined_command(tmp_path):
       capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
   assert proc.returncode == 0, proc.stderr
   out = proc.stdout + proc.stderr
-  assert "pipeline: 2 stages, layers per stage [2, 2]" in out
+  assert "pipeline: 2 stages cut by params, layers per stage [2, 2]" in out
   records = read_metrics(str(metrics_file))
   losses = [r["loss"] for r in records if "loss" in r]
   evals = [r for r in records if "eval_loss" in r]
