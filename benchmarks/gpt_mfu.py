@@ -147,50 +147,79 @@ def measure(size: str, vocab: int, attention: str, batch_size: int, steps: int,
           "params": sum(a.size for a in jax.tree.leaves(state.params))}
 
 
+def _list(kind, minimum: int | None = None):
+  """An argparse type: comma-separated values of ``kind`` (ints at least
+  ``minimum``), checked when the flags are parsed."""
+  def parse(text: str):
+    try:
+      values = [kind(v) for v in text.split(",")]
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of "
+                                       f"{kind.__name__}") from None
+    if minimum is not None and any(v < minimum for v in values):
+      raise argparse.ArgumentTypeError(f"{text!r}: every value must be >= {minimum}")
+    return values
+  return parse
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--size", default="small")
-  parser.add_argument("--vocab", default="50304,256",
+  parser.add_argument("--vocab", type=_list(int, 1), default=[50304, 256],
                       help="vocabularies, comma-separated (256: bytes; 50304: GPT-2's "
                       "50257 padded to a multiple of 64)")
-  parser.add_argument("--attention", default="fused,plain")
-  parser.add_argument("--batch-size", default="16", help="sequences per step, comma-separated")
-  parser.add_argument("--steps", type=int, default=10)
-  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--attention", type=_list(str), default=["fused", "plain"])
+  parser.add_argument("--batch-size", type=_list(int, 1), default=[16],
+                      help="sequences per step, comma-separated")
+  parser.add_argument("--steps", type=int, default=10, help="timed steps per round (>= 1)")
+  parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (>= 1)")
   parser.add_argument("--remat", action="store_true", help="checkpoint each block")
   parser.add_argument("--tie-embeddings", action="store_true",
                       help="the head is the token table (GPT-2: 124M at vocab 50304)")
-  parser.add_argument("--embedding", default="auto",
+  parser.add_argument("--embedding", type=_list(str), default=["auto"],
                       help="auto, gather and/or onehot (meshnet.nn.embedding)")
   parser.add_argument("--text", action="store_true",
-                      help="batches of the embedded corpus rather than random tokens")
+                      help="batches of the embedded corpus (bytes) rather than random tokens")
   parser.add_argument("--jit-baseline", action="store_true")
-  parser.add_argument("--peak-flops", type=float, default=None)
+  parser.add_argument("--peak-flops", type=float, default=None,
+                      help="peak FLOP/s of the device for the MFU column (default: the "
+                      "datasheet's, meshnet.flops.PEAK_FLOPS)")
   args = parser.parse_args(argv)
+  if args.steps < 1 or args.warmup < 1:
+    parser.error(f"--steps {args.steps} and --warmup {args.warmup} must be >= 1")
+  if args.peak_flops is not None and not args.peak_flops > 0:
+    parser.error(f"--peak-flops {args.peak_flops} must be > 0")
+  if args.text and min(args.vocab) < 256:
+    parser.error(f"--text feeds bytes (ids up to 255): --vocab {min(args.vocab)} is too "
+                 "small; use 256 or more")
 
   device = jax.devices()[0]
   peak = args.peak_flops or flops.peak_flops()
+  source = "--peak-flops" if args.peak_flops else "datasheet"
   measured = matmul_peak() if device.platform != "cpu" else None
   print(f"device: {device.device_kind} ({device.platform}); jax {jax.__version__}; "
-        f"datasheet peak {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s; bf16 8192^3 "
+        f"peak ({source}) {peak / 1e12 if peak else float('nan'):.4g} TFLOP/s; bf16 8192^3 "
         f"matmul {measured / 1e12 if measured else float('nan'):.0f} TFLOP/s", flush=True)
   print()
-  print("| size | vocab | params | attention, embedding | batch x T | ms/step | tokens/s | model TFLOP/s "
-        "| MFU (datasheet) | MFU (matmul) | temp GiB | loss |",
-        flush=True)
-  print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-        flush=True)
+  header = ["size", "vocab", "params", "attention, embedding", "batch x T", "ms/step",
+            "tokens/s", "model TFLOP/s", f"MFU ({source})", "MFU (matmul)", "temp GiB",
+            "loss"]
+  print("| " + " | ".join(header) + " |")
+  print("|" + " --- |" * len(header), flush=True)
   baseline = args.jit_baseline
-  grid = [(v, a, b, e) for v in args.vocab.split(",") for a in args.attention.split(",")
-          for b in args.batch_size.split(",") for e in args.embedding.split(",")]
+  grid = [(v, a, b, e) for v in args.vocab for a in args.attention
+          for b in args.batch_size for e in args.embedding]
+  failed = 0
   for vocab, attention, batch_size, embedding in grid:
-    vocab, batch_size = int(vocab), int(batch_size)
+    name = f"{args.size}{' tied' if args.tie_embeddings else ''}"
     try:
       r = measure(args.size, vocab, attention, batch_size, args.steps, args.warmup,
                   args.remat, baseline, args.tie_embeddings, embedding, args.text)
     except Exception as e:  # one failing configuration does not hide the others
-      print(f"| {args.size} | {vocab} | - | {attention} | {batch_size} | failed: "
-            f"{type(e).__name__}: {str(e).splitlines()[0][:300]} |", flush=True)
+      failed += 1
+      cells = [name, str(vocab), "-", f"{attention}, {embedding}", str(batch_size)]
+      cells += [f"failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}"]
+      print("| " + " | ".join(cells + ["-"] * (len(header) - len(cells))) + " |", flush=True)
       continue
     cfg, s = r["cfg"], r["seconds"]["meshnet"]
     tokens_per_s = batch_size * cfg.context / s
@@ -198,8 +227,7 @@ def main(argv=None) -> int:
     achieved = tokens_per_s * per_token
     mfu = f"{achieved / peak:.1%}" if peak else "-"
     mfu_m = f"{achieved / measured:.1%}" if measured else "-"
-    print(f"| {args.size}{' tied' if args.tie_embeddings else ''} | {vocab} | "
-          f"{r['params'] / 1e6:.1f}M | {attention}, {embedding} | "
+    print(f"| {name} | {vocab} | {r['params'] / 1e6:.1f}M | {attention}, {embedding} | "
           f"{batch_size} x {cfg.context} | {s * 1e3:.1f} | {tokens_per_s:,.0f} | "
           f"{achieved / 1e12:.1f} | {mfu} | "
           f"{mfu_m} | {r['temp'] / 2**30:.2f} | {r['loss']:.3f} |", flush=True)
@@ -208,7 +236,9 @@ def main(argv=None) -> int:
       print(f"  hand-written jax.jit bf16 step: {b * 1e3:.1f} ms; meshnet / jax.jit = "
             f"{s / b:.3f} (compile {r['compile_s']:.0f} s)", flush=True)
       baseline = False
-  return 0
+  if failed:
+    print(f"{failed} of {len(grid)} configurations failed")
+  return 1 if failed else 0
 
 
 if __name__ == "__main__":

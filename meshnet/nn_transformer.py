@@ -30,8 +30,8 @@ POSITIONS = ("learned", "rotary")
 ATTENTIONS = ("plain", "fused")
 EMBEDDINGS = ("auto", "gather", "onehot")
 ONEHOT_MAX_VOCAB = 1024
-"""``embedding(kind="auto")`` multiplies one-hot rows up to this vocabulary
-(bytes: 256) and gathers above it."""
+"""``embedding(kind="auto")`` multiplies one-hot rows on a GPU up to this
+vocabulary (bytes: 256) and gathers above it, and everywhere else."""
 _NORM_EPS = 1e-5
 _ROPE_BASE = 10000.0
 
@@ -60,16 +60,20 @@ def embedding(params: dict[str, jax.Array], tokens_BxT: jax.Array, *,
   serialise when many tokens share a row, as bytes of text do: on an H200,
   GPT-2 small's shape at V=256 on English bytes took 53.5 ms a step with
   ``gather`` and 36.5 with ``onehot``). ``onehot`` costs ``2 B T V D`` FLOPs
-  each way, so ``auto`` takes it up to :data:`ONEHOT_MAX_VOCAB` only. The
-  forward values are the same either way; the table's gradient sums the
-  same terms in another order.
+  each way (outside :mod:`meshnet.flops`' model FLOPs, as remat's are), so
+  ``auto`` takes it where it was measured to pay: on a GPU (JAX's default
+  backend), up to :data:`ONEHOT_MAX_VOCAB`; elsewhere it gathers. For valid
+  ids the forward values are the same either way and the table's gradient
+  sums the same terms in another order; an id outside ``[0, V)`` reads NaN
+  (``gather``) or a zero row (``onehot``).
   """
   if not jnp.issubdtype(tokens_BxT.dtype, jnp.integer):
     raise MeshnetError(f"embedding needs integer token ids, got dtype {tokens_BxT.dtype}; "
                        "feed int32 tokens [B, T]")
   check_choice("embedding", kind, EMBEDDINGS)
   table = params["table"]
-  if kind == "onehot" or (kind == "auto" and table.shape[0] <= ONEHOT_MAX_VOCAB):
+  if kind == "onehot" or (kind == "auto" and table.shape[0] <= ONEHOT_MAX_VOCAB
+                          and jax.default_backend() == "gpu"):
     onehot_BxTxV = jax.nn.one_hot(tokens_BxT, table.shape[0], dtype=table.dtype)
     return jnp.einsum("btv,vd->btd", onehot_BxTxV, table)
   return jnp.take(table, tokens_BxT, axis=0)

@@ -338,7 +338,11 @@ def run(
 
   if pipeline is not None:
     b = pipeline.bounds
-    say(f"pipeline: {pipeline.num_virtual_stages} stages cut by {pc.balance}, layers per stage "
+    v = pipeline.schedule.virtual_stages
+    stages = (f"{pipeline.num_virtual_stages} stages" if v == 1 else
+              f"{pipeline.num_virtual_stages} virtual stages ({axis_size(mesh, STAGE)} "
+              f"devices x {v})")
+    say(f"pipeline: {stages} cut by {pc.balance}, layers per stage "
         f"{[b[k + 1] - b[k] for k in range(len(b) - 1)]}, parameters per stage "
         f"{list(pipeline.stage_param_counts)} (each stage's vectors hold the longest: "
         f"{pipeline.stage_padding:.2f}x the mean)")

@@ -111,9 +111,13 @@ def test_remat_lowers_compiled_temporaries():
   assert temp["full"] <= temp["layer"], temp
 
 
+@pytest.mark.parametrize("widths", [[64, 32, 32, 32, 10], [64, 256, 128, 10]],
+                         ids=["equal-boundaries", "first-input-narrower"])
 @pytest.mark.parametrize("policy", ["layer", "full"])
-def test_remat_inside_pipeline_stages_keeps_the_gradient(policy, digits_batch):
-  widths = [64, 32, 32, 32, 10]
+def test_remat_inside_pipeline_stages_keeps_the_gradient(policy, widths, digits_batch):
+  """Also when stage 0 reads its input as it is and it is narrower than the
+  activations between stages (64 against 256 wide): ``full`` keeps stage
+  inputs of two sizes in one residual buffer (a crash before)."""
   model = meshnet.models.mlp(widths, dropout=0.1)
   mesh = meshnet.make_mesh(data=1, stage=2, devices=jax.devices()[:2])
   params = model.init(jax.random.key(0))

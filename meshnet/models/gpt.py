@@ -81,7 +81,7 @@ class GPTConfig:
       :func:`meshnet.nn.causal_attention`.
     embedding: how tokens read the table: ``gather`` (``jnp.take``),
       ``onehot`` (a one-hot matmul, no scatter-add in the backward) or
-      ``auto`` (``onehot`` up to vocabulary 1024); see
+      ``auto`` (``onehot`` on a GPU up to vocabulary 1024, else ``gather``); see
       :func:`meshnet.nn.embedding`.
     remat: checkpoint each block (``jax.checkpoint`` with
       ``nothing_saveable`` around the scan's body): the backward keeps each

@@ -664,8 +664,10 @@ class Pipeline:
           else:
             x_in = whole(jnp.where(first, xs[m], act_buf[c, act_slot]))
           flat = chunk_params(c)
-          if self.remat:
-            out, res = fn(flat, x_in, ys[m], keys), whole(residuals.encode(x_in))
+          if self.remat:  # the stage input, padded to the buffer's R words
+            words = residuals.encode(x_in)
+            out = fn(flat, x_in, ys[m], keys)
+            res = whole(jnp.pad(words, (0, R - words.shape[0])))
           else:
             out, leaves = residuals.leaves_fn(fn)(flat, x_in, ys[m], keys)
             res = whole(residuals.pack([whole(a) for a in leaves], layouts[k], R))
