@@ -220,11 +220,12 @@ def causal_attention(params: dict[str, jax.Array], x_BxTxD: jax.Array, *,
 
 def _fused_implementation(q_BxTxHxK: jax.Array) -> str | None:
   """``cudnn`` where cuDNN's flash attention takes these queries (an NVIDIA
-  GPU, half precision, a per-head width that is a multiple of 8 up to 128),
-  else ``None`` (XLA's own lowering)."""
-  k = q_BxTxHxK.shape[-1]
+  GPU, half precision, a per-head width that is a multiple of 8 up to 128,
+  more than one position: on an H200 it refused ``T = 1``), else ``None``
+  (XLA's own lowering)."""
+  length, k = q_BxTxHxK.shape[1], q_BxTxHxK.shape[-1]
   if (jax.default_backend() == "gpu" and q_BxTxHxK.dtype in (jnp.bfloat16, jnp.float16)
-      and k % 8 == 0 and k <= 128):
+      and k % 8 == 0 and k <= 128 and length > 1):
     return "cudnn"
   return None
 
