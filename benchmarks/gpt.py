@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"])
@@ -45,6 +44,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import meshnet  # noqa: E402
+from gpt_steps import plain_step, timed  # noqa: E402  (same directory)
 from meshnet.sharding import batch_sharding  # noqa: E402
 
 # The one-device comparison: gpt "tiny" made 4 blocks deep (0.86M parameters).
@@ -69,32 +69,6 @@ def _tokens(batch_size: int, context: int, seed: int = 0) -> tuple[np.ndarray, n
   return seq[:, :-1], seq[:, 1:]
 
 
-def _plain_step(model, optimizer):
-  """A hand-written jitted Adam step: ``(params, opt_state, x, y) -> (params,
-  opt_state, loss)``, the loss the mean over ``B x T`` tokens."""
-  def loss_fn(params, x_BxT, y_BxT):
-    logits_BxTxV = model.apply(params, x_BxT)
-    logp_BxTxV = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
-    return -jnp.mean(jnp.take_along_axis(logp_BxTxV, y_BxT[..., None], axis=-1))
-
-  def step(params, opt_state, x_BxT, y_BxT):
-    loss, grads = jax.value_and_grad(loss_fn)(params, x_BxT, y_BxT)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  return jax.jit(step, donate_argnums=(0, 1))
-
-
-def _run(step, carry, steps: int):
-  """``steps`` steps from ``carry``; the final carry and the seconds per step."""
-  jax.block_until_ready(carry)
-  begin = time.perf_counter()
-  for _ in range(steps):
-    carry = step(carry)
-  jax.block_until_ready(carry)
-  return carry, (time.perf_counter() - begin) / steps
-
-
 def one_device(shape: dict, batch_size: int, steps: int, rounds: int) -> dict:
   """meshnet's step and the plain ``jax.jit`` step on one device: best seconds
   per step of each and the two losses after the warm-up step (the same
@@ -109,7 +83,7 @@ def one_device(shape: dict, batch_size: int, steps: int, rounds: int) -> dict:
   state = meshnet.init_train_state(model, optimizer, mesh, jax.random.key(0))
   params = jax.device_put(model.init(jax.random.split(jax.random.key(0))[0]), device)
   meshnet_step = meshnet.make_train_step(model, optimizer, mesh, donate=True)
-  plain = _plain_step(model, optimizer)
+  plain = plain_step(model, optimizer)
 
   plain_batch = tuple(jax.device_put(a, device) for a in (x, y))  # no mesh axes
   runs = {
@@ -119,13 +93,13 @@ def one_device(shape: dict, batch_size: int, steps: int, rounds: int) -> dict:
   }
   carries, best, losses = {}, {}, {}
   for name, (step, carry) in runs.items():  # compile and warm up
-    carries[name], _ = _run(step, carry, 1)
+    carries[name], _ = timed(step, carry, 1)
     best[name] = float("inf")
   losses["meshnet"] = float(carries["meshnet"][1]["loss"])
   losses["jax.jit"] = float(carries["jax.jit"][2])
   for _ in range(rounds):
     for name, (step, _) in runs.items():
-      carries[name], seconds = _run(step, carries[name], steps)
+      carries[name], seconds = timed(step, carries[name], steps)
       best[name] = min(best[name], seconds)
   return {"seconds": best, "losses": losses,
           "params": sum(a.size for a in jax.tree.leaves(params))}
@@ -152,11 +126,11 @@ def sharded(shape: dict, batch_size: int, steps: int, rounds: int) -> dict:
   """Every mesh of :data:`MESHES`: ``{name: {"seconds", "memory"}}``."""
   layouts = {name: _layout(name, shape, batch_size) for name in MESHES}
   for layout in layouts.values():  # warm up
-    layout["carry"], _ = _run(layout["step"], layout["carry"], 1)
+    layout["carry"], _ = timed(layout["step"], layout["carry"], 1)
     layout["seconds"] = float("inf")
   for _ in range(rounds):
     for layout in layouts.values():
-      layout["carry"], seconds = _run(layout["step"], layout["carry"], steps)
+      layout["carry"], seconds = timed(layout["step"], layout["carry"], steps)
       layout["seconds"] = min(layout["seconds"], seconds)
   return {name: {"seconds": layout["seconds"], "memory": layout["memory"]}
           for name, layout in layouts.items()}

@@ -41,6 +41,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import meshnet  # noqa: E402
+from gpt_steps import plain_step, timed  # noqa: E402  (same directory)
 from meshnet import flops  # noqa: E402
 from meshnet.models.gpt import gpt_config  # noqa: E402
 from meshnet.sharding import batch_sharding  # noqa: E402
@@ -79,32 +80,6 @@ def matmul_peak(n: int = 8192, reps: int = 20) -> float:
   return 2.0 * n**3 * reps / best
 
 
-def _plain_step(model, optimizer):
-  """A hand-written jitted bf16 AdamW step: float32 masters cast to bf16 for
-  the forward, float32 loss (the same recipe as ``precision="bf16"``)."""
-  def loss_fn(params, x_BxT, y_BxT):
-    half = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
-    logits_BxTxV = model.apply(half, x_BxT).astype(jnp.float32)
-    logp = jax.nn.log_softmax(logits_BxTxV, axis=-1)
-    return -jnp.mean(jnp.take_along_axis(logp, y_BxT[..., None], axis=-1))
-
-  def step(params, opt_state, x_BxT, y_BxT):
-    loss, grads = jax.value_and_grad(loss_fn)(params, x_BxT, y_BxT)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  return jax.jit(step, donate_argnums=(0, 1))
-
-
-def _time(step, carry, steps: int):
-  jax.block_until_ready(carry)
-  begin = time.perf_counter()
-  for _ in range(steps):
-    carry = step(carry)
-  jax.block_until_ready(carry)
-  return carry, (time.perf_counter() - begin) / steps
-
-
 def measure(size: str, vocab: int, attention: str, batch_size: int, steps: int,
             warmup: int, remat: bool, jit_baseline: bool, tie: bool = False,
             embedding: str = "auto", text: bool = False) -> dict:
@@ -129,17 +104,17 @@ def measure(size: str, vocab: int, attention: str, batch_size: int, steps: int,
   runs = {"meshnet": (lambda c: compiled(c[0], batch), (state, None))}
   if jit_baseline:
     params = jax.device_put(jax.device_get(state.params), device)
-    plain = _plain_step(model, optimizer)
+    plain = plain_step(model, optimizer, jnp.bfloat16)
     plain_batch = tuple(jax.device_put(a, device) for a in (x, y))
     runs["jax.jit"] = (lambda c: plain(c[0], c[1], *plain_batch),
                        (params, optimizer.init(params), None))
   carries, best = {}, {}
   for name, (fn, carry) in runs.items():
-    carries[name], _ = _time(fn, carry, warmup)
+    carries[name], _ = timed(fn, carry, warmup)
     best[name] = float("inf")
   for _ in range(2):  # two alternating rounds
     for name, (fn, _) in runs.items():
-      carries[name], seconds = _time(fn, carries[name], steps)
+      carries[name], seconds = timed(fn, carries[name], steps)
       best[name] = min(best[name], seconds)
   loss = float(carries["meshnet"][1]["loss"])
   return {"cfg": cfg, "seconds": best, "temp": temp,
