@@ -70,6 +70,7 @@ def dropout(x: jax.Array, rate: float, *, key: jax.Array | None, train: bool) ->
 # Transformer layers (defined in meshnet.nn_transformer, used as meshnet.nn.*).
 from meshnet.nn_transformer import (  # noqa: E402
     ATTENTIONS, EMBEDDINGS, NORMS, ONEHOT_MAX_VOCAB, POSITIONS, add_positions,
-    attention_init, causal_attention, embedding, embedding_init, layer_norm, logical_axes_of, mlp_block, mlp_block_init, norm, norm_init,
-    normal_init, positions_init, rms_norm, rotary, stacked, unembed,
+    attention_init, causal_attention, embedding, embedding_init, layer_norm,
+    logical_axes_of, mlp_block, mlp_block_init, norm, norm_init, normal_init,
+    positions_init, rms_norm, rotary, stacked, unembed,
 )
