@@ -528,13 +528,14 @@ def pmean_bucketed(
       false, one reduction per leaf, grouped by XLA's combiner.
     ordered_size: if given (the size of ``axis_name``), reduce with
       :func:`ordered_pmean`: bit-identical on any process layout.
-    mean: average each bucket with this instead of a collective (e.g.
-      :func:`meshnet.shm.make_host_mean`'s shared-memory mean, which sums in
-      axis order).
+    mean: ``tree -> tree`` that averages the whole tree at once instead of
+      collectives (e.g. :func:`meshnet.shm.make_host_mean`'s shared-memory
+      mean: one exchange for every leaf, summed in axis order; buckets and
+      ``flatten`` do not apply).
   """
   if mean is not None:
-    op = lambda x, axis: mean(x)
-  elif ordered_size is not None:
+    return mean(tree)
+  if ordered_size is not None:
     op = lambda x, axis: ordered_pmean(x, axis, ordered_size)
   else:
     op = jax.lax.pmean

@@ -4,19 +4,31 @@ A gloo all-reduce between two processes on this machine costs about 2 ms
 whatever its size up to ~100k floats, and ~3 ms for an MLP's 567k-float
 gradient (``benchmarks/RESULTS.md``): a large share of a data-parallel step
 when each process has one core. Processes on one host can instead write
-their buffer into a shared segment and each add all of them: one copy in,
-one pass to sum, no network stack. :class:`SharedMemoryMean` does that, and
-:func:`host_mean` runs it inside a jitted step with ``jax.pure_callback``
-(``meshnet train --grad-transport shm``).
+their buffer into a shared segment and each add all of them: with no
+network stack. :class:`SharedMemoryMean` does that, and :func:`host_mean`
+runs it inside a jitted step through XLA's FFI (:mod:`meshnet.hostcall`;
+``meshnet train --grad-transport shm``).
 
-Protocol for the ``g``-th call: wait until every process has finished
-reading call ``g - 1``; copy this process's buffer into its slot; publish
-``arrived = g``; wait until every process has arrived; sum the slots in
-process order (so every process computes the same bits, and the result does
-not depend on which process is fastest); publish ``done = g``. Each flag
-has one writer and sits on its own cache line; x86-64 keeps stores in order,
-so a reader that sees a flag sees the data written before it. A process
-that waits longer than ``timeout`` seconds raises instead of hanging.
+Protocol for the ``g``-th call, in process ``r`` of ``n`` (each array is
+cut into ``n`` contiguous shares; process ``r`` sums share ``r``): copy
+the shares the others sum into this process's input slot; publish
+``arrived = g``; wait until every process has arrived; sum share ``r`` of
+every array in process order (its own values read in place, the others'
+from their slots; so every process gets the same bits, whichever is
+fastest), into the result and the shared result region; publish ``summed
+= g``; wait until every process has summed; copy the other shares from the
+result region. Passing the ``arrived`` barrier of call ``g`` means every
+peer finished reading call ``g - 1``'s result region, and passing the
+``summed`` one that they finished reading the input slots, so no other
+wait is needed. Each flag has one writer and sits on its own cache line;
+x86-64 keeps stores in order, so a reader that sees a flag sees the data
+written before it. A process that waits longer than ``timeout`` seconds
+raises instead of hanging.
+
+Per process and call this moves ``(n - 1) / n`` of the bytes in, sums
+``1 / n`` of them and reads ``(n - 1) / n`` back: at ``n = 2`` about 0.3 ms
+for the 567k-float gradient of ``benchmarks/ddp.py``'s MLP, where summing
+everything in every process took twice that.
 """
 
 from __future__ import annotations
@@ -26,7 +38,7 @@ import os
 import platform
 import time
 from multiprocessing import resource_tracker, shared_memory
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -57,17 +69,17 @@ class SharedMemoryMean:
     self.timeout = timeout
     flags = np.ndarray((2 * size * _LINE // 8,), np.int64, segment.buf, 0)
     self._arrived = flags[0:size * _LINE // 8:_LINE // 8]
-    self._done = flags[size * _LINE // 8::_LINE // 8]
-    # Next to each process's ``arrived`` flag: the byte count and dtype of
-    # what it brought, checked against every peer's (the exchanges of one
-    # step must pair up, bucket for bucket).
+    self._summed = flags[size * _LINE // 8::_LINE // 8]
+    # Next to each process's ``arrived`` flag: the byte count and a digest
+    # of the shapes and dtypes it brought, checked against every peer's
+    # (the exchanges of one step must pair up).
     self._what = np.ndarray((size, _LINE // 8), np.int64, segment.buf, 0)[:, 1:3]
-    self._data_offset = 2 * size * _LINE
+    self._data_offset = 2 * size * _LINE  # then size input slots, then the results
     self._calls = 0
 
   @staticmethod
   def _bytes(size: int, nbytes: int) -> int:
-    return 2 * size * _LINE + size * nbytes
+    return 2 * size * _LINE + (size + 1) * nbytes
 
   @classmethod
   def create(cls, name: str, rank: int, size: int, nbytes: int,
@@ -132,28 +144,88 @@ class SharedMemoryMean:
   def __call__(self, x: np.ndarray) -> np.ndarray:
     """The mean of ``x`` over the processes (every process gets the same bits)."""
     x = np.ascontiguousarray(x)
-    flat = x.reshape(-1)
-    if flat.nbytes > self.nbytes:
-      raise MeshnetError(f"buffer of {flat.nbytes} bytes exceeds the shared segment's "
-                         f"{self.nbytes}")
+    out = np.empty_like(x)
+    self.sum_into([x], [out])
+    return out / np.asarray(self.size, out.dtype)
+
+  def sum_into(self, arrays: Sequence[np.ndarray], out: Sequence[np.ndarray]) -> None:
+    """Writes into ``out[i]`` the sum of ``arrays[i]`` over the processes,
+    added in process order, for every ``i`` in one exchange (any shapes and
+    dtypes, the same in every process; ``out[i]`` contiguous, like
+    ``arrays[i]``)."""
+    offsets, end = _offsets(arrays)
+    if end > self.nbytes:
+      raise MeshnetError(f"buffers of {end} bytes exceed the shared segment's {self.nbytes}")
     self._calls += 1
-    g = self._calls
-    self._wait(self._done, g - 1, "finish the previous exchange")
-    self._slot(self.rank, flat.dtype, flat.size)[:] = flat
-    self._what[self.rank] = (flat.nbytes, flat.dtype.num)
-    self._arrived[self.rank] = g
+    g, r, n = self._calls, self.rank, self.size
+    flats = [a.reshape(-1) for a in arrays]
+    outs = [o.reshape(-1) for o in out]
+    for a, offset in zip(flats, offsets):  # the shares the others sum
+      slot = self._view(r, a, offset)
+      for share in range(n):
+        if share != r:
+          lo, hi = _share(a.size, share, n)
+          slot[lo:hi] = a[lo:hi]
+    self._what[r] = (end, _signature(arrays))
+    self._arrived[r] = g
     self._wait(self._arrived, g, "arrive")
-    if (self._what != self._what[self.rank]).any():
+    if (self._what != self._what[r]).any():
       raise MeshnetError(
           f"shared-memory gradient mean: exchange {g} pairs buffers of different sizes or "
           f"dtypes across processes ({self._what.tolist()}); the processes do not run "
           "the same program: drop --grad-transport shm")
-    total = self._slot(0, flat.dtype, flat.size).copy()
-    for r in range(1, self.size):
-      total += self._slot(r, flat.dtype, flat.size)
-    self._done[self.rank] = g
-    total /= np.asarray(self.size, flat.dtype)
-    return total.reshape(x.shape)
+    for a, o, offset in zip(flats, outs, offsets):
+      lo, hi = _share(a.size, r, n)
+      part = [a[lo:hi] if q == r else self._view(q, a, offset)[lo:hi] for q in range(n)]
+      if n == 1:
+        o[lo:hi] = part[0]
+      else:
+        np.add(part[0], part[1], out=o[lo:hi])
+        for more in part[2:]:  # in process order: the same bits everywhere
+          o[lo:hi] += more
+      self._view(n, a, offset)[lo:hi] = o[lo:hi]
+    self._summed[r] = g
+    self._wait(self._summed, g, "sum its share")
+    for a, o, offset in zip(flats, outs, offsets):
+      result = self._view(n, a, offset)
+      for share in range(n):
+        if share != r:
+          lo, hi = _share(a.size, share, n)
+          o[lo:hi] = result[lo:hi]
+
+  def _view(self, slot: int, like: np.ndarray, offset: int) -> np.ndarray:
+    """``like``'s place in ``slot`` (a process's inputs; ``size``: the results)."""
+    return np.ndarray(like.shape, like.dtype, self._segment.buf,
+                      self._data_offset + slot * self.nbytes + offset)
+
+
+def _share(count: int, share: int, size: int) -> tuple[int, int]:
+  """Elements ``[lo, hi)`` of a ``count``-element array that process
+  ``share`` of ``size`` sums."""
+  return count * share // size, count * (share + 1) // size
+
+
+def _offsets(arrays: Sequence[np.ndarray]) -> tuple[list[int], int]:
+  """Each array's byte offset in a slot (64-byte aligned), and the end."""
+  offsets, end = [], 0
+  for a in arrays:
+    offsets.append(end)
+    end += -(-a.nbytes // _LINE) * _LINE
+  return offsets, end
+
+
+def slot_bytes(shapes_dtypes: Sequence[tuple[Sequence[int], Any]]) -> int:
+  """Bytes one process's slot needs for one exchange of arrays of these
+  ``(shape, dtype)`` s (see :meth:`SharedMemoryMean.sum_into`)."""
+  return sum(-(-int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize // _LINE)
+             * _LINE for shape, dtype in shapes_dtypes)
+
+
+def _signature(arrays: Sequence[np.ndarray]) -> int:
+  """A number that differs, almost surely, between two lists of arrays of
+  other sizes or dtypes (the same in every process: no salted hashing)."""
+  digest = hashlib.sha256(repr([(a.dtype.str, a.shape) for a in arrays]).encode()).digest()
+  return int.from_bytes(digest[:7], "big")
 
 
 def _check_platform() -> None:
@@ -164,14 +236,24 @@ def _check_platform() -> None:
 
 
 def host_mean(group: SharedMemoryMean) -> Callable:
-  """``x -> mean over the group's processes`` for use inside ``shard_map``
-  (one device per process). The result is typed as invariant over the
-  mesh, which it is: every process computes the same sum."""
+  """``tree -> mean over the group's processes`` for use inside ``shard_map``
+  (one device per process): one exchange for every leaf, through
+  :func:`meshnet.hostcall.host_call` (XLA's buffers, no copies but the
+  exchange's own). The result is typed as invariant over the mesh, which it
+  is: every process computes the same sum."""
   import jax
+  import jax.numpy as jnp
 
-  def mean(x, axis_name=None):
+  from meshnet.hostcall import host_call
+
+  call = host_call(group.sum_into, "shm_sum")
+
+  def mean(tree, axis_name=None):
     del axis_name
-    return jax.pure_callback(group, jax.ShapeDtypeStruct(x.shape, x.dtype), x)
+    leaves, treedef = jax.tree.flatten(tree)
+    sums = call([jax.ShapeDtypeStruct(a.shape, a.dtype) for a in leaves], *leaves)
+    # Divided here, where XLA fuses it into what reads the mean.
+    return jax.tree.unflatten(treedef, [s / jnp.asarray(group.size, s.dtype) for s in sums])
 
   return mean
 

@@ -274,18 +274,15 @@ def _local_value_and_grad(
   return loss_sum / grad_accum, jax.tree.map(lambda g: g / grad_accum, grad_sum)
 
 
-def _host_mean(model: Model, mesh: Mesh, bucket_bytes: int) -> Callable:
+def _host_mean(model: Model, mesh: Mesh) -> Callable:
   """The shared-memory mean (:mod:`meshnet.shm`), its segment sized for the
-  largest bucket of the loss and the gradient."""
+  loss and the whole gradient (one exchange a step)."""
   from meshnet import shm
 
   shapes = jax.eval_shape(model.init, jax.random.key(0))
+  # The loss is float32, or bf16 with bf16 outputs: 64 bytes either way.
   leaves = [((), jnp.float32)] + [(s.shape, s.dtype) for s in jax.tree.leaves(shapes)]
-  nbytes = max(sum(int(np.prod(leaves[i][0], dtype=np.int64)) * np.dtype(leaves[i][1]).itemsize
-                   for i in bucket)
-               for bucket in collectives.plan_buckets(leaves, bucket_bytes))
-  # Slack: the loss joins the bucket of its own dtype (bf16 outputs: bf16 loss).
-  return shm.make_host_mean(mesh, DATA, nbytes + 16)
+  return shm.make_host_mean(mesh, DATA, shm.slot_bytes(leaves))
 
 
 def _mean_loss(model: Model, objective: losses.Objective) -> Callable[..., jax.Array]:
@@ -341,7 +338,7 @@ def make_grad_fn(
         flatten_buckets=flatten_buckets, deterministic=deterministic,
         grad_transport=grad_transport, rules=rules)
   objective = losses.objective(loss)
-  mean = _host_mean(model, mesh, bucket_bytes) if grad_transport == "shm" else None
+  mean = _host_mean(model, mesh) if grad_transport == "shm" else None
 
   loss_of = _mean_loss(model, objective)
 
