@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import ctypes as C
 import itertools
+import math
+import struct
 import threading
 from typing import Callable, Sequence
 
@@ -94,26 +96,40 @@ class _Api(C.Structure):  # the leading fields of XLA_FFI_Api
               ("error_create", _ERROR_CREATE)]
 
 
-_HANDLER = C.CFUNCTYPE(C.c_void_p, C.POINTER(_CallFrame))
+_HANDLER = C.CFUNCTYPE(C.c_void_p, C.c_void_p)  # XLA_FFI_CallFrame*
 
 _DTYPES = {1: np.bool_, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.uint8,
            7: np.uint16, 8: np.uint32, 9: np.uint64, 10: np.float16, 11: np.float32,
            12: np.float64, 16: jax.numpy.bfloat16}
 
+_NUMPY = {code: np.dtype(t) for code, t in _DTYPES.items()}
 _names = itertools.count()
 _lock = threading.Lock()
 _handlers: dict[str, object] = {}  # keeps each ctypes function alive for the process
 
 
+_BUFFER = struct.Struct("<QQi4xQqQ")  # XLA_FFI_Buffer: size, extension, dtype, data, rank, dims
+
+
+# XLA_FFI_CallFrame up to its results: size, extension, api, ctx, stage, then
+# XLA_FFI_Args and XLA_FFI_Rets (size, extension, count, types, values).
+_FRAME = struct.Struct("<QQQQi4x" + "QQqQQ" * 2)
+
+
+def _addresses(pointer: int, n: int) -> tuple[int, ...]:
+  """``n`` buffer addresses from an ``XLA_FFI_Args``/``Rets`` values array."""
+  return struct.unpack(f"<{n}Q", C.string_at(pointer, 8 * n)) if n else ()
+
+
 def _array(address: int) -> np.ndarray:
   """The NumPy view of an ``XLA_FFI_Buffer``'s memory (no copy)."""
-  buffer = _Buffer.from_address(address)
-  dtype = np.dtype(_DTYPES[buffer.dtype])
-  shape = tuple(buffer.dims[i] for i in range(buffer.rank))
-  count = int(np.prod(shape, dtype=np.int64))
+  _, _, code, data, rank, dims = _BUFFER.unpack(C.string_at(address, _BUFFER.size))
+  shape = struct.unpack(f"<{rank}q", C.string_at(dims, 8 * rank)) if rank else ()
+  dtype = _NUMPY[code]
+  count = math.prod(shape)
   if count == 0:
     return np.zeros(shape, dtype)
-  raw = (C.c_char * (count * dtype.itemsize)).from_address(buffer.data)
+  raw = (C.c_char * (count * dtype.itemsize)).from_address(data)
   return np.frombuffer(raw, dtype, count).reshape(shape)
 
 
@@ -125,24 +141,24 @@ def _error(frame: _CallFrame, message: str) -> int | None:
 
 
 def _handler(fn: HostFn) -> Callable:
-  def handle(frame_pointer):
-    frame = frame_pointer.contents
-    if frame.extension_start:  # XLA asks which FFI version the handler speaks
-      if frame.extension_start.contents.type == _EXTENSION_METADATA:
-        extension = C.cast(frame.extension_start, C.POINTER(_MetadataExtension)).contents
-        metadata = extension.metadata.contents
+  def handle(address):
+    (_, extension, _, _, stage, _, _, n_args, _, args, _, _, n_rets, _, rets) = \
+        _FRAME.unpack(C.string_at(address, _FRAME.size))
+    if extension:  # XLA asks which FFI version the handler speaks
+      base = _ExtensionBase.from_address(extension)
+      if base.type == _EXTENSION_METADATA:
+        metadata = _MetadataExtension.from_address(extension).metadata.contents
         metadata.api_version.major_version = _API_MAJOR
         metadata.api_version.minor_version = _API_MINOR
         metadata.traits = 0
         return None
-    if frame.stage != _STAGE_EXECUTE:
+    if stage != _STAGE_EXECUTE:
       return None
     try:
-      operands = [_array(frame.args.values[i]) for i in range(frame.args.size)]
-      results = [_array(frame.rets.values[i]) for i in range(frame.rets.size)]
-      fn(operands, results)
+      fn([_array(a) for a in _addresses(args, n_args)],
+         [_array(a) for a in _addresses(rets, n_rets)])
     except BaseException as e:  # noqa: BLE001 - every failure goes back to XLA
-      return _error(frame, f"{type(e).__name__}: {e}")
+      return _error(_CallFrame.from_address(address), f"{type(e).__name__}: {e}")
     return None
   return handle
 

@@ -33,6 +33,7 @@ everything in every process took twice that.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import platform
@@ -76,6 +77,7 @@ class SharedMemoryMean:
     self._what = np.ndarray((size, _LINE // 8), np.int64, segment.buf, 0)[:, 1:3]
     self._data_offset = 2 * size * _LINE  # then size input slots, then the results
     self._calls = 0
+    self._plans: dict[tuple, _Plan] = {}
 
   @staticmethod
   def _bytes(size: int, nbytes: int) -> int:
@@ -153,20 +155,15 @@ class SharedMemoryMean:
     added in process order, for every ``i`` in one exchange (any shapes and
     dtypes, the same in every process; ``out[i]`` contiguous, like
     ``arrays[i]``)."""
-    offsets, end = _offsets(arrays)
-    if end > self.nbytes:
-      raise MeshnetError(f"buffers of {end} bytes exceed the shared segment's {self.nbytes}")
+    plan = self._plan(arrays)
     self._calls += 1
-    g, r, n = self._calls, self.rank, self.size
+    g, r = self._calls, self.rank
     flats = [a.reshape(-1) for a in arrays]
     outs = [o.reshape(-1) for o in out]
-    for a, offset in zip(flats, offsets):  # the shares the others sum
-      slot = self._view(r, a, offset)
-      for share in range(n):
-        if share != r:
-          lo, hi = _share(a.size, share, n)
-          slot[lo:hi] = a[lo:hi]
-    self._what[r] = (end, _signature(arrays))
+    for a, sends in zip(flats, plan.sends):  # the shares the others sum
+      for lo, hi, slot in sends:
+        np.copyto(slot, a[lo:hi])
+    self._what[r] = (plan.end, plan.signature)
     self._arrived[r] = g
     self._wait(self._arrived, g, "arrive")
     if (self._what != self._what[r]).any():
@@ -174,29 +171,70 @@ class SharedMemoryMean:
           f"shared-memory gradient mean: exchange {g} pairs buffers of different sizes or "
           f"dtypes across processes ({self._what.tolist()}); the processes do not run "
           "the same program: drop --grad-transport shm")
-    for a, o, offset in zip(flats, outs, offsets):
-      lo, hi = _share(a.size, r, n)
-      part = [a[lo:hi] if q == r else self._view(q, a, offset)[lo:hi] for q in range(n)]
-      if n == 1:
-        o[lo:hi] = part[0]
+    for a, o, (lo, hi), parts, result in zip(flats, outs, plan.mine, plan.parts, plan.results):
+      mine = o[lo:hi]
+      terms = [a[lo:hi] if part is None else part for part in parts]
+      if len(terms) == 1:
+        np.copyto(mine, terms[0])
       else:
-        np.add(part[0], part[1], out=o[lo:hi])
-        for more in part[2:]:  # in process order: the same bits everywhere
-          o[lo:hi] += more
-      self._view(n, a, offset)[lo:hi] = o[lo:hi]
+        np.add(terms[0], terms[1], out=mine)
+        for more in terms[2:]:  # in process order: the same bits everywhere
+          mine += more
+      np.copyto(result, mine)
     self._summed[r] = g
     self._wait(self._summed, g, "sum its share")
-    for a, o, offset in zip(flats, outs, offsets):
-      result = self._view(n, a, offset)
-      for share in range(n):
-        if share != r:
-          lo, hi = _share(a.size, share, n)
-          o[lo:hi] = result[lo:hi]
+    for o, receives in zip(outs, plan.receives):
+      for lo, hi, result in receives:
+        np.copyto(o[lo:hi], result)
+
+  def _plan(self, arrays: Sequence[np.ndarray]) -> "_Plan":
+    """Where every share of these arrays goes (cached per shapes and dtypes:
+    a train step exchanges the same arrays every call)."""
+    key = tuple((a.dtype.str, a.shape) for a in arrays)
+    plan = self._plans.get(key)
+    if plan is not None:
+      return plan
+    offsets, end = _offsets(arrays)
+    if end > self.nbytes:
+      raise MeshnetError(f"buffers of {end} bytes exceed the shared segment's {self.nbytes}")
+    r, n = self.rank, self.size
+    plan = _Plan(end, _signature(arrays), [], [], [], [], [])
+    for a, offset in zip(arrays, offsets):
+      flat = a.reshape(-1)
+      slots = [self._view(q, flat, offset) for q in range(n + 1)]  # inputs, then results
+      shares = [_share(flat.size, q, n) for q in range(n)]
+      plan.sends.append([(lo, hi, slots[r][lo:hi]) for q, (lo, hi) in enumerate(shares)
+                         if q != r])
+      lo, hi = shares[r]
+      plan.mine.append((lo, hi))
+      plan.parts.append([None if q == r else slots[q][lo:hi] for q in range(n)])
+      plan.results.append(slots[n][lo:hi])
+      plan.receives.append([(lo, hi, slots[n][lo:hi]) for q, (lo, hi) in enumerate(shares)
+                            if q != r])
+    self._plans[key] = plan
+    return plan
 
   def _view(self, slot: int, like: np.ndarray, offset: int) -> np.ndarray:
     """``like``'s place in ``slot`` (a process's inputs; ``size``: the results)."""
     return np.ndarray(like.shape, like.dtype, self._segment.buf,
                       self._data_offset + slot * self.nbytes + offset)
+
+
+@dataclasses.dataclass
+class _Plan:
+  """One exchange's layout, from one process's side: per array, the
+  ``(lo, hi, slot view)`` s it copies in for the others, its own share
+  ``(lo, hi)``, the share's terms in process order (``None``: its own
+  values, read in place), the share's place in the result region, and the
+  ``(lo, hi, result view)`` s it copies out."""
+
+  end: int
+  signature: int
+  sends: list
+  mine: list
+  parts: list
+  results: list
+  receives: list
 
 
 def _share(count: int, share: int, size: int) -> tuple[int, int]:
