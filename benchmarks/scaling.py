@@ -19,7 +19,8 @@ machine is noisy; each keeps its best round):
   the same computation.
 * **Data parallel**: MLP 784-512-256-128-10, Adam (lr 1e-3), global batch
   256 and 1024, 2 processes against 1, for meshnet (``data=2``, one device
-  per process; gloo, and ``grad_transport="shm"``) and for PyTorch DDP
+  per process; gloo, and ``grad_transport="shm"``, also through
+  ``jax.pure_callback`` as before :mod:`meshnet.hostcall`) and for PyTorch DDP
   (gloo; one process: the plain model). The ideal speedup is twice what
   one process does on half the batch (each worker's share) over what it
   does on the whole batch: smaller batches run slower per example here, and
@@ -45,6 +46,7 @@ the 12 pipelined programs, 150 s per round); --rounds 2 about 9.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -211,7 +213,45 @@ def _meshnet_dp_programs(work: DataParallelWork, rank: int, world: int) -> dict:
     if world > 1:
       programs[f"shm/{b}"] = _meshnet_program(model, optimizer, mesh, *data,
                                               grad_transport="shm")
+      with _pure_callback_mean():
+        programs[f"shm-cb/{b}"] = _meshnet_program(model, optimizer, mesh, *data,
+                                                   grad_transport="shm")
   return programs
+
+
+@contextlib.contextmanager
+def _pure_callback_mean():
+  """``grad_transport="shm"`` as it ran before :mod:`meshnet.hostcall`, for
+  the comparison: the loss and gradient packed into one float32 vector,
+  averaged by ``jax.pure_callback`` of the same shared-memory exchange."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from meshnet import shm, step
+
+  def host_mean(model, mesh):
+    shapes = jax.eval_shape(model.init, jax.random.key(0))
+    count = 1 + sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes))
+    group = shm.make_group(mesh, "data", shm.slot_bytes([((count,), np.float32)]))
+
+    def mean(tree, axis_name=None):
+      leaves, treedef = jax.tree.flatten(tree)
+      flat = jnp.concatenate([a.reshape(-1).astype(jnp.float32) for a in leaves])
+      flat = jax.pure_callback(group, jax.ShapeDtypeStruct(flat.shape, flat.dtype), flat)
+      out, offset = [], 0
+      for a in leaves:
+        out.append(flat[offset:offset + a.size].reshape(a.shape).astype(a.dtype))
+        offset += a.size
+      return jax.tree.unflatten(treedef, out)
+    return mean
+
+  saved = step._host_mean
+  step._host_mean = host_mean
+  try:
+    yield
+  finally:
+    step._host_mean = saved
 
 
 def _torch_dp_programs(work: DataParallelWork, rank: int, world: int) -> dict:
@@ -471,6 +511,7 @@ def _dp_table(work: DataParallelWork, rounds: int, with_torch: bool) -> str:
   specs = {f"{kind} {world}": (kind, world, work) for kind in kinds for world in (1, 2)}
   plan = [(name, str(b)) for b in work.batches for name in specs]
   plan += [("meshnet 2", f"shm/{b}") for b in work.batches]
+  plan += [("meshnet 2", f"shm-cb/{b}") for b in work.batches]
   plan += [("meshnet 1", f"half/{b}") for b in work.batches]
   best, _ = _measure(specs, plan, work.steps, rounds)
   rows = []
@@ -478,6 +519,7 @@ def _dp_table(work: DataParallelWork, rounds: int, with_torch: bool) -> str:
     rate = {name: b / best.get((name, str(b)), math.nan) for name in
             ("meshnet 1", "meshnet 2", "torch 1", "torch 2")}
     shm = b / best.get(("meshnet 2", f"shm/{b}"), math.nan)
+    shm_cb = b / best.get(("meshnet 2", f"shm-cb/{b}"), math.nan)
     # Two workers can at best do twice what one does on its half of the batch.
     ideal = 2 * (b // 2) / best.get(("meshnet 1", f"half/{b}"), math.nan)
     cells = [str(b)]
@@ -486,15 +528,16 @@ def _dp_table(work: DataParallelWork, rounds: int, with_torch: bool) -> str:
       cells += ["-"] * 3 if math.isnan(two) else [f"{one:,.0f}", f"{two:,.0f}",
                                                   f"{two / one:.2f}"]
       if kind == "meshnet":
-        cells += [f"{shm:,.0f}", f"{shm / one:.2f}", f"{ideal / one:.2f}",
-                  f"{two / ideal:.2f}", f"{shm / ideal:.2f}"]
+        cells += [f"{shm:,.0f}", f"{shm / one:.2f}", f"{shm_cb / one:.2f}",
+                  f"{ideal / one:.2f}", f"{two / ideal:.2f}", f"{shm / ideal:.2f}"]
     ratio = rate["meshnet 2"] / rate["torch 2"]
     shm_ratio = shm / rate["torch 2"]
     rows.append(cells + ["-" if math.isnan(ratio) else f"{ratio:.2f}",
                          "-" if math.isnan(shm_ratio) else f"{shm_ratio:.2f}"])
   header = ["global batch", "meshnet 1p samples/s", "meshnet 2p samples/s",
             "meshnet speedup", "meshnet 2p shm samples/s", "shm speedup",
-            "ideal speedup (2 x 1p on B/2)", "gloo / ideal", "shm / ideal",
+            "shm via pure_callback speedup", "ideal speedup (2 x 1p on B/2)", "gloo / ideal",
+            "shm / ideal",
             "torch 1p samples/s", "torch 2p samples/s", "torch speedup",
             "meshnet / torch at 2p", "meshnet shm / torch at 2p"]
   return _table(header, rows)

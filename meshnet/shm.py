@@ -298,7 +298,15 @@ def host_mean(group: SharedMemoryMean) -> Callable:
 
 def make_host_mean(mesh: Any, axis: str, nbytes: int, timeout: float = 300.0) -> Callable:
   """Sets up the shared segments for averaging over ``axis`` of ``mesh`` and
-  returns the in-``shard_map`` mean (see :func:`host_mean`).
+  returns the in-``shard_map`` mean (see :func:`host_mean`): ``nbytes`` is
+  what one process brings to an exchange (:func:`slot_bytes`). Every
+  process must call it (it synchronises them); see :func:`make_group`."""
+  return host_mean(make_group(mesh, axis, nbytes, timeout))
+
+
+def make_group(mesh: Any, axis: str, nbytes: int, timeout: float = 300.0) -> SharedMemoryMean:
+  """This process's :class:`SharedMemoryMean` for averaging over ``axis`` of
+  ``mesh`` (its segment set up, named, attached by every peer and unlinked).
 
   Every process must call it (it synchronises them). Each process must own
   exactly one device of ``mesh``; the processes that differ only in their
@@ -344,4 +352,4 @@ def make_host_mean(mesh: Any, axis: str, nbytes: int, timeout: float = 300.0) ->
   multihost_utils.sync_global_devices(f"meshnet shm attach {name}")
   if rank == 0:
     mean.unlink()
-  return host_mean(mean)
+  return mean
