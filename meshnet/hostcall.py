@@ -190,8 +190,9 @@ def host_call(fn: HostFn, name: str = "host") -> Callable[..., list[jax.Array]]:
     platforms = {d.platform for d in jax.devices()}
     if platforms != {"cpu"}:
       raise MeshnetError(
-          f"host_call runs on CPU devices only, this run has {sorted(platforms)}: use the "
-          "default transport (xla)")
+          f"meshnet.hostcall.host_call ({name}) runs on CPU devices only; this run has "
+          f"{sorted(platforms)}: on accelerators use the compiled collectives "
+          "(--grad-transport xla)")
     return list(jax.ffi.ffi_call(target, list(results), has_side_effect=False)(*operands))
 
   return call

@@ -313,8 +313,9 @@ def make_group(mesh: Any, axis: str, nbytes: int, timeout: float = 300.0) -> Sha
   ``axis`` coordinate share one segment, and must be on one host.
 
   Raises:
-    MeshnetError: a single process, several devices per process, processes
-      of one group on different hosts, or a non-x86-64 host.
+    MeshnetError: devices other than CPUs, a single process, several
+      devices per process, processes of one group on different hosts, or a
+      non-x86-64 host.
   """
   import socket
 
@@ -323,6 +324,11 @@ def make_group(mesh: Any, axis: str, nbytes: int, timeout: float = 300.0) -> Sha
 
   _check_platform()
   devices = np.asarray(mesh.devices)
+  platforms = sorted({d.platform for d in devices.flat})
+  if platforms != ["cpu"]:
+    raise MeshnetError(
+        f"--grad-transport shm averages CPU processes' gradients in host memory; this "
+        f"mesh's devices are {platforms}: use the default --grad-transport xla (NCCL/ICI)")
   mine = [idx for idx, d in np.ndenumerate(devices) if d.process_index == jax.process_index()]
   if jax.process_count() == 1 or len(mine) != 1 or devices.size != jax.process_count():
     raise MeshnetError(
