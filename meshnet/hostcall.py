@@ -98,9 +98,18 @@ class _Api(C.Structure):  # the leading fields of XLA_FFI_Api
 
 _HANDLER = C.CFUNCTYPE(C.c_void_p, C.c_void_p)  # XLA_FFI_CallFrame*
 
+# XLA_FFI_DataType -> NumPy (ml_dtypes through jax.numpy for the narrow floats;
+# 1- to 4-bit types are packed and have no NumPy view).
 _DTYPES = {1: np.bool_, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.uint8,
            7: np.uint16, 8: np.uint32, 9: np.uint64, 10: np.float16, 11: np.float32,
-           12: np.float64, 16: jax.numpy.bfloat16}
+           12: np.float64, 15: np.complex64, 16: jax.numpy.bfloat16, 18: np.complex128,
+           19: jax.numpy.float8_e5m2, 20: jax.numpy.float8_e4m3fn,
+           23: jax.numpy.float8_e4m3b11fnuz, 24: jax.numpy.float8_e5m2fnuz,
+           25: jax.numpy.float8_e4m3fnuz}
+_DTYPES.update({code: getattr(jax.numpy, name) for code, name in (
+    (28, "float8_e4m3"), (29, "float8_e3m4"), (33, "float8_e8m0fnu"))
+                if hasattr(jax.numpy, name)})  # newer formats
+
 
 _NUMPY = {code: np.dtype(t) for code, t in _DTYPES.items()}
 _names = itertools.count()
@@ -163,6 +172,16 @@ def _handler(fn: HostFn) -> Callable:
   return handle
 
 
+def _check_dtypes(name: str, what: str, dtypes: Sequence) -> None:
+  """Refuses, when the call is traced, a dtype the handler cannot view as a
+  NumPy array (XLA packs the 1- to 4-bit types)."""
+  for i, dtype in enumerate(dtypes):
+    if np.dtype(dtype) not in _NUMPY.values():
+      supported = ", ".join(sorted({str(d) for d in _NUMPY.values()}))
+      raise MeshnetError(f"host_call {name!r}: {what} {i} is {np.dtype(dtype)}, which it "
+                         f"cannot pass to Python; use one of {supported}")
+
+
 def host_call(fn: HostFn, name: str = "host") -> Callable[..., list[jax.Array]]:
   """Registers ``fn`` as an XLA FFI target on CPU; returns
   ``call(results, *operands) -> list of arrays``.
@@ -192,6 +211,8 @@ def host_call(fn: HostFn, name: str = "host") -> Callable[..., list[jax.Array]]:
       raise MeshnetError(
           f"host_call runs on CPU devices only, this run has {sorted(platforms)}: use the "
           "default transport (xla)")
+    _check_dtypes(name, "operand", [jax.numpy.result_type(x) for x in operands])
+    _check_dtypes(name, "result", [r.dtype for r in results])
     return list(jax.ffi.ffi_call(target, list(results), has_side_effect=False)(*operands))
 
   return call
