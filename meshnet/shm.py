@@ -190,7 +190,7 @@ class SharedMemoryMean:
   def _plan(self, arrays: Sequence[np.ndarray]) -> "_Plan":
     """Where every share of these arrays goes (cached per shapes and dtypes:
     a train step exchanges the same arrays every call)."""
-    key = tuple((a.dtype.str, a.shape) for a in arrays)
+    key = tuple((a.dtype.str, a.dtype.name, a.shape) for a in arrays)  # see _signature
     plan = self._plans.get(key)
     if plan is not None:
       return plan
@@ -262,7 +262,8 @@ def slot_bytes(shapes_dtypes: Sequence[tuple[Sequence[int], Any]]) -> int:
 def _signature(arrays: Sequence[np.ndarray]) -> int:
   """A number that differs, almost surely, between two lists of arrays of
   other sizes or dtypes (the same in every process: no salted hashing)."""
-  digest = hashlib.sha256(repr([(a.dtype.str, a.shape) for a in arrays]).encode()).digest()
+  layout = [(a.dtype.str, a.dtype.name, a.shape) for a in arrays]  # name: 8-bit floats share str
+  digest = hashlib.sha256(repr(layout).encode()).digest()
   return int.from_bytes(digest[:7], "big")
 
 

@@ -130,3 +130,131 @@ def test_host_call_error_fails_one_call_and_the_next_call_works():
                         "review_shape")
   with pytest.raises(Exception, match="could not broadcast"):
     jax.block_until_ready(jax.jit(lambda x: broadcast(_like(x), x)[0])(jnp.ones(3)))
+
+
+# --- the exchange: real processes --------------------------------------------
+
+_STRESS_DTYPES = (np.float32, np.float32, jnp.bfloat16, np.float16, np.int32, np.float64,
+                  jnp.float8_e4m3fn, jnp.float8_e4m3fnuz)
+
+
+def _layout(call):
+  """The arrays of exchange ``call``: 1-5 of random shapes and dtypes (every
+  process draws the same)."""
+  rng = np.random.default_rng(1000 + call)
+  layout = []
+  for _ in range(int(rng.integers(1, 6))):
+    dtype = _STRESS_DTYPES[int(rng.integers(len(_STRESS_DTYPES)))]
+    shape = tuple(int(s) for s in rng.integers(0, 24, int(rng.integers(0, 3))))
+    if rng.random() < 0.15:
+      shape = (int(rng.integers(0, 30000)),)
+    layout.append((shape, dtype))
+  return layout
+
+
+def _values(call, rank, layout):
+  rng = np.random.default_rng((call, rank))
+  # Small values, down to the 8-bit floats' subnormals.
+  return [rng.integers(-9, 9, shape).astype(dtype) if dtype == np.int32 else
+          (rng.standard_normal(shape) * 2.0 ** rng.integers(-9, 3, shape)).astype(dtype)
+          for shape, dtype in layout]
+
+
+def _attach(name, rank, size, nbytes, timeout):
+  while True:
+    try:
+      return shm.SharedMemoryMean.attach(name, rank, size, nbytes, timeout=timeout)
+    except meshnet.MeshnetError:
+      time.sleep(0.01)
+
+
+def _stress_worker(name, rank, size, calls, queue):
+  nbytes = max(shm.slot_bytes(_layout(c)) for c in range(calls))
+  if rank == 0:
+    group = shm.SharedMemoryMean.create(name, rank, size, nbytes, timeout=30)
+    queue.put("created")
+  else:
+    group = _attach(name, rank, size, nbytes, timeout=30)
+  rng = np.random.default_rng(rank)
+  wrong = []
+  for c in range(calls):
+    layout = _layout(c)
+    mine = _values(c, rank, layout)
+    out = [np.full_like(x, 7) for x in mine]
+    if rng.random() < 0.1:  # one process late, then the others: every skew
+      time.sleep(float(rng.random()) * 2e-3)
+    group.sum_into(mine, out)
+    terms = [_values(c, q, layout) for q in range(size)]
+    for i, (_, dtype) in enumerate(layout):
+      want = terms[0][i] + terms[1][i]
+      for t in terms[2:]:
+        want = want + t[i]
+      if np.asarray(want, dtype).tobytes() != out[i].tobytes():
+        wrong.append((c, i))
+  queue.put((rank, wrong))
+
+
+def _spawn(target, size, *args, timeout=120):
+  """Runs ``target(name, rank, size, *args, queue)`` in ``size`` spawned
+  processes; returns what each put last, by rank (and the segment is gone)."""
+  name = shm.segment_name(f"review-{os.getpid()}-{time.monotonic_ns()}")
+  ctx = multiprocessing.get_context("spawn")
+  queue = ctx.Queue()
+  procs = [ctx.Process(target=target, args=(name, r, size, *args, queue))
+           for r in range(size)]
+  for p in procs:
+    p.start()
+  got = {}
+  try:
+    while len(got) < size:
+      item = queue.get(timeout=timeout)
+      if item != "created":
+        got[item[0]] = item[1:]
+  finally:
+    for p in procs:
+      p.join(timeout=30)
+      if p.is_alive():
+        p.kill()
+    _unlink(name)
+  assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+  return got
+
+
+@pytest.mark.parametrize("size,calls", [(2, 600), (3, 300)])
+def test_back_to_back_exchanges_of_changing_layouts_give_every_process_the_same_bits(
+    size, calls):
+  """Hundreds of exchanges, each of other shapes and dtypes than the last
+  (so shares land in other places of the slots and the result region), one
+  process now and then behind: every process gets, every call, the bits of
+  the sum in process order. 8-bit float formats that share a NumPy type
+  string (float8_e4m3fn / _e4m3fnuz) must not share a cached plan."""
+  got = _spawn(_stress_worker, size, calls)
+  assert {rank: wrong for rank, (wrong,) in got.items()} == {r: [] for r in range(size)}
+
+
+def _float8_worker(name, rank, size, queue):
+  shape = (4,)
+  nbytes = shm.slot_bytes([(shape, jnp.float8_e4m3fn)])
+  if rank == 0:
+    group = shm.SharedMemoryMean.create(name, rank, size, nbytes, timeout=30)
+    queue.put("created")
+  else:
+    group = _attach(name, rank, size, nbytes, timeout=30)
+  results = []
+  for dtype in (jnp.float8_e4m3fn, jnp.float8_e4m3fnuz):
+    x = np.full(shape, 2.0 ** -10, np.float32).astype(dtype)  # fnuz's least subnormal
+    out = np.empty_like(x)
+    group.sum_into([x], [out])
+    results.append(out.astype(np.float32).tolist())
+  queue.put((rank, results))
+
+
+def test_float8_formats_of_one_shape_do_not_share_a_plan():
+  """float8_e4m3fn and float8_e4m3fnuz have one NumPy type string: keyed on
+  it, the second exchange reused the first's views and converted the
+  peer's 2**-10 (a float8_e4m3fnuz subnormal, not a float8_e4m3fn one)."""
+  got = _spawn(_float8_worker, 2)
+  for rank in range(2):
+    fn, fnuz = got[rank][0]
+    assert fn == [0.0] * 4  # 2**-10 is half float8_e4m3fn's least subnormal: 0
+    assert fnuz == [2.0 ** -9] * 4  # 2**-10 + 2**-10
