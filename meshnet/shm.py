@@ -155,6 +155,7 @@ class SharedMemoryMean:
     added in process order, for every ``i`` in one exchange (any shapes and
     dtypes, the same in every process; ``out[i]`` contiguous, like
     ``arrays[i]``)."""
+    _check_out(arrays, out)
     plan = self._plan(arrays)
     self._calls += 1
     g, r = self._calls, self.rank
@@ -235,6 +236,20 @@ class _Plan:
   parts: list
   results: list
   receives: list
+
+
+def _check_out(arrays: Sequence[np.ndarray], out: Sequence[np.ndarray]) -> None:
+  """Refuses ``out`` that cannot take ``arrays``' sums in place (a reshape of
+  a non-contiguous array would copy, and the sum would be lost)."""
+  if len(out) != len(arrays):
+    raise MeshnetError(f"sum_into got {len(arrays)} arrays and {len(out)} outputs: "
+                       "pass one output per array")
+  for i, (a, o) in enumerate(zip(arrays, out)):
+    if o.shape != a.shape or o.dtype != a.dtype or not o.flags.c_contiguous:
+      raise MeshnetError(
+          f"sum_into output {i} is {o.dtype}{list(o.shape)}"
+          f"{'' if o.flags.c_contiguous else ' (not contiguous)'}, its array "
+          f"{a.dtype}{list(a.shape)}: pass a contiguous output of the array's shape and dtype")
 
 
 def _share(count: int, share: int, size: int) -> tuple[int, int]:

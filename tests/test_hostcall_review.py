@@ -132,6 +132,29 @@ def test_host_call_error_fails_one_call_and_the_next_call_works():
     jax.block_until_ready(jax.jit(lambda x: broadcast(_like(x), x)[0])(jnp.ones(3)))
 
 
+# --- the exchange: one process ----------------------------------------------
+
+
+def test_sum_into_refuses_outputs_it_cannot_fill(tmp_path):
+  name = shm.segment_name(f"{tmp_path}-out")
+  group = shm.SharedMemoryMean.create(name, 0, 1, 1024, timeout=1)
+  try:
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    out = np.empty((4, 3), np.float32).T  # the shape, not contiguous: a reshape copies
+    with pytest.raises(meshnet.MeshnetError, match=r"output 0 is float32\[3, 4\] \(not "
+                       r"contiguous\)"):
+      group.sum_into([x], [out])
+    with pytest.raises(meshnet.MeshnetError, match="got 2 arrays and 1 outputs"):
+      group.sum_into([x, x], [np.empty_like(x)])
+    with pytest.raises(meshnet.MeshnetError, match=r"output 0 is float16\[3, 4\]"):
+      group.sum_into([x], [np.empty(x.shape, np.float16)])
+    out = np.empty_like(x)
+    group.sum_into([x], [out])  # one process: the sum is the array
+    np.testing.assert_array_equal(out, x)
+  finally:
+    group.unlink()
+
+
 # --- the exchange: real processes --------------------------------------------
 
 _STRESS_DTYPES = (np.float32, np.float32, jnp.bfloat16, np.float16, np.int32, np.float64,
