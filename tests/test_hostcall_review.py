@@ -135,6 +135,69 @@ def test_host_call_error_fails_one_call_and_the_next_call_works():
 # --- the exchange: one process ----------------------------------------------
 
 
+def test_a_second_exchange_while_one_runs_is_refused_at_once(tmp_path):
+  """XLA runs independent host calls of one program on several threads at
+  once: the second must fail with its cause, not hang or mix the slots."""
+  name = shm.segment_name(f"{tmp_path}-busy")
+  group = shm.SharedMemoryMean.create(name, 0, 2, 256, timeout=1.5)
+  try:
+    first = {}
+
+    def waits_for_a_peer():
+      try:
+        group.sum_into([np.ones(8, np.float32)], [np.empty(8, np.float32)])
+      except meshnet.MeshnetError as e:
+        first["error"] = str(e)
+
+    thread = threading.Thread(target=waits_for_a_peer)
+    thread.start()
+    time.sleep(0.3)
+    start = time.monotonic()
+    with pytest.raises(meshnet.MeshnetError, match="two exchanges of one group ran at once"):
+      group.sum_into([np.ones(8, np.float32)], [np.empty(8, np.float32)])
+    assert time.monotonic() - start < 0.5
+    thread.join()
+    assert "process(es) [1] did not arrive within 1.5 s" in first["error"]
+  finally:
+    group.unlink()
+
+
+def test_a_second_exchange_of_one_program_run_is_refused(tmp_path):
+  name = shm.segment_name(f"{tmp_path}-run")
+  group = shm.SharedMemoryMean.create(name, 0, 1, 256, timeout=1)
+  try:
+    x, out = np.ones(3, np.float32), np.empty(3, np.float32)
+    group.sum_into([x], [out], run=7)
+    with pytest.raises(meshnet.MeshnetError, match="two exchanges of one group ran in one "
+                       "program run"):
+      group.sum_into([x], [out], run=7)
+    group.sum_into([x], [out], run=8)  # the next run
+    group.sum_into([x], [out])  # no run id (called from Python): no check
+    group.sum_into([x], [out])
+    np.testing.assert_array_equal(out, x)
+  finally:
+    group.unlink()
+
+
+def test_host_call_tells_its_function_the_program_run():
+  runs = []
+
+  def record(operands, results):
+    from meshnet.hostcall import run_id
+    runs.append(run_id())
+    _identity(operands, results)
+
+  call = host_call(record, "review_run")
+  two = jax.jit(lambda x: call(_like(x), x)[0] + call(_like(x), x * 2)[0])
+  for _ in range(3):
+    jax.block_until_ready(two(jnp.ones(2)))
+  assert all(isinstance(r, int) for r in runs) and len(runs) == 6
+  assert runs[0] == runs[1] and runs[2] == runs[3] and runs[4] == runs[5]
+  assert len({runs[0], runs[2], runs[4]}) == 3
+  from meshnet.hostcall import run_id
+  assert run_id() is None  # outside a call
+
+
 def test_sum_into_refuses_outputs_it_cannot_fill(tmp_path):
   name = shm.segment_name(f"{tmp_path}-out")
   group = shm.SharedMemoryMean.create(name, 0, 1, 1024, timeout=1)
@@ -281,3 +344,46 @@ def test_float8_formats_of_one_shape_do_not_share_a_plan():
     fn, fnuz = got[rank][0]
     assert fn == [0.0] * 4  # 2**-10 is half float8_e4m3fn's least subnormal: 0
     assert fnuz == [2.0 ** -9] * 4  # 2**-10 + 2**-10
+
+
+def _two_means_worker(name, rank, size, queue):
+  os.environ["XLA_FLAGS"] = ""  # one device
+  nbytes = shm.slot_bytes([((256, 256), np.float32)])
+  if rank == 0:
+    group = shm.SharedMemoryMean.create(name, rank, size, nbytes, timeout=4)
+    queue.put("created")
+  else:
+    group = _attach(name, rank, size, nbytes, timeout=4)
+  mean = shm.host_mean(group)
+
+  def body(w, it):
+    return jnp.tanh(w @ w) @ w + it
+
+  step = jax.jit(lambda a, b, it: (mean(body(a, it)), mean(body(b, it))))
+  wrong, error = 0, None
+  for it in range(10):
+    ws = [[jnp.full((256, 256), (q + k + 1) / 1e3, jnp.float32) for k in (0, 7)]
+          for q in range(size)]
+    try:
+      got = jax.block_until_ready(step(*ws[rank], it))
+    except Exception as e:  # noqa: BLE001 - the XLA error carrying the exchange's
+      error = str(e)
+      break
+    for k in range(2):
+      want = sum(np.asarray(body(ws[q][k], it)) for q in range(size)) / size
+      wrong += not np.allclose(np.asarray(got[k]), want, rtol=1e-5)
+  queue.put((rank, wrong, error))
+
+
+def test_two_exchanges_in_one_program_fail_clearly_instead_of_mixing():
+  """A program with two independent means of one shape: XLA ran them on two
+  threads at once (both wrote one slot: wrong sums, or a hang until the
+  timeout), or one after the other in another order in each process (the
+  processes swapped the two: wrong sums, silently). Now every process's
+  first run fails, with the cause, and none gets a wrong mean."""
+  got = _spawn(_two_means_worker, 2)
+  assert [got[r][0] for r in range(2)] == [0, 0], got
+  for rank in range(2):
+    assert "MeshnetError: shared-memory gradient mean: two exchanges of one group" in (
+        got[rank][1] or ""), got
+    assert "one mean(tree) call per program" in got[rank][1]
