@@ -387,3 +387,76 @@ def test_two_exchanges_in_one_program_fail_clearly_instead_of_mixing():
     assert "MeshnetError: shared-memory gradient mean: two exchanges of one group" in (
         got[rank][1] or ""), got
     assert "one mean(tree) call per program" in got[rank][1]
+
+
+# --- real training -------------------------------------------------------------
+
+
+def _run(args, timeout=300):
+  proc = subprocess.run(MESHNET + args, capture_output=True, text=True, env=ENV,
+                        timeout=timeout)
+  assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+  return proc.stdout + proc.stderr
+
+
+def test_three_processes_train_what_one_process_trains(tmp_path):
+  """data=3 over three processes through shared memory: SGD with momentum,
+  bf16 compute, dropout, three accumulation steps, odd layer widths; the
+  parameters of one process with three devices (to float32 rounding)."""
+  before = _segments()
+  args = TRAIN + ["--mesh", "data=3", "--steps", "6", "--optimizer", "sgd", "--momentum",
+                  "0.9", "--precision", "bf16", "--dropout", "0.1", "--grad-accum", "3",
+                  "--batch-size", "45", "--hidden", "33,7"]
+  out = _run(["launch", "-n", "3", "--", *MESHNET, *args, "--grad-transport", "shm",
+              "--checkpoint-dir", str(tmp_path / "shm")])
+  assert "3 cpu devices, 3 processes" in out
+  _run(args + ["--devices", "3", "--deterministic", "--checkpoint-dir", str(tmp_path / "one")])
+  shm_params = checkpoint.load_params(str(tmp_path / "shm"), 6)
+  one_params = checkpoint.load_params(str(tmp_path / "one"), 6)
+  for got, want in zip(jax.tree.leaves(shm_params), jax.tree.leaves(one_params)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+  assert _segments() <= before
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_a_killed_peer_ends_the_survivor_with_a_clear_error(tmp_path):
+  """Two processes started by hand (no launcher to stop the other): SIGKILL
+  one mid-run; the survivor must end with one line naming the peer, well
+  before the exchange's own 300 s timeout, and leave no segment."""
+  before = _segments()
+  port = _free_port()
+  procs = []
+  for rank in range(2):
+    env = dict(ENV, MESHNET_COORDINATOR=f"127.0.0.1:{port}", MESHNET_NUM_PROCESSES="2",
+               MESHNET_PROCESS_ID=str(rank), MESHNET_DEVICES_PER_PROCESS="1")
+    procs.append(subprocess.Popen(
+        MESHNET + TRAIN + ["--mesh", "data=2", "--steps", "1000000", "--grad-transport",
+                           "shm"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  try:
+    seen = []
+    for line in procs[0].stdout:
+      seen.append(line)
+      if line.startswith("compiled the train step"):
+        break
+    assert seen and seen[-1].startswith("compiled"), "".join(seen)[-2000:]
+    time.sleep(2.0)  # training: hundreds of exchanges
+    killed = time.monotonic()
+    procs[1].send_signal(signal.SIGKILL)
+    rest, _ = procs[0].communicate(timeout=150)
+    elapsed = time.monotonic() - killed
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  assert procs[0].returncode not in (0, None)
+  assert "process 1 of 2 stopped responding" in rest, rest[-2000:]
+  assert "Traceback" not in rest
+  assert elapsed < 120
+  assert _segments() <= before
