@@ -90,22 +90,44 @@ class _ErrorCreateArgs(C.Structure):
 _ERROR_CREATE = C.CFUNCTYPE(C.c_void_p, C.POINTER(_ErrorCreateArgs))
 
 
+class _RunIdGetArgs(C.Structure):
+  _fields_ = [("struct_size", C.c_size_t), ("extension_start", C.c_void_p),
+              ("ctx", C.c_void_p), ("run_id", C.c_int64)]
+
+
+_RUN_ID_GET = C.CFUNCTYPE(C.c_void_p, C.POINTER(_RunIdGetArgs))
+
+
 class _Api(C.Structure):  # the leading fields of XLA_FFI_Api
   _fields_ = [("struct_size", C.c_size_t), ("extension_start", C.c_void_p),
               ("api_version", _ApiVersion), ("internal_api", C.c_void_p),
               ("error_create", _ERROR_CREATE)]
 
 
+# XLA_FFI_Api's functions follow error_create in c_api.h's order;
+# XLA_FFI_RunId_Get is the 17th.
+_RUN_ID_GET_OFFSET = _Api.error_create.offset + 16 * C.sizeof(C.c_void_p)
+
 _HANDLER = C.CFUNCTYPE(C.c_void_p, C.c_void_p)  # XLA_FFI_CallFrame*
 
+# XLA_FFI_DataType -> NumPy (ml_dtypes through jax.numpy for the narrow floats;
+# 1- to 4-bit types are packed and have no NumPy view).
 _DTYPES = {1: np.bool_, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.uint8,
            7: np.uint16, 8: np.uint32, 9: np.uint64, 10: np.float16, 11: np.float32,
-           12: np.float64, 16: jax.numpy.bfloat16}
+           12: np.float64, 15: np.complex64, 16: jax.numpy.bfloat16, 18: np.complex128,
+           19: jax.numpy.float8_e5m2, 20: jax.numpy.float8_e4m3fn,
+           23: jax.numpy.float8_e4m3b11fnuz, 24: jax.numpy.float8_e5m2fnuz,
+           25: jax.numpy.float8_e4m3fnuz}
+_DTYPES.update({code: getattr(jax.numpy, name) for code, name in (
+    (28, "float8_e4m3"), (29, "float8_e3m4"), (33, "float8_e8m0fnu"))
+                if hasattr(jax.numpy, name)})  # newer formats
 
 _NUMPY = {code: np.dtype(t) for code, t in _DTYPES.items()}
 _names = itertools.count()
 _lock = threading.Lock()
 _handlers: dict[str, object] = {}  # keeps each ctypes function alive for the process
+_run_id_getters: dict[int, Callable | None] = {}  # per XLA_FFI_Api address
+_current = threading.local()  # the run id of the call this thread is in
 
 
 _BUFFER = struct.Struct("<QQi4xQqQ")  # XLA_FFI_Buffer: size, extension, dtype, data, rank, dims
@@ -140,9 +162,31 @@ def _error(frame: _CallFrame, message: str) -> int | None:
   return api.error_create(C.byref(args))
 
 
+def _run_id(api: int, ctx: int) -> int | None:
+  """XLA's id of the program run making this call (one per execution of a
+  compiled program), or None if this runtime's FFI has no RunId_Get."""
+  get = _run_id_getters.get(api, False)
+  if get is False:
+    size = _Api.from_address(api).struct_size
+    get = (_RUN_ID_GET(C.c_void_p.from_address(api + _RUN_ID_GET_OFFSET).value)
+           if size >= _RUN_ID_GET_OFFSET + C.sizeof(C.c_void_p) else None)
+    _run_id_getters[api] = get
+  if get is None:
+    return None
+  args = _RunIdGetArgs(C.sizeof(_RunIdGetArgs), None, ctx, 0)
+  return None if get(C.byref(args)) else args.run_id
+
+
+def run_id() -> int | None:
+  """Inside a :func:`host_call` function: the id of the compiled program's
+  run that called it (the same for every call of one execution, another
+  for the next), or None if XLA does not say. None outside a call."""
+  return getattr(_current, "run", None)
+
+
 def _handler(fn: HostFn) -> Callable:
   def handle(address):
-    (_, extension, _, _, stage, _, _, n_args, _, args, _, _, n_rets, _, rets) = \
+    (_, extension, api, ctx, stage, _, _, n_args, _, args, _, _, n_rets, _, rets) = \
         _FRAME.unpack(C.string_at(address, _FRAME.size))
     if extension:  # XLA asks which FFI version the handler speaks
       base = _ExtensionBase.from_address(extension)
@@ -155,12 +199,25 @@ def _handler(fn: HostFn) -> Callable:
     if stage != _STAGE_EXECUTE:
       return None
     try:
+      _current.run = _run_id(api, ctx)
       fn([_array(a) for a in _addresses(args, n_args)],
          [_array(a) for a in _addresses(rets, n_rets)])
     except BaseException as e:  # noqa: BLE001 - every failure goes back to XLA
       return _error(_CallFrame.from_address(address), f"{type(e).__name__}: {e}")
+    finally:
+      _current.run = None
     return None
   return handle
+
+
+def _check_dtypes(name: str, what: str, dtypes: Sequence) -> None:
+  """Refuses, when the call is traced, a dtype the handler cannot view as a
+  NumPy array (XLA packs the 1- to 4-bit types)."""
+  for i, dtype in enumerate(dtypes):
+    if np.dtype(dtype) not in _NUMPY.values():
+      supported = ", ".join(sorted({str(d) for d in _NUMPY.values()}))
+      raise MeshnetError(f"host_call {name!r}: {what} {i} is {np.dtype(dtype)}, which it "
+                         f"cannot pass to Python; use one of {supported}")
 
 
 def host_call(fn: HostFn, name: str = "host") -> Callable[..., list[jax.Array]]:
@@ -175,7 +232,11 @@ def host_call(fn: HostFn, name: str = "host") -> Callable[..., list[jax.Array]]:
   of dispatch and 0.6 ms per step of a 16 ms data-parallel step here, as
   the runtime then threads an ordering token through every call.) Register
   one function per call site: a target's name is unique, so two call sites
-  are never merged.
+  are never merged (two calls of one target on the same operands may be).
+  Calls that do not depend on each other may run at once, on several
+  threads, in any order (XLA's CPU runtime runs independent work in
+  parallel): ``fn`` must be thread-safe, or the program must chain them.
+  :func:`run_id` tells ``fn`` which execution of the program called it.
 
   Use it inside ``jit`` or ``shard_map``; the results are typed like
   ``jax.ffi.ffi_call``'s. Raises MeshnetError off CPU.
@@ -193,6 +254,8 @@ def host_call(fn: HostFn, name: str = "host") -> Callable[..., list[jax.Array]]:
           f"meshnet.hostcall.host_call ({name}) runs on CPU devices only; this run has "
           f"{sorted(platforms)}: on accelerators use the compiled collectives "
           "(--grad-transport xla)")
+    _check_dtypes(name, "operand", [jax.numpy.result_type(x) for x in operands])
+    _check_dtypes(name, "result", [r.dtype for r in results])
     return list(jax.ffi.ffi_call(target, list(results), has_side_effect=False)(*operands))
 
   return call

@@ -37,6 +37,7 @@ import dataclasses
 import hashlib
 import os
 import platform
+import threading
 import time
 from multiprocessing import resource_tracker, shared_memory
 from typing import Any, Callable, Sequence
@@ -47,6 +48,13 @@ from meshnet.errors import MeshnetError
 
 _LINE = 64  # bytes: one flag per cache line
 _SPIN_S = 1e-3  # busy-wait this long before sleeping between looks
+
+
+_ONE_PER_RUN = (
+    "shared-memory gradient mean: two exchanges of one group {what}; XLA may run "
+    "independent calls of a program at once and in another order in each process, which "
+    "would pair different exchanges: average the whole tree with one mean(tree) call per "
+    "program (not one per leaf, nor one per loop iteration)")
 
 
 def segment_name(key: str) -> str:
@@ -78,6 +86,8 @@ class SharedMemoryMean:
     self._data_offset = 2 * size * _LINE  # then size input slots, then the results
     self._calls = 0
     self._plans: dict[tuple, _Plan] = {}
+    self._busy = threading.Lock()  # one exchange at a time in this process
+    self._last_run: int | None = None  # the program run of the last exchange
 
   @staticmethod
   def _bytes(size: int, nbytes: int) -> int:
@@ -150,11 +160,33 @@ class SharedMemoryMean:
     self.sum_into([x], [out])
     return out / np.asarray(self.size, out.dtype)
 
-  def sum_into(self, arrays: Sequence[np.ndarray], out: Sequence[np.ndarray]) -> None:
+  def sum_into(self, arrays: Sequence[np.ndarray], out: Sequence[np.ndarray],
+               run: int | None = None) -> None:
     """Writes into ``out[i]`` the sum of ``arrays[i]`` over the processes,
     added in process order, for every ``i`` in one exchange (any shapes and
     dtypes, the same in every process; ``out[i]`` contiguous, like
-    ``arrays[i]``)."""
+    ``arrays[i]``).
+
+    Exchanges pair up by their order in each process, so the processes must
+    make them one at a time in the same order. XLA runs independent calls
+    of one program on several threads, in an order that differs between
+    processes, so the caller passes ``run`` (:func:`meshnet.hostcall.run_id`)
+    and a second exchange of one program run raises MeshnetError in every
+    process, as does a call while another runs in this process.
+    """
+    if not self._busy.acquire(blocking=False):
+      raise MeshnetError(_ONE_PER_RUN.format(what="ran at once in this process"))
+    try:
+      if run is not None and run == self._last_run:
+        raise MeshnetError(_ONE_PER_RUN.format(what="ran in one program run"))
+      self._last_run = run
+      self._exchange(arrays, out)
+    finally:
+      self._busy.release()
+
+  def _exchange(self, arrays: Sequence[np.ndarray], out: Sequence[np.ndarray]) -> None:
+    """:meth:`sum_into`'s protocol (see the module docstring)."""
+    _check_out(arrays, out)
     plan = self._plan(arrays)
     self._calls += 1
     g, r = self._calls, self.rank
@@ -190,7 +222,7 @@ class SharedMemoryMean:
   def _plan(self, arrays: Sequence[np.ndarray]) -> "_Plan":
     """Where every share of these arrays goes (cached per shapes and dtypes:
     a train step exchanges the same arrays every call)."""
-    key = tuple((a.dtype.str, a.shape) for a in arrays)
+    key = tuple((a.dtype.str, a.dtype.name, a.shape) for a in arrays)  # see _signature
     plan = self._plans.get(key)
     if plan is not None:
       return plan
@@ -237,6 +269,20 @@ class _Plan:
   receives: list
 
 
+def _check_out(arrays: Sequence[np.ndarray], out: Sequence[np.ndarray]) -> None:
+  """Refuses ``out`` that cannot take ``arrays``' sums in place (a reshape of
+  a non-contiguous array would copy, and the sum would be lost)."""
+  if len(out) != len(arrays):
+    raise MeshnetError(f"sum_into got {len(arrays)} arrays and {len(out)} outputs: "
+                       "pass one output per array")
+  for i, (a, o) in enumerate(zip(arrays, out)):
+    if o.shape != a.shape or o.dtype != a.dtype or not o.flags.c_contiguous:
+      raise MeshnetError(
+          f"sum_into output {i} is {o.dtype}{list(o.shape)}"
+          f"{'' if o.flags.c_contiguous else ' (not contiguous)'}, its array "
+          f"{a.dtype}{list(a.shape)}: pass a contiguous output of the array's shape and dtype")
+
+
 def _share(count: int, share: int, size: int) -> tuple[int, int]:
   """Elements ``[lo, hi)`` of a ``count``-element array that process
   ``share`` of ``size`` sums."""
@@ -262,7 +308,8 @@ def slot_bytes(shapes_dtypes: Sequence[tuple[Sequence[int], Any]]) -> int:
 def _signature(arrays: Sequence[np.ndarray]) -> int:
   """A number that differs, almost surely, between two lists of arrays of
   other sizes or dtypes (the same in every process: no salted hashing)."""
-  digest = hashlib.sha256(repr([(a.dtype.str, a.shape) for a in arrays]).encode()).digest()
+  layout = [(a.dtype.str, a.dtype.name, a.shape) for a in arrays]  # name: 8-bit floats share str
+  digest = hashlib.sha256(repr(layout).encode()).digest()
   return int.from_bytes(digest[:7], "big")
 
 
@@ -278,13 +325,22 @@ def host_mean(group: SharedMemoryMean) -> Callable:
   (one device per process): one exchange for every leaf, through
   :func:`meshnet.hostcall.host_call` (XLA's buffers, no copies but the
   exchange's own). The result is typed as invariant over the mesh, which it
-  is: every process computes the same sum."""
+  is: every process computes the same sum.
+
+  Call ``mean`` once per compiled program, with everything to average:
+  XLA may run two independent calls of one program at once, or in another
+  order in each process, and the processes would then pair different
+  exchanges, so a program run that makes a second exchange fails with
+  MeshnetError (:meth:`SharedMemoryMean.sum_into`)."""
   import jax
   import jax.numpy as jnp
 
-  from meshnet.hostcall import host_call
+  from meshnet.hostcall import host_call, run_id
 
-  call = host_call(group.sum_into, "shm_sum")
+  def exchange(operands, results):
+    group.sum_into(operands, results, run=run_id())
+
+  call = host_call(exchange, "shm_sum")
 
   def mean(tree, axis_name=None):
     del axis_name
