@@ -670,6 +670,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     os._exit(128 + signal.SIGTERM)
   except KeyboardInterrupt:
     print("meshnet: interrupted", file=sys.stderr)
+    if args.command == "train":
+      # A step still in flight may be inside a host call (--grad-transport
+      # shm waits there for its peers), and a Python thread that wakes
+      # during the interpreter's shutdown aborts the process (exit 134,
+      # "terminate called without an active exception"): leave the peers
+      # as an ordinary exit does, then skip the interpreter's shutdown.
+      import jax
+      jax.distributed.shutdown()
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(130)
     return 130
   finally:
     if in_main_thread:

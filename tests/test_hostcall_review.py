@@ -460,3 +460,37 @@ def test_a_killed_peer_ends_the_survivor_with_a_clear_error(tmp_path):
   assert "Traceback" not in rest
   assert elapsed < 120
   assert _segments() <= before
+
+
+# Runs the command with SIGINT's default action: a test runner started in the
+# background ignores SIGINT, and its children would inherit that.
+_SIGINT_DEFAULT = [sys.executable, "-c", "import os, signal, sys; "
+                   "signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                   "os.execv(sys.argv[1], sys.argv[1:])"]
+
+
+def test_ctrl_c_ends_a_shared_memory_run_without_an_abort():
+  """Ctrl-C (SIGINT to the launch's process group) while steps are in
+  flight: an exchange may be waiting for its peers on an XLA thread, which
+  aborted an ordinary interpreter shutdown about one time in three (exit
+  134, "terminate called without an active exception")."""
+  for _ in range(2):
+    launcher = subprocess.Popen(
+        _SIGINT_DEFAULT + MESHNET + ["launch", "-n", "2", "--", *MESHNET, *TRAIN, "--mesh",
+                                     "data=2", "--steps", "1000000", "--grad-transport", "shm"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
+        start_new_session=True)
+    try:
+      for line in launcher.stdout:
+        if line.startswith("[0] compiled the train step"):
+          break
+      time.sleep(1.5)
+      os.killpg(launcher.pid, signal.SIGINT)
+      rest, _ = launcher.communicate(timeout=60)
+    finally:
+      if launcher.poll() is None:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.wait()
+    assert launcher.returncode == 130, rest[-2000:]
+    assert "[0] meshnet: interrupted" in rest and "[1] meshnet: interrupted" in rest, rest
+    assert "terminate called" not in rest and "SIGABRT" not in rest, rest
