@@ -13,16 +13,16 @@ import subprocess
 import sys
 import threading
 import time
+from multiprocessing import shared_memory
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from multiprocessing import shared_memory
 
 import meshnet
 from meshnet import checkpoint, shm
-from meshnet.hostcall import host_call
+from meshnet.hostcall import host_call, run_id
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(meshnet.__file__)))
 ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -183,7 +183,6 @@ def test_host_call_tells_its_function_the_program_run():
   runs = []
 
   def record(operands, results):
-    from meshnet.hostcall import run_id
     runs.append(run_id())
     _identity(operands, results)
 
@@ -194,7 +193,6 @@ def test_host_call_tells_its_function_the_program_run():
   assert all(isinstance(r, int) for r in runs) and len(runs) == 6
   assert runs[0] == runs[1] and runs[2] == runs[3] and runs[4] == runs[5]
   assert len({runs[0], runs[2], runs[4]}) == 3
-  from meshnet.hostcall import run_id
   assert run_id() is None  # outside a call
 
 
