@@ -670,13 +670,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     os._exit(128 + signal.SIGTERM)
   except KeyboardInterrupt:
     print("meshnet: interrupted", file=sys.stderr)
-    if args.command == "train":
+    jax = sys.modules.get("jax")
+    if args.command == "train" and jax is not None and jax.process_count() > 1:
       # A step still in flight may be inside a host call (--grad-transport
       # shm waits there for its peers), and a Python thread that wakes
       # during the interpreter's shutdown aborts the process (exit 134,
       # "terminate called without an active exception"): leave the peers
       # as an ordinary exit does, then skip the interpreter's shutdown.
-      import jax
+      # One process (a notebook calling main) returns as before.
       jax.distributed.shutdown()
       sys.stdout.flush()
       sys.stderr.flush()
