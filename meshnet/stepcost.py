@@ -273,14 +273,17 @@ class PipelineShape:
       abstract mesh): bounds, widths ``N`` and ``D``, rounds.
     mb: examples per microbatch.
     slots: activation, cotangent and residual slots per chunk
-      (:func:`meshnet.pipeline.plan.plan`; each buffer has a trash slot more).
+      (:func:`meshnet.pipeline.plan.plan`; each buffer has a trash slot more,
+      the residual one only when ``res_trash``).
     residual_words: per stage group, uint32 words a forward keeps.
+    res_trash: whether the residual buffer has its trash slot.
   """
 
   pipe: Any
   mb: int
   slots: tuple[int, int, int]
   residual_words: Mapping[int, int]
+  res_trash: bool = True
 
   @property
   def S(self) -> int:
@@ -337,11 +340,11 @@ class PipelineShape:
     return list(widths[b[k]:b[k + 1] + 1])
 
   def buffers(self) -> int:
-    """Bytes of the three ring buffers (each with its trash slot), per device."""
+    """Bytes of the three ring buffers (with their trash slots), per device."""
     act, cot, res = self.slots
     return (aligned(self.v * (act + 1) * self.message)
             + aligned(self.v * (cot + 1) * self.message)
-            + aligned(F32 * self.v * (res + 1) * self.R))
+            + aligned(F32 * self.v * (res + self.res_trash) * self.R))
 
 
 def pipeline_shape(model, sizes: Mapping[str, int], example_size: int, *, schedule: str,
@@ -363,7 +366,8 @@ def pipeline_shape(model, sizes: Mapping[str, int], example_size: int, *, schedu
   mb = local_batch // microbatches
   buffers = plan.plan(pipe.rounds, list(range(pipe.num_virtual_stages)))
   words = _residual_words(pipe, mb, loss, outputs, remat)
-  return PipelineShape(pipe, mb, (buffers.num_act, buffers.num_cot, buffers.num_res), words)
+  return PipelineShape(pipe, mb, (buffers.num_act, buffers.num_cot, buffers.num_res), words,
+                       buffers.res_trash)
 
 
 def _residual_words(pipe, mb: int, loss: str, outputs: int, remat: bool) -> dict[int, int]:

@@ -6,9 +6,12 @@ arrival to the backward, or to the weight half when split) and residuals
 (what the forward keeps for the backward, from the forward to the last
 backward op). :func:`plan` assigns each (virtual stage, microbatch) a slot in
 each buffer by interval colouring over the rounds' phases, and writes the
-int32 tables ``[rounds, S]`` that the program indexes at run time. Each
-buffer has one extra slot at the end, the *trash* slot: a round that has
-nothing to store writes there, so stores need no branch.
+int32 tables ``[rounds, S]`` that the program indexes at run time. A round
+that has nothing to store still stores (so stores need no branch): the
+activation and cotangent buffers have one extra slot at the end for it, the
+*trash* slot; the residual buffer, the big one, gets a trash slot only when
+some idle forward finds no slot free at that moment (an idle forward writes
+into a free slot, which a later forward overwrites before any read).
 
 Phases in round ``r``: F at ``4r`` (it writes its residuals right after it
 runs, before the round's B and W read), B at ``4r + 1``, W at ``4r + 2``;
@@ -48,12 +51,19 @@ class Plan:
     num_act, num_cot, num_res: slots per chunk in each buffer (the trash
       slot, index ``num_*``, not counted).
     tables: ``name -> int32[rounds, S]`` (see :data:`TABLE_NAMES`).
+    res_trash: whether the residual buffer needs its trash slot.
   """
 
   num_act: int
   num_cot: int
   num_res: int
   tables: dict[str, np.ndarray]
+  res_trash: bool = True
+
+  @property
+  def res_slots(self) -> int:
+    """Slots per chunk the residual buffer has, its trash slot included."""
+    return self.num_res + int(self.res_trash)
 
 
 def _allocate(intervals: dict[tuple[int, int], tuple[int, int]]) -> tuple[dict, int]:
@@ -136,4 +146,26 @@ def plan(rounds: Rounds, branch_of: Sequence[int]) -> Plan:
             d2, c2 = (k - 1) % S, (k - 1) // S
             tabs["s_cot_chunk"][r + 1, d2] = c2
             tabs["s_cot"][r + 1, d2] = cot_slots[(k - 1, m)]
-  return Plan(n_act, n_cot, n_res, tabs)
+  res_trash = _idle_forwards_into_free_slots(tabs, res, res_slots, n_res, S, v)
+  return Plan(n_act, n_cot, n_res, tabs, res_trash)
+
+
+def _idle_forwards_into_free_slots(tabs: dict[str, np.ndarray], res: dict, res_slots: dict,
+                                   n_res: int, S: int, v: int) -> bool:
+  """Points each idle forward's residual store (round ``r``, phase ``4r``)
+  at a slot no live residual holds then (``tabs`` is changed in place).
+  Returns whether some idle forward found none and keeps the trash slot."""
+  live: dict[tuple[int, int], list[tuple[int, int]]] = {}  # (chunk, slot) -> intervals
+  for (k, m), interval in res.items():
+    live.setdefault((k // S, res_slots[(k, m)]), []).append((k % S, interval))
+  trash = False
+  for r, d in zip(*np.nonzero(tabs["f_branch"] == 0)):
+    now = 4 * int(r)
+    free = next(((c, s) for c in range(v) for s in range(n_res)
+                 if all(not (w <= now <= last) for dev, (w, last) in live.get((c, s), ())
+                        if dev == d)), None)
+    if free is None:
+      trash = True
+    else:
+      tabs["f_chunk"][r, d], tabs["f_res"][r, d] = free
+  return trash
