@@ -152,6 +152,7 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
   if args.worker:
     return _worker(args)
+  from meshnet.launch import placement_environment
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
@@ -161,7 +162,8 @@ def main(argv=None) -> None:
       env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
       env.update(MESHNET_COORDINATOR=f"127.0.0.1:{port}", MESHNET_NUM_PROCESSES="2",
                  MESHNET_PROCESS_ID=str(rank), MESHNET_DEVICES_PER_PROCESS="1",
-                 OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+                 PYTHONPATH=ROOT)
+      env.update(placement_environment(1, env))  # as meshnet launch --cpus-per-process 1
       cpus = sorted(os.sched_getaffinity(0))
       procs.append(subprocess.Popen(
           [sys.executable, __file__, "--worker", "--out", out] + (argv or sys.argv[1:]),

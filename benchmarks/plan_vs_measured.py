@@ -51,10 +51,10 @@ QUICK = (scaling.PipelineWork((784, 256, 256, 256, 10), 512, ("1f1b",), (4,), st
 def _plan(flags: list[str], link_file: str | None) -> dict:
   """``meshnet plan --json`` for ``flags``, run as a worker runs: pinned to
   the first core, one thread, one CPU device."""
-  from meshnet.launch import THREAD_VARIABLES, cpu_sets
+  from meshnet.launch import cpu_sets, placement_environment
 
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update({name: "1" for name in THREAD_VARIABLES})
+  env.update(placement_environment(1, env))
   env.update(JAX_PLATFORMS="cpu",
              PYTHONPATH=os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")])))
   command = [sys.executable, "-m", "meshnet", "plan", *flags, "--json", "--no-xla",

@@ -332,10 +332,10 @@ class _Group:
   ``i``, answering timing requests together."""
 
   def __init__(self, kind: str, world: int, work):
-    from meshnet.launch import THREAD_VARIABLES, cpu_sets, free_port
+    from meshnet.launch import cpu_sets, placement_environment, free_port
     self.name = f"{kind} x{world}"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
-    env.update({name: "1" for name in THREAD_VARIABLES})
+    env.update(placement_environment(1, env))
     env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
                PYTHONPATH=os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")])))
     payload = json.dumps({"type": type(work).__name__, **dataclasses.asdict(work)})

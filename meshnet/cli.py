@@ -352,8 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="simulated CPU devices per process (default 1; ignored on "
                       "GPUs/TPUs)")
   launch.add_argument("--cpus-per-process", type=int, default=None, metavar="K",
-                      help="pin each process to K cores of its own and set OMP_NUM_THREADS "
-                      "etc. to K (default: no pinning)")
+                      help="pin each process to K cores of its own, set OMP_NUM_THREADS "
+                      "etc. to K and keep glibc's allocator from unmapping XLA's buffers "
+                      "after every step (unless MALLOC_*/GLIBC_TUNABLES are set; default: "
+                      "no pinning)")
   launch.add_argument("--max-restarts", type=int, default=0, metavar="N",
                       help="when a process fails, stop the others and start the group "
                       "again, up to N times; meshnet train continues from the newest "

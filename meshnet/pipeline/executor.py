@@ -60,7 +60,7 @@ from meshnet.sharding import (Rules, batch_axes, batch_sharding, batch_spec, par
                               storage_specs)
 from meshnet.model import Model, example_keys, layer_params, model_params, uses_key
 from meshnet.step import check_batch_size
-from meshnet.pipeline import plan, residuals, rounds as packing
+from meshnet.pipeline import plan, residuals, restack, rounds as packing
 from meshnet.pipeline import schedules as sched
 from meshnet.pipeline.stages import (balanced_bounds, check_balance, check_bounds,
                                      layer_flops, layer_param_counts)
@@ -371,7 +371,19 @@ class Pipeline:
         self._storage, is_leaf=lambda x: isinstance(x, P))
 
   @functools.cached_property
+  def _restack(self) -> restack.Restack | None:
+    """The ``all_to_all`` way between the state's layout and the stage
+    vectors, where it applies (:func:`meshnet.pipeline.restack.supported`)."""
+    if not restack.supported(self):
+      return None
+    return restack.Restack(
+        self, lambda k, params: _ravel_stage(self._run_layouts[k], params, jnp.float32)[0],
+        lambda k, row: _unravel_stage(self._run_layouts[k], row[:self._sizes[k]], None))
+
+  @functools.cached_property
   def _stack_fn(self) -> Callable:
+    if self._restack is not None:
+      return jax.jit(self._restack.stack, out_shardings=self.stacked_sharding())
     S, v = self.schedule.num_stages, self.schedule.virtual_stages
     N, Nt, T = self.param_width, self.split_width, self.tensor
 
@@ -394,6 +406,11 @@ class Pipeline:
 
   @functools.cached_property
   def _unstack_fn(self) -> Callable:
+    if self._restack is not None:
+      def moved(stacked):
+        with jax.named_scope("stage_gather"):
+          return self._restack.unstack(stacked)
+      return jax.jit(moved, out_shardings=self.param_shardings())
     S = self.schedule.num_stages
 
     def split(stacked):
