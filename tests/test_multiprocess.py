@@ -148,16 +148,17 @@ def test_launch_pins_each_process_to_its_own_core():
 
 
 def test_launch_keeps_the_allocator_from_unmapping_unless_the_user_tunes_it():
-  show = [sys.executable, "-c", "import os; print('env', os.environ.get('MALLOC_MMAP_MAX_'), "
-          "os.environ.get('MALLOC_TRIM_THRESHOLD_'), os.environ.get('GLIBC_TUNABLES'))"]
+  show = [sys.executable, "-c", "import os; print('env', os.environ.get('MALLOC_ARENA_MAX'), "
+          "os.environ.get('MALLOC_MMAP_MAX_'), os.environ.get('MALLOC_TRIM_THRESHOLD_'), "
+          "os.environ.get('GLIBC_TUNABLES'))"]
   out = _run(["launch", "-n", "1", "--cpus-per-process", "1", "--", *show])
-  assert f"[0] env 0 {1 << 40} None" in out, out
+  assert f"[0] env 1 0 {1 << 40} None" in out, out
   proc = subprocess.run(MESHNET + ["launch", "-n", "1", "--cpus-per-process", "1", "--", *show],
                         capture_output=True, text=True, timeout=60,
                         env={**ENV, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"})
-  assert "[0] env None None glibc.malloc.hugetlb=1" in proc.stdout, proc.stdout
+  assert "[0] env None None None glibc.malloc.hugetlb=1" in proc.stdout, proc.stdout
   out = _run(["launch", "-n", "1", "--", *show])  # not placed: left alone
-  assert "[0] env None None None" in out, out
+  assert "[0] env None None None None" in out, out
 
 
 def test_launch_gives_each_cpu_process_one_device_by_default(tmp_path):

@@ -71,6 +71,19 @@ def _size(shape: Sequence[int]) -> int:
   return int(np.prod(shape, dtype=np.int64))
 
 
+def _rows(rows: Sequence[Sequence[jax.Array]], width: int) -> jax.Array:
+  """``[len(rows), width]``: row ``e`` the concatenation of ``rows[e]``'s
+  vectors, then zeros. One concatenate, so the compiler writes each element
+  once (a pad, then a stack, would copy every row twice more)."""
+  parts = []
+  for row in rows:
+    used = sum(int(a.shape[0]) for a in row)
+    parts.extend(row)
+    if width > used:
+      parts.append(_varying(jnp.zeros((width - used,), jnp.float32)))
+  return jnp.concatenate(parts).reshape(len(rows), width)
+
+
 class Restack:
   """``stack(params) -> [S, v, N]`` and ``unstack([S, v, N]) -> params``
   for a :func:`supported` pipeline (inside ``jit``; params in, and out, as
@@ -140,13 +153,11 @@ class Restack:
     S, v, N = self.S, self.v, self.N
     leaves = [jax.tree.leaves(p) for p in params]
     width = max(1, max(self._piece_words(e) for e in range(S)))
-    rows = []  # to device e: this device's pieces of e's layers, in order
-    for e in range(S):
-      parts = [leaves[i][j].reshape(-1).astype(jnp.float32) for i in self.layers_of[e]
-               for j in self._split_leaves(i)]
-      row = jnp.concatenate(parts) if parts else jnp.zeros((0,), jnp.float32)
-      rows.append(jnp.pad(_varying(row), (0, width - row.shape[0])))
-    recv = collectives.all_to_all(jnp.stack(rows), STAGE, split_dim=0, concat_dim=0)
+    # row e, to device e: this device's pieces of e's layers, in order
+    send = _rows([[_varying(leaves[i][j].reshape(-1).astype(jnp.float32))
+                   for i in self.layers_of[e] for j in self._split_leaves(i)]
+                  for e in range(S)], width)
+    recv = collectives.all_to_all(send, STAGE, split_dim=0, concat_dim=0)
 
     def assemble(d):
       def run(recv):
@@ -160,12 +171,9 @@ class Restack:
             out[j] = jnp.concatenate(pieces, axis=self.dims[i][j])
             offset += size
           whole[i] = jax.tree.unflatten(self.treedefs[i], out)
-        chunks = []
-        for c in range(v):
-          k = c * S + d
-          flat = self._ravel(k, [whole[i] for i in range(*self._bounds(k))])
-          chunks.append(jnp.pad(flat, (0, N - flat.shape[0])))
-        return _varying(jnp.stack(chunks)[None])
+        chunks = [[self._ravel(c * S + d, [whole[i] for i in range(*self._bounds(c * S + d))])]
+                  for c in range(v)]
+        return _varying(_rows(chunks, N)[None])
       return run
 
     d = collectives.axis_index(STAGE)
@@ -195,13 +203,10 @@ class Restack:
           b, end = self._bounds(k)
           for i, p in zip(range(b, end), self._unravel(k, stacked[0, c])):
             per_layer[i] = jax.tree.leaves(p)
-        rows = []
-        for e in range(S):
-          parts = [jnp.split(per_layer[i][j], S, axis=self.dims[i][j])[e].reshape(-1)
-                   for i in self.layers_of[d] for j in self._split_leaves(i)]
-          row = (jnp.concatenate(parts).astype(jnp.float32) if parts
-                 else jnp.zeros((0,), jnp.float32))
-          rows.append(jnp.pad(_varying(row), (0, width - row.shape[0])))
+        rows = [[_varying(jnp.split(per_layer[i][j], S, axis=self.dims[i][j])[e]
+                          .reshape(-1).astype(jnp.float32))
+                 for i in self.layers_of[d] for j in self._split_leaves(i)]
+                for e in range(S)]
         whole = jnp.zeros((self.whole_size,), jnp.float32)
         for i in self.layers_of[d]:
           for j, dim in enumerate(self.dims[i]):
@@ -209,7 +214,7 @@ class Restack:
               at = self.whole_at[(i, j)]
               whole = whole.at[at:at + _size(self.shapes[i][j])].set(
                   per_layer[i][j].reshape(-1).astype(jnp.float32))
-        return jnp.stack(rows), _varying(whole)
+        return _rows(rows, width), _varying(whole)
       return run
 
     d = collectives.axis_index(STAGE)
