@@ -430,8 +430,12 @@ def pipeline_temporaries(shape: PipelineShape, example_size: int, largest_leaf: 
             + padded_input + op)
   # The [S, v, N] (and [S, v, T, N_t]) gradient gathered over stage and
   # fsdp, and one leaf at a time cut out of it (resharded as the state stores
-  # it, where the optimizer updates it and its state in place).
-  gather = aligned(F32 * S * words) + aligned(largest_leaf)
+  # it, where the optimizer updates it and its state in place); moved by
+  # all_to_all instead (meshnet.pipeline.restack), a send and a receive
+  # buffer of about one stage each.
+  from meshnet.pipeline import restack
+  moved = 2 if restack.supported(pipe) else S
+  gather = aligned(F32 * moved * words) + aligned(largest_leaf)
   return {"rounds": rounds, "gather": gather}
 
 

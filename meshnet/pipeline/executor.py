@@ -5,8 +5,9 @@ devices on ``stage``, ``v`` chunks each); virtual stage ``k = c * S + d`` is
 chunk ``c`` of device ``d``. Each virtual stage's parameters are raveled into
 one vector, padded to the longest (``N``), and stacked as a global array
 ``[S, v, N]`` sharded over ``stage`` (``Pipeline.stack``; the train step
-does it from the replicated parameter tree each step, and gathers the
-gradient back with ``Pipeline.unstack``, so the optimizer always sees the
+does it from the parameters as the state keeps them each step, and moves the
+gradient back with ``Pipeline.unstack``: one ``all_to_all`` each way where
+:mod:`meshnet.pipeline.restack` applies, else gathers; so the optimizer always sees the
 model's own tree: a list, or any tree a model's ``to_layers``/``from_layers``
 view as its layers, e.g. a gpt's stacked blocks). Activations between stages
 are raveled per example and padded to the widest boundary ``D``; a first
@@ -14,13 +15,15 @@ stage whose computation no other stage shares (a gpt's embedding) reads its
 microbatch as it is (``int32`` tokens ``[mb, T]``).
 
 Inside a stage, a run of identical layers (same program, shapes and closed-over
-values, in training and in evaluation) is one ``lax.scan`` over their
-parameters, which are contiguous in the flat vector; stages whose whole
+values, in training and in evaluation) longer than :data:`UNROLL_LAYERS` is
+one ``lax.scan`` over their parameters, which are contiguous in the flat
+vector (shorter runs are unrolled, each layer on its own slices); stages whose whole
 computation is identical share one branch. Layers that read their key run per
 example with the key of the example's global index (as
 :func:`meshnet.model.apply_train` runs an unpipelined model), so dropout
 masks do not depend on the schedule, microbatch or stage. The compiled
-program therefore does not grow with the number of blocks or stages.
+program therefore does not grow with the number of blocks or stages (past
+:data:`UNROLL_LAYERS` per stage).
 
 Execution. The schedule is packed into lockstep rounds
 (:mod:`meshnet.pipeline.rounds`): in each round every device runs up to one
