@@ -69,6 +69,11 @@ from meshnet.pipeline.stages import (balanced_bounds, check_balance, check_bound
                                      layer_flops, layer_param_counts)
 
 
+HOIST_BYTES = 1 << 28
+"""A pipelined step cuts each stage group's parameters out of the stage
+vector once per step (instead of once per op) when one copy per group
+costs each device at most this many bytes (float32 ``N`` per group)."""
+
 UNROLL_LAYERS = 4
 """Runs of identical layers up to this long run unrolled inside a stage (on
 each layer's own slices of the stage vector); longer ones are one
@@ -491,13 +496,25 @@ class Pipeline:
     data = jax.random.key_data(per_layer)
     return jnp.pad(data, ((0, 0), (0, self._max_layers), (0, 0)))
 
-  def _stage_forward(self, k: int, flat: jax.Array | tuple[jax.Array, jax.Array],
+  def _stage_tree(self, k: int, flat: jax.Array) -> list:
+    """Stage ``k``'s parameters cut out of its ``whole`` vector ``[N]`` (no
+    ``split`` part), as its runs read them: per run, the list of its
+    layers' trees (runs up to :data:`UNROLL_LAYERS` long) or its stacked
+    tree. Cut once per step (outside the rounds) they are not copied again
+    by every op."""
+    layouts = self._run_layouts[k]
+    pieces = jnp.split(flat, np.cumsum([run.size for run in layouts]).tolist())
+    return [run.layers_of(piece) if end - start <= UNROLL_LAYERS else run.stacked(piece)
+            for (start, end), run, piece in zip(self._runs[k], layouts, pieces)]
+
+  def _stage_forward(self, k: int, flat: jax.Array | tuple[jax.Array, jax.Array] | list,
                      x_pad: jax.Array, layer_keys: jax.Array | None, train: bool,
                      raw: bool = False):
     """Stage ``k`` on padded activations: ``[b, D] -> [b, D]`` (the last
     stage returns its real output shape ``[b, ...]``; with ``raw``, ``x_pad``
     is the input as it is, ``[b, *example_shape]`` in its own dtype). ``flat``: the stage's
-    ``whole`` vector ``[N]``, or ``(whole, split [T, N_t])``. ``layer_keys``:
+    ``whole`` vector ``[N]``, or ``(whole, split [T, N_t])``, or what
+    :meth:`_stage_tree` cut out of ``whole``. ``layer_keys``:
     ``[b, n]`` raw key data, column ``i`` for the stage's ``i``-th layer (a
     layer that reads its key runs per example with it, as
     :func:`~meshnet.model.apply_train` runs the whole model). A run of
@@ -527,24 +544,29 @@ class Pipeline:
     # than a padded add per run) and reshapes give them stacked, as views,
     # whatever the number of layers.
     layouts = self._run_layouts[k]
+    cut = flat if isinstance(flat, list) else None
     flat, split = flat if isinstance(flat, tuple) else (flat, None)
-    pieces = jnp.split(flat, np.cumsum([run.size for run in layouts]).tolist())
+    pieces = (cut if cut is not None else
+              jnp.split(flat, np.cumsum([run.size for run in layouts]).tolist()))
     split_pieces = ([None] * len(layouts) if split is None else jnp.split(
         split, np.cumsum([run.split_size for run in layouts]).tolist(), axis=1))
     for (start, end), run, piece, split_piece in zip(self._runs[k], layouts, pieces,
                                                       split_pieces):
       layer = layers[start]
       per_example = self._key_layers[first + start]
-      if split_piece is None and end - start <= UNROLL_LAYERS:
+      if cut is not None and end - start > UNROLL_LAYERS:  # stacked, cut already
+        stacked = piece
+      elif split_piece is None and end - start <= UNROLL_LAYERS:
         # Unrolled on each layer's own slices of the stage vector: a scan
         # would copy the run's weights out of the vector, then each layer's
         # out of the run, and write each layer's gradient back (measured:
         # about 50 ms of an 880 ms pipelined step on 4 layers of 1024^2).
-        for i, p in enumerate(run.layers_of(piece)):
+        for i, p in enumerate(piece if cut is not None else run.layers_of(piece)):
           x = run_layer(layer, p, x,
                         None if keys is None else keys[:, start + i], per_example)
         continue
-      stacked = self._split_over_tensor(run, run.stacked(piece, split_piece))
+      else:
+        stacked = self._split_over_tensor(run, run.stacked(piece, split_piece))
       if end - start == 1:
         x = run_layer(layer, jax.tree.map(lambda a: a[0], stacked), x,
                       None if keys is None else keys[:, start], per_example)
@@ -682,6 +704,21 @@ class Pipeline:
         index with one chunk: slices of it are then views, not copies)."""
         return jax.tree.map(lambda a: a[0] if v == 1 else a[c], flat_params)
 
+      # Each stage group's parameters cut out of the stage vector once per
+      # step, outside the rounds, so its ops read them in place instead of
+      # copying them out again every op (one chunk, no tensor split; it
+      # costs each device a copy of a stage per group: HOIST_BYTES).
+      hoist = (v == 1 and not isinstance(flat_params, tuple)
+               and len(reps) * self.param_width * 4 <= HOIST_BYTES)
+      cut = {k: self._stage_tree(k, flat_params[0]) for k in reps} if hoist else {}
+      # the cut's transpose: a gradient of the cut -> the stage vector's [N]
+      uncut = {k: jax.vjp(lambda f, k=k: self._stage_tree(k, f), flat_params[0])[1]
+               for k in cut}
+
+      def params_of(k, c):
+        """What stage group ``k``'s ops take as parameters, on chunk ``c``."""
+        return cut[k] if hoist else chunk_params(c)
+
       param_zeros = lambda: jax.tree.map(lambda a: zeros(a.shape[1:]), flat_params)
       # Inside the switches' branches, which devices on other stages do not
       # run, every buffer and residual stays whole over tensor: a slice of a
@@ -689,7 +726,7 @@ class Pipeline:
       # collective-permutes there (a deadlock on CPU).
       whole = self._whole_over_tensor
       layouts = {} if self.remat else {
-          k: residuals.layout(stage_fn(k), chunk_params(0), x_example(k), y_mb, keys_mb)
+          k: residuals.layout(stage_fn(k), params_of(k, 0), x_example(k), y_mb, keys_mb)
           for k in reps}
       R = (max(mb * D, residuals.encode(x_first).shape[0]) if self.remat
            else max([1] + [lay.size for lay in layouts.values()]))
@@ -713,7 +750,7 @@ class Pipeline:
             x_in = whole(act_buf[c, act_slot])
           else:
             x_in = whole(jnp.where(first, xs[m], act_buf[c, act_slot]))
-          flat = chunk_params(c)
+          flat = params_of(k, c)
           if self.remat:  # the stage input, padded to the buffer's R words
             words = residuals.encode(x_in)
             out = fn(flat, x_in, ys[m], keys)
@@ -730,7 +767,7 @@ class Pipeline:
         return zeros((R,), jnp.uint32), act_zeros(), zeros(())
 
       def pullback_of(k, c, m, res, keys):
-        fn, flat = stage_fn(k), chunk_params(c)
+        fn, flat = stage_fn(k), params_of(k, c)
         if self.remat:
           x_in = (residuals.decode(whole(res), x_first.shape, x_first.dtype) if raw(k)
                   else whole(residuals.decode(whole(res), (mb, D), act)))
@@ -754,6 +791,8 @@ class Pipeline:
           seed = _varying(jnp.ones((), jnp.float32), axes) if k == K - 1 else \
               whole(cot_buf[c, cot_slot])
           dflat, dx = pullback_of(k, c, m, res, keys)(seed)
+          if hoist and half != "input":
+            dflat = uncut[k](dflat)[0]
           dx = act_zeros() if no_dx else dx
           return {"both": (dflat, dx), "input": dx, "weight": dflat}[half]
         return run
