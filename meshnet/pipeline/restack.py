@@ -124,6 +124,12 @@ class Restack:
                for j in self._split_leaves(i))
 
   @property
+  def stored_words(self) -> int:
+    """Elements of one device's pieces of every leaf (the leaves kept whole,
+    whole): the parameters, or gradient, as the train state keeps them."""
+    return sum(self._piece_words(e) for e in range(self.S)) + self.whole_size
+
+  @property
   def width(self) -> int:
     """Elements of each of the ``S`` rows a device sends in one
     ``all_to_all`` (float32; the longest device's pieces, at least 1)."""
