@@ -30,7 +30,8 @@ traffic adds ``fsdp``'s all-gather and reduce-scatter and ``tensor``'s
 all-reduces per Megatron pair (see :func:`_sharded_step`). With ``stage`` >
 1 the state is each leaf's shard under :func:`meshnet.sharding.storage_specs`;
 the step gathers it to stack the stage vectors (``[v, N / fsdp]`` and
-``[v, N_t / fsdp]`` per device), all-gathers them over ``fsdp`` once,
+``[v, N_t / fsdp]`` per device; one ``all_to_all`` each way on a list of
+layers with ``fsdp = tensor = 1``, :mod:`meshnet.pipeline.restack`), all-gathers them over ``fsdp`` once,
 reduce-scatters their gradient, runs ``tensor``'s all-reduces inside the
 stages' ops and moves activations in the pipeline's dtype (see
 :func:`_pipeline_traffic`).
