@@ -131,3 +131,34 @@ def test_edge_models_restack_like_one_device(what, build, stages, schedule, virt
   for a, b in zip(jax.tree.leaves(pipe.unstack(stacked)), jax.tree.leaves(params),
                   strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("restacked", [True, False])
+def test_a_model_whose_init_returns_a_tuple_trains_like_one_device(restacked):
+  """make_pipeline takes a tuple of layers' params; the unstacked gradient
+  was a list, which the step's output shardings (a tuple) refused on both
+  paths (restack and gather)."""
+  import dataclasses
+  import optax
+  layers = meshnet.sequential([_dense(8, 6), _dense(6, 6), _dense(6, 3)])
+  model = meshnet.Model(lambda key: tuple(layers.init(key)), layers.apply,
+                        layers=layers.layers)
+  mesh = meshnet.make_mesh(stage=3, devices=jax.devices()[:3])
+  pipe = make_pipeline(model, mesh, (8,), microbatches=3)
+  if not restacked:
+    pipe = dataclasses.replace(pipe)
+    pipe.__dict__["_restack"] = None
+  optimizer = optax.sgd(0.1)
+  state = meshnet.init_train_state(model, optimizer, mesh, jax.random.key(0), pipeline=pipe)
+  params = reference.to_numpy(state.params)  # before the step donates them
+  step = meshnet.make_train_step(model, optimizer, mesh, pipeline=pipe)
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(6, 8)).astype(np.float32)
+  y = rng.integers(0, 3, 6).astype(np.int32)
+  state, metrics = step(state, (x, y))
+  ref_params, ref_losses = reference.train(model, losses.cross_entropy, optimizer, params,
+                                           [(x, y)])
+  np.testing.assert_allclose(float(metrics["loss"]), ref_losses[0], rtol=2e-5)
+  assert isinstance(state.params, tuple)
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_params), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
