@@ -30,7 +30,8 @@ traffic adds ``fsdp``'s all-gather and reduce-scatter and ``tensor``'s
 all-reduces per Megatron pair (see :func:`_sharded_step`). With ``stage`` >
 1 the state is each leaf's shard under :func:`meshnet.sharding.storage_specs`;
 the step gathers it to stack the stage vectors (``[v, N / fsdp]`` and
-``[v, N_t / fsdp]`` per device), all-gathers them over ``fsdp`` once,
+``[v, N_t / fsdp]`` per device; one ``all_to_all`` each way on a list of
+layers with ``fsdp = tensor = 1``, :mod:`meshnet.pipeline.restack`), all-gathers them over ``fsdp`` once,
 reduce-scatters their gradient, runs ``tensor``'s all-reduces inside the
 stages' ops and moves activations in the pipeline's dtype (see
 :func:`_pipeline_traffic`).
@@ -57,6 +58,8 @@ from meshnet.hardware import (
 from meshnet.mesh import AXES, DATA, FSDP, STAGE, TENSOR
 from meshnet.plan_report import format_plan
 from meshnet.sharding import storage_specs
+
+ALL_TO_ALL = "all_to_all"
 
 
 # Shapes of the built-in data sets: (input features, outputs, loss, training examples).
@@ -631,7 +634,8 @@ def _pipeline_traffic(config: PlanConfig, shapes: _Shapes, shape: stepcost.Pipel
   """The pipelined step's collectives, per mesh axis.
 
   Over ``stage``: each parameter leaf split over it gathered to build the
-  stage vectors; per round, activations one device forward and cotangents
+  stage vectors (one ``all_to_all`` where :mod:`meshnet.pipeline.restack`
+  applies, and one for the gradient); per round, activations one device forward and cotangents
   one back (one swap at S = 2, two ppermutes otherwise; in the activation
   dtype); after the rounds, the ``[S, v, N]`` (and ``[S, v, T, N_t]``)
   gradient all-gathered over ``stage`` x ``fsdp``, the loss summed, the
@@ -659,15 +663,27 @@ def _pipeline_traffic(config: PlanConfig, shapes: _Shapes, shape: stepcost.Pipel
                      if a.shape != b.shape)
   norm = F32 * sum(1 for a, b in zip(jax.tree.leaves(shapes.params),
                                      jax.tree.leaves(shapes.local_params)) if a.shape != b.shape)
+  moved = shape.pipe._restack  # noqa: SLF001
+  if moved is None:  # every split leaf gathered, then the gradient gathered back
+    moves = {ALL_GATHER: len(stack) + parts}
+    moved_sent = (sum(bus_factor(ALL_GATHER, n) * g for g, n in stack)
+                  + bus_factor(ALL_GATHER, S * F) * gathered)
+    moved_s = (sum(link.time(ALL_GATHER, g, n) for g, n in stack)
+               + parts * link.time(ALL_GATHER, gathered / parts, S * F))
+  else:  # meshnet.pipeline.restack: one all_to_all of [S, width] each way (priced as
+    # an all-gather of that size, the same bus factor); the leaves kept whole
+    # are summed in the gradient norm's all-reduce (XLA joins the two)
+    exchanged = F32 * S * moved.width
+    moves = {ALL_TO_ALL: 2}
+    moved_sent = 2 * bus_factor(ALL_TO_ALL, S) * exchanged
+    moved_s = 2 * link.time(ALL_GATHER, exchanged, S)
+    norm += F32 * moved.whole_size
   stage = Traffic(
       STAGE,
-      int(round(sum(bus_factor(ALL_GATHER, n) * g for g, n in stack)
-                + rounds * 2 * message + bus_factor(ALL_GATHER, S * F) * gathered
+      int(round(moved_sent + rounds * 2 * message
                 + bus_factor(ALL_REDUCE, S) * (F32 + norm + split_leaves))),
-      {ALL_GATHER: len(stack) + parts, PPERMUTE: rounds * round_calls,
-       ALL_REDUCE: 2 + (norm > 0)},
-      sum(link.time(ALL_GATHER, g, n) for g, n in stack) + rounds * round_s
-      + parts * link.time(ALL_GATHER, gathered / parts, S * F)
+      {**moves, PPERMUTE: rounds * round_calls, ALL_REDUCE: 2 + (norm > 0)},
+      moved_s + rounds * round_s
       + link.time(ALL_REDUCE, F32, S) + link.time(ALL_REDUCE, split_leaves, S)
       + (link.time(ALL_REDUCE, norm, S) if norm else 0.0))
   traffic = [stage]

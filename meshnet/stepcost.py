@@ -19,8 +19,10 @@ is compiled or run. The model follows the programs :mod:`meshnet.step` and
   from :mod:`meshnet.pipeline.plan`, residual words from
   :mod:`meshnet.pipeline.residuals`), the padded input, what is in flight
   between devices and one op's working set; after them, the all-gathered
-  ``[S, v, N]`` gradient, its unstacked tree and one leaf's update.
-  Whichever is larger.
+  ``[S, v, N]`` gradient, its unstacked tree and one leaf's update (with
+  :mod:`meshnet.pipeline.restack`: the stage's gradient, the ``all_to_all``'s
+  rows sent and received, and the pieces cut out of them). Whichever is
+  larger.
 * **FLOPs**: ``2 x in x out`` per example per dense layer forward, the same
   again for its weight gradient, and again for its input gradient except
   the first layer's (nothing needs it; XLA drops it).
@@ -402,7 +404,8 @@ def _residual_words(pipe, mb: int, loss: str, outputs: int, remat: bool) -> dict
 def pipeline_temporaries(shape: PipelineShape, example_size: int, largest_leaf: int,
                          local_batch: int) -> dict[str, int]:
   """Peak temporary bytes per device of the pipelined step's two phases:
-  ``rounds`` (the scan over the schedule) and ``gather`` (after it).
+  ``rounds`` (the scan over the schedule) and ``gather`` (after it: the
+  gradient back to the train state's layout).
 
   Args:
     shape: the executor's layout.
@@ -428,14 +431,17 @@ def pipeline_temporaries(shape: PipelineShape, example_size: int, largest_leaf: 
             + shape.buffers()  # activation, cotangent and residual ring buffers
             + 2 * aligned(shape.message)  # received last round, stored this round
             + padded_input + op)
-  # The [S, v, N] (and [S, v, T, N_t]) gradient gathered over stage and
-  # fsdp, and one leaf at a time cut out of it (resharded as the state stores
-  # it, where the optimizer updates it and its state in place); moved by
-  # all_to_all instead (meshnet.pipeline.restack), a send and a receive
-  # buffer of about one stage each.
-  from meshnet.pipeline import restack
-  moved = 2 if restack.supported(pipe) else S
-  gather = aligned(F32 * moved * words) + aligned(largest_leaf)
+  moved = pipe._restack  # noqa: SLF001
+  if moved is None:
+    # The [S, v, N] (and [S, v, T, N_t]) gradient gathered over stage and
+    # fsdp, and one leaf at a time cut out of it (resharded as the state
+    # stores it, where the optimizer updates it and its state in place).
+    gather = aligned(F32 * S * words) + aligned(largest_leaf)
+  else:
+    # meshnet.pipeline.restack: the stage's gradient, the [S, width] rows
+    # it sends and those it receives, and the pieces cut out of them.
+    gather = (aligned(F32 * words) + 2 * aligned(F32 * S * moved.width)
+              + aligned(F32 * moved.stored_words))
   return {"rounds": rounds, "gather": gather}
 
 

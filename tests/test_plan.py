@@ -136,14 +136,15 @@ def test_pipeline_traffic_counts_every_round():
   stage = next(t for t in result.traffic if t.axis == "stage")
   assert stage.calls["ppermute"] == 2 * p["rounds"]  # activations and cotangents
   message = 4 * p["microbatch"] * p["activation_width"]
-  gathered = 4 * 4 * p["param_width"]
-  # stacking gathers every leaf the state splits over stage (all but b3 [10]);
-  # the gradient norm sums a float per split parameter (7), the finite check
-  # a byte per split leaf (7 params, Adam's 7 + 7).
-  stack = 4 * 567_434 - 4 * 10
-  assert stage.calls["all_gather"] == 7 + 1 and stage.calls["all_reduce"] == 3
-  assert stage.bytes_sent == round(3 / 4 * stack + p["rounds"] * 2 * message
-                                   + 3 / 4 * gathered + 2 * 3 / 4 * (4 + 4 * 7 + 21))
+  # The stage vectors and their gradient move in one all_to_all each
+  # (meshnet.pipeline.restack): S rows of the longest stage's pieces, the
+  # first layer's quarter; b3 [10], kept whole on every stage, joins the
+  # gradient norm's sum of a float per split parameter (7); the finite
+  # check sums a byte per split leaf (7 params, Adam's 7 + 7).
+  moved = 4 * 4 * (784 * 512 + 512) // 4
+  assert stage.calls == {"all_to_all": 2, "ppermute": 2 * p["rounds"], "all_reduce": 3}
+  assert stage.bytes_sent == round(2 * 3 / 4 * moved + p["rounds"] * 2 * message
+                                   + 2 * 3 / 4 * (4 + 4 * 7 + 4 * 10 + 21))
   assert 0 < p["bubble"] < 1 and p["microbatches"] == 8 and p["microbatch"] == 64
 
 

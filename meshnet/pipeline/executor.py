@@ -378,6 +378,11 @@ class Pipeline:
                          for e in spec)),
         self._storage, is_leaf=lambda x: isinstance(x, P))
 
+  def _as_stored_tree(self, params: Any) -> Any:
+    """``params`` (a list for a list of layers) as the tuple the train
+    state keeps when the model's ``init`` returns a tuple."""
+    return tuple(params) if isinstance(self._storage, tuple) else params
+
   @functools.cached_property
   def _restack(self) -> restack.Restack | None:
     """The ``all_to_all`` way between the state's layout and the stage
@@ -417,7 +422,7 @@ class Pipeline:
     if self._restack is not None:
       def moved(stacked):
         with jax.named_scope("stage_gather"):
-          return self._restack.unstack(stacked)
+          return self._as_stored_tree(self._restack.unstack(stacked))
       return jax.jit(moved, out_shardings=self.param_shardings())
     S = self.schedule.num_stages
 
@@ -433,7 +438,7 @@ class Pipeline:
         params.extend(_unravel_stage(
             self._run_layouts[k], whole[d, c, :self._sizes[k]],
             None if parts is None else parts[d, c, :, :self._split_sizes[k]]))
-      return self._stored(model_params(self.model, params))
+      return self._stored(self._as_stored_tree(model_params(self.model, params)))
 
     return jax.jit(split, out_shardings=self.param_shardings())
 

@@ -136,6 +136,18 @@ class Restack:
     return sum(_size(self._local(i, j)) for i in self.layers_of[d]
                for j in self._split_leaves(i))
 
+  @property
+  def stored_words(self) -> int:
+    """Elements of one device's pieces of every leaf (the leaves kept whole,
+    whole): the parameters, or gradient, as the train state keeps them."""
+    return sum(self._piece_words(e) for e in range(self.S)) + self.whole_size
+
+  @property
+  def width(self) -> int:
+    """Elements of each of the ``S`` rows a device sends in one
+    ``all_to_all`` (float32; the longest device's pieces, at least 1)."""
+    return max(1, max(self._piece_words(e) for e in range(self.S)))
+
   def _shard_map(self, fn: Callable, in_specs: Any, out_specs: Any) -> Callable:
     mesh = self.pipe.mesh
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
@@ -152,7 +164,7 @@ class Restack:
     ``[1, v, N]`` stage vectors."""
     S, v, N = self.S, self.v, self.N
     leaves = [jax.tree.leaves(p) for p in params]
-    width = max(1, max(self._piece_words(e) for e in range(S)))
+    width = self.width
     # row e, to device e: this device's pieces of e's layers, in order
     send = _rows([[_varying(leaves[i][j].reshape(-1).astype(jnp.float32))
                    for i in self.layers_of[e] for j in self._split_leaves(i)]
@@ -190,7 +202,7 @@ class Restack:
     """Inside the program: this device's ``[1, v, N]`` stage vectors ->
     its pieces of every layer (and the leaves kept whole, whole)."""
     S, v = self.S, self.v
-    width = max(1, max(self._piece_words(d) for d in range(S)))
+    width = self.width
 
     def send_of(d):
       """What device ``d`` sends: per destination ``e`` its stages' pieces
