@@ -410,9 +410,14 @@ def test_ctrl_c_keeps_the_partial_file_and_says_how_to_resume(tmp_path, server):
   server.stall = half
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-  proc = subprocess.Popen([sys.executable, "-m", "meshnet", "data", "fetch", "mnist", "--dir",
-                           str(tmp_path), "--mirror", server.url], env=env, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  # With SIGINT's default action: a test runner started in the background
+  # ignores SIGINT, and the child would inherit that.
+  default_sigint = [sys.executable, "-c", "import os, signal, sys; "
+                    "signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                    "os.execv(sys.executable, [sys.executable] + sys.argv[1:])"]
+  proc = subprocess.Popen(default_sigint + ["-m", "meshnet", "data", "fetch", "mnist", "--dir",
+                                            str(tmp_path), "--mirror", server.url],
+                          env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
   part = tmp_path / f"{IMAGES}.part"
   deadline = time.monotonic() + 60
   while not (part.exists() and part.stat().st_size == half) and time.monotonic() < deadline:
