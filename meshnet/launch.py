@@ -61,8 +61,9 @@ buffers for a step (one temporary block of ~100 MB for a pipelined step of
 8 MB stages) come from a thread's arena, which maps a block over 64 MB fresh
 from the kernel and unmaps it on free, whatever ``MALLOC_MMAP_MAX_`` says:
 every step then pays a page fault per 4 KiB it touches. Measured on a
-pipelined step (MLP 784-1024x8-10, stage=2, one process, 2 cores): 50,000
-page faults and 1,420-1,520 ms a step by default, 1,200 and 830 ms so."""
+pipelined step (MLP 784-1024x8-10, stage=2, one process, 2 cores): 58,000
+page faults and 886 ms a step by default, 9,500 and 760 ms so (1.4-1.5 s
+against 0.83 s with another job competing for the cores)."""
 
 
 def placement_environment(cpus: int, env: Mapping[str, str]) -> dict[str, str]:
