@@ -34,10 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from meshnet import collectives, sharded
 from meshnet.mesh import FSDP, STAGE, TENSOR, axis_size
-
-
-def _axes(entry: Any) -> tuple[str, ...]:
-  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+from meshnet.sharding import _as_axes as _axes  # a spec entry's mesh axes
 
 
 def _stage_dim(spec: P) -> int | None:
