@@ -357,6 +357,29 @@ def _is_closed_loop_error(exc: BaseException | None) -> bool:
   return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
 
 
+def _raised_in_orbax(exc: BaseException | None) -> bool:
+  """Whether ``exc``'s traceback passes through Orbax's code (its reads)."""
+  tb = exc.__traceback__ if exc is not None else None
+  while tb is not None:
+    if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
+      return True
+    tb = tb.tb_next
+  return False
+
+
+class _UnretrievedReadFilter(logging.Filter):
+  """Drops asyncio's "Task exception was never retrieved" records for Orbax
+  reads. When a restore fails, the first failed read is raised (and meshnet
+  reports the step); the other reads that failed are left unretrieved and,
+  when collected, asyncio logs each with a traceback, possibly long after
+  the restore. Records for anything else pass."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    return not ("exception was never retrieved" in record.getMessage()
+                and _raised_in_orbax(error))
+
+
 _FILTER_INSTALLED = False
 
 
@@ -370,11 +393,14 @@ def _quiet_closed_event_loop() -> Iterator[None]:
   "unraisable" exception or through ``sys.excepthook`` (TensorStore's
   callbacks), possibly after the restore has returned (dozens of
   tracebacks). The filter is installed once, for the process, and drops only
-  that exact error; everything else goes to the previous hooks.
+  that exact error; everything else goes to the previous hooks. The reads
+  that failed after the first are kept off the log too
+  (:class:`_UnretrievedReadFilter`).
   """
   global _FILTER_INSTALLED
   if not _FILTER_INSTALLED:
     _FILTER_INSTALLED = True
+    logging.getLogger("asyncio").addFilter(_UnretrievedReadFilter())
     previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
 
     def unraisable_hook(unraisable):

@@ -367,6 +367,47 @@ def test_restore_errors_print_no_event_loop_tracebacks(tmp_path):
   assert "Traceback" not in out and "Event loop is closed" not in out, out
 
 
+def test_reads_left_unretrieved_by_a_failed_restore_are_not_logged(tmp_path):
+  """A failed restore raises its first failed read; asyncio logs the others
+  ("Task exception was never retrieved", with a traceback) when they are
+  collected, which may be after the restore returned. CI once caught one."""
+  import asyncio
+  import gc
+  import logging
+
+  from orbax.checkpoint._src.serialization import serialization
+
+  with checkpoint._quiet_closed_event_loop():  # installs the filters once
+    pass
+  records = []
+  handler = logging.Handler()
+  handler.emit = records.append
+  logging.getLogger().addHandler(handler)
+
+  async def plain_failure():
+    raise ValueError("not a read")
+
+  def leave_unretrieved(coro):
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(coro)
+    loop.run_until_complete(asyncio.wait([task]))  # waits, never retrieves
+    assert task.done() and not task.cancelled()
+    loop.close()
+    del task
+    gc.collect()
+
+  try:
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    missing = {"driver": "zarr", "kvstore": {"driver": "file", "path": str(tmp_path / "x")}}
+    leave_unretrieved(serialization.async_deserialize(sharding, missing))
+    assert [r.getMessage() for r in records] == []
+    leave_unretrieved(plain_failure())  # anyone else's lost error still shows
+    assert len(records) == 1 and "exception was never retrieved" in records[0].getMessage()
+    assert str(records[0].exc_info[1]) == "not a read"
+  finally:
+    logging.getLogger().removeHandler(handler)
+
+
 def test_sigterm_without_a_checkpoint_dir_says_so(tmp_path):
   proc = _start(["--steps", "1000000"])
   for line in proc.stdout:
