@@ -63,7 +63,7 @@ from meshnet.sharding import (Rules, batch_axes, batch_sharding, batch_spec, par
                               storage_specs)
 from meshnet.model import Model, example_keys, layer_params, model_params, uses_key
 from meshnet.step import check_batch_size
-from meshnet.pipeline import plan, residuals, restack, rounds as packing
+from meshnet.pipeline import plan, residuals, restack, rounds as packing, split as halves
 from meshnet.pipeline import schedules as sched
 from meshnet.pipeline.stages import (balanced_bounds, check_balance, check_bounds,
                                      layer_flops, layer_param_counts)
@@ -771,39 +771,67 @@ class Pipeline:
       def forward_idle(c, m, act_buf, act_slot, first, keys):
         return zeros((R,), jnp.uint32), act_zeros(), zeros(())
 
-      def pullback_of(k, c, m, res, keys):
-        fn, flat = stage_fn(k), params_of(k, c)
+      def pullback_of(k, flat, res, y, keys):
+        """Stage ``k``'s vjp on parameters ``flat``, rebuilt from its
+        forward's residual words ``res`` (microbatch labels ``y``)."""
+        fn = stage_fn(k)
         if self.remat:
           x_in = (residuals.decode(whole(res), x_first.shape, x_first.dtype) if raw(k)
                   else whole(residuals.decode(whole(res), (mb, D), act)))
-          return jax.vjp(lambda f, a: fn(f, a, ys[m], keys), flat, x_in)[1]
+          return jax.vjp(lambda f, a: fn(f, a, y, keys), flat, x_in)[1]
         lay = layouts[k]
         _, recomputed = residuals.leaves_fn(fn)(flat, x_example(k), y_mb, keys_mb)
         stored = [whole(a) for a in residuals.unpack(whole(res), lay)]
         return residuals.pullback(lay, stored, recomputed)
 
-      def backward(k, half):
-        """``half``: "both" (full backward: ``(dflat, dx)``), "input" (``dx``)
-        or "weight" (``dflat``) for split schedules."""
-        # The first stage's input gradient goes nowhere: not computed when
-        # no other stage runs this branch.
-        no_dx = k == 0 and self.stage_groups.count(0) == 1
+      def no_dx(k):
+        """The first stage's input gradient goes nowhere: not computed when
+        no other stage runs its branch."""
+        return k == 0 and self.stage_groups.count(0) == 1
 
-        def run(c, m, res_buf, res_slot, cot_buf, cot_slot, keys):
-          if half == "input" and no_dx:
-            return act_zeros()
+      def seed_example(k):
+        return _varying(jnp.ones((), jnp.float32), axes) if k == K - 1 else act_zeros()
+
+      # Split schedules: each group's backward cut once into an input half
+      # and a weight half that share their work (meshnet.pipeline.split); the
+      # input half's values the weight half reads are carried in ``G`` words.
+      splits = {}
+      if split:
+        for k in reps:
+          if not no_dx(k):
+            def full(flat, res, y, keys, seed, k=k):
+              return pullback_of(k, flat, res, y, keys)(seed)
+            splits[k] = halves.split(full, params_of(k, 0), zeros((R,), jnp.uint32), y_mb,
+                                     keys_mb, seed_example(k))
+      G = max([1] + [sp.layout.size for sp in splits.values()])
+
+      def backward(k, half):
+        """``half``: "both" (full backward: ``(dflat, dx)``), "input"
+        (``(dx, carried words)``) or "weight" (``dflat``) for split schedules."""
+        def run(c, m, res_buf, res_slot, cot_buf, cot_slot, carry_buf, carry_slot, keys):
+          if half == "input" and no_dx(k):
+            return act_zeros(), zeros((G,), jnp.uint32)
           res = whole(res_buf[c, res_slot])
-          seed = _varying(jnp.ones((), jnp.float32), axes) if k == K - 1 else \
-              whole(cot_buf[c, cot_slot])
-          dflat, dx = pullback_of(k, c, m, res, keys)(seed)
-          if hoist and half != "input":
+          seed = (_varying(jnp.ones((), jnp.float32), axes) if k == K - 1 else
+                  whole(cot_buf[c, cot_slot]))
+          args = (params_of(k, c), res, _varying(ys[m], axes), keys, seed)
+          if half == "input":
+            dx, carried = splits[k].run_input(*args, width=G)
+            return dx, whole(carried)
+          if half == "weight" and k in splits:
+            dflat = splits[k].run_weight(whole(carry_buf[c, carry_slot]), *args)
+          else:
+            dflat, dx = pullback_of(k, *args[:4])(seed)
+          if hoist:
             dflat = uncut[k](dflat)[0]
-          dx = act_zeros() if no_dx else dx
-          return {"both": (dflat, dx), "input": dx, "weight": dflat}[half]
+          if half == "weight":
+            return dflat
+          return dflat, act_zeros() if no_dx(k) else dx
         return run
 
       idle = {"both": lambda *a: (param_zeros(), act_zeros()),
-              "input": lambda *a: act_zeros(), "weight": lambda *a: param_zeros()}
+              "input": lambda *a: (act_zeros(), zeros((G,), jnp.uint32)),
+              "weight": lambda *a: param_zeros()}
       f_branches = [forward_idle] + [forward(k) for k in reps]
       b_half = "input" if split else "both"
       b_branches = [idle[b_half]] + [backward(k, b_half) for k in reps]
@@ -826,7 +854,7 @@ class Pipeline:
                 collectives.shift(cot_out, STAGE, offset=-1))
 
       def one_round(carry, row):
-        grads, loss_sum, act_buf, cot_buf, res_buf, pending, counts = carry
+        grads, loss_sum, act_buf, cot_buf, res_buf, carry_buf, pending, counts = carry
         e = {name: row[name][d] for name in row}
         # Store what the previous round produced before anything reads.
         act_recv, cot_recv = pending
@@ -846,11 +874,16 @@ class Pipeline:
           keys = (op_keys(e[f"{p}_micro"], e[f"{p}_chunk"] * S + d) if self.remat
                   else zeros(key_shape, jnp.uint32))
           return jax.lax.switch(e[f"{p}_branch"], branches, e[f"{p}_chunk"], e[f"{p}_micro"],
-                                res_buf, e[f"{p}_res"], cot_buf, e[f"{p}_cot"], keys)
+                                res_buf, e[f"{p}_res"], cot_buf, e[f"{p}_cot"], carry_buf,
+                                e[f"{p}_carry"], keys)
 
         with jax.named_scope("pipeline_backward"):
           out = backward_op("b", b_branches)
-          dflat, cot_out = (None, out) if split else out
+          if split:  # stored now, before the weight half reads it
+            dflat, (cot_out, carried) = None, out
+            carry_buf = store(carry_buf, carried, e["b_chunk"], e["b_carry"])
+          else:
+            dflat, cot_out = out
           grad_chunk = e["b_chunk"]
         if split:
           with jax.named_scope("pipeline_weight_gradient"):
@@ -863,7 +896,7 @@ class Pipeline:
         ran = (e["f_branch"] > 0).astype(jnp.int32) + (e["b_branch"] > 0) + (
             e["w_branch"] > 0)
         counts = counts + jnp.stack([1, ran])
-        return (grads, loss_sum + dloss, act_buf, cot_buf, res_buf,
+        return (grads, loss_sum + dloss, act_buf, cot_buf, res_buf, carry_buf,
                 (act_recv, cot_recv), counts), None
 
       fill = lambda shape, dtype=act: _varying(jnp.full(shape, _fill, dtype), axes)
@@ -873,6 +906,9 @@ class Pipeline:
           fill((v, buffers.num_act + 1, mb, D)),  # stage inputs received
           fill((v, buffers.num_cot + 1, mb, D)),  # cotangents received
           jax.lax.bitcast_convert_type(fill((v, buffers.res_slots, R), jnp.float32),
+                                       jnp.uint32),
+          # the input halves' carried words, to the weight halves (split only)
+          jax.lax.bitcast_convert_type(fill((v, buffers.num_carry + 1, G), jnp.float32),
                                        jnp.uint32),
           (act_zeros(), act_zeros()),  # received, stored next round
           zeros((2,), jnp.int32),  # rounds run, ops run

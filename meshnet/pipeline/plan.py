@@ -38,6 +38,9 @@ TABLE_NAMES = (
     # residual slot, cotangent slot
     "b_branch", "b_chunk", "b_micro", "b_res", "b_cot",
     "w_branch", "w_chunk", "w_micro", "w_res", "w_cot",
+    # split backward: the slot of the input half's carried words it writes (the
+    # trash slot when idle) and the weight half reads
+    "b_carry", "w_carry",
     # stores at the start of the round, of what the previous round received
     "s_act_chunk", "s_act", "s_cot_chunk", "s_cot",
 )
@@ -50,6 +53,9 @@ class Plan:
   Attributes:
     num_act, num_cot, num_res: slots per chunk in each buffer (the trash
       slot, index ``num_*``, not counted).
+    num_carry: slots per chunk of the carried buffer (split schedules:
+      what a backward's input half passes to its weight half, from B to W;
+      its trash slot not counted).
     tables: ``name -> int32[rounds, S]`` (see :data:`TABLE_NAMES`).
     res_trash: whether the residual buffer needs its trash slot.
   """
@@ -59,6 +65,7 @@ class Plan:
   num_res: int
   tables: dict[str, np.ndarray]
   res_trash: bool = True
+  num_carry: int = 0
 
   @property
   def res_slots(self) -> int:
@@ -106,7 +113,7 @@ def plan(rounds: Rounds, branch_of: Sequence[int]) -> Plan:
   t = lambda kind, k, m: 4 * when[(kind, k, m)] + phase[kind]
   stored = lambda kind, k, m: 4 * when[(kind, k, m)] + 3
   readers = (B, W) if split else (B,)
-  act, cot, res = {}, {}, {}
+  act, cot, res, carry = {}, {}, {}, {}
   for m in range(M):
     for k in range(K):
       if k > 0:
@@ -114,13 +121,17 @@ def plan(rounds: Rounds, branch_of: Sequence[int]) -> Plan:
       if k < K - 1:
         cot[(k, m)] = (stored(B, k + 1, m), max(t(kind, k, m) for kind in readers))
       res[(k, m)] = (t(F, k, m), max(t(kind, k, m) for kind in readers))
+      if split:
+        carry[(k, m)] = (t(B, k, m), t(W, k, m))
   act_slots, n_act = _allocate(act)
   cot_slots, n_cot = _allocate(cot)
   res_slots, n_res = _allocate(res)
+  carry_slots, n_carry = _allocate(carry)
 
   T = rounds.num_rounds
   tabs = {name: np.zeros((T, S), np.int32) for name in TABLE_NAMES}
-  for name, trash in (("f_res", n_res), ("s_act", n_act), ("s_cot", n_cot)):
+  for name, trash in (("f_res", n_res), ("s_act", n_act), ("s_cot", n_cot),
+                      ("b_carry", n_carry)):
     tabs[name][:] = trash  # nothing to store: write to the trash slot
   for r, row in enumerate(rounds.ops):
     for d, ops in enumerate(row):
@@ -142,12 +153,13 @@ def plan(rounds: Rounds, branch_of: Sequence[int]) -> Plan:
           tabs[f"{p}_chunk"][r, d], tabs[f"{p}_micro"][r, d] = c, m
           tabs[f"{p}_res"][r, d] = res_slots[(k, m)]
           tabs[f"{p}_cot"][r, d] = cot_slots.get((k, m), n_cot)
+          tabs[f"{p}_carry"][r, d] = carry_slots.get((k, m), n_carry)
           if op.kind == B and k > 0 and r + 1 < T:  # the previous stage stores it
             d2, c2 = (k - 1) % S, (k - 1) // S
             tabs["s_cot_chunk"][r + 1, d2] = c2
             tabs["s_cot"][r + 1, d2] = cot_slots[(k - 1, m)]
   res_trash = _idle_forwards_into_free_slots(tabs, res, res_slots, n_res, S, v)
-  return Plan(n_act, n_cot, n_res, tabs, res_trash)
+  return Plan(n_act, n_cot, n_res, tabs, res_trash, n_carry)
 
 
 def _idle_forwards_into_free_slots(tabs: dict[str, np.ndarray], res: dict, res_slots: dict,

@@ -71,14 +71,21 @@ def layout(fn: Callable, flat: Any, x: Any, *data: Any) -> Layout:
   varying = [False] * len(jax.tree.leaves(flat)) + [True] * len(jax.tree.leaves((x, data)))
   depends = _dependence(closed.jaxpr, varying)
   stored = tuple(i for i, d in enumerate(depends) if d)
-  avals = [closed.out_avals[i] for i in stored]
+  return values_layout([closed.out_avals[i] for i in stored], treedef_box[-1], stored)
+
+
+def values_layout(avals: Sequence[Any], treedef: Any = None,
+                  stored: Sequence[int] | None = None) -> Layout:
+  """The packing of values of ``avals`` (shapes and dtypes), one after the
+  other; ``stored``: their indices among a pullback's leaves (default: all)."""
   shapes = tuple(tuple(a.shape) for a in avals)
   dtypes = tuple(a.dtype for a in avals)
   offsets, size = [], 0
   for shape, dtype in zip(shapes, dtypes):
     offsets.append(size)
     size += _words(shape, dtype)
-  return Layout(treedef_box[-1], stored, shapes, dtypes, tuple(offsets), size)
+  stored = tuple(range(len(avals))) if stored is None else tuple(stored)
+  return Layout(treedef, stored, shapes, dtypes, tuple(offsets), size)
 
 
 def pack(leaves: Sequence[jax.Array], lay: Layout, width: int) -> jax.Array:
