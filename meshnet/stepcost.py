@@ -279,6 +279,10 @@ class PipelineShape:
       the residual one only when ``res_trash``).
     residual_words: per stage group, uint32 words a forward keeps.
     res_trash: whether the residual buffer has its trash slot.
+    carry_slots: split schedules: slots per chunk of the buffer that keeps
+      a backward's input half's carried words for its weight half (its
+      trash slot not counted; :mod:`meshnet.pipeline.split`).
+    carried_words: per stage group, the uint32 words its input half carries.
   """
 
   pipe: Any
@@ -286,6 +290,8 @@ class PipelineShape:
   slots: tuple[int, int, int]
   residual_words: Mapping[int, int]
   res_trash: bool = True
+  carry_slots: int = 0
+  carried_words: Mapping[int, int] = dataclasses.field(default_factory=dict)
 
   @property
   def S(self) -> int:
@@ -342,11 +348,15 @@ class PipelineShape:
     return list(widths[b[k]:b[k + 1] + 1])
 
   def buffers(self) -> int:
-    """Bytes of the three ring buffers (with their trash slots), per device."""
+    """Bytes of the ring buffers (with their trash slots), per device: the
+    activation, cotangent and residual ones, and the carried one (its
+    width at least 1 word, as the executor allocates it)."""
     act, cot, res = self.slots
+    G = max([1] + list(self.carried_words.values()))
     return (aligned(self.v * (act + 1) * self.message)
             + aligned(self.v * (cot + 1) * self.message)
-            + aligned(F32 * self.v * (res + self.res_trash) * self.R))
+            + aligned(F32 * self.v * (res + self.res_trash) * self.R)
+            + aligned(F32 * self.v * (self.carry_slots + 1) * G))
 
 
 def pipeline_shape(model, sizes: Mapping[str, int], example_size: int, *, schedule: str,
@@ -367,21 +377,22 @@ def pipeline_shape(model, sizes: Mapping[str, int], example_size: int, *, schedu
                        precision=precision, balance=balance)
   mb = local_batch // microbatches
   buffers = plan.plan(pipe.rounds, list(range(pipe.num_virtual_stages)))
-  words = _residual_words(pipe, mb, loss, outputs, remat)
+  words, carried = _residual_words(pipe, mb, loss, outputs, remat)
   return PipelineShape(pipe, mb, (buffers.num_act, buffers.num_cot, buffers.num_res), words,
-                       buffers.res_trash)
+                       buffers.res_trash, buffers.num_carry, carried)
 
 
-def _residual_words(pipe, mb: int, loss: str, outputs: int, remat: bool) -> dict[int, int]:
-  """uint32 words a forward of each stage group keeps per microbatch: the
-  executor's residual layout (with ``remat``, the stage input ``mb x D``)."""
+def _residual_words(pipe, mb: int, loss: str, outputs: int,
+                    remat: bool) -> tuple[dict[int, int], dict[int, int]]:
+  """uint32 words a forward of each stage group keeps per microbatch (the
+  executor's residual layout; with ``remat``, the stage input ``mb x D``),
+  and, for split schedules, those its backward's input half carries to its
+  weight half (:func:`meshnet.pipeline.split.split` of the stage's backward)."""
   from meshnet import losses
-  from meshnet.pipeline import residuals
+  from meshnet.pipeline import residuals, split
 
   K, N, D = pipe.num_virtual_stages, pipe.param_width, pipe.activation_width
   groups = sorted(set(pipe.stage_groups))
-  if remat:
-    return {k: mb * D for k in groups}
   objective = losses.objective(loss)
   M = pipe.schedule.num_microbatches
   flat = jax.ShapeDtypeStruct((N,), jnp.float32)
@@ -389,16 +400,24 @@ def _residual_words(pipe, mb: int, loss: str, outputs: int, remat: bool) -> dict
     flat = (flat, jax.ShapeDtypeStruct((pipe.tensor, pipe.split_width), jnp.float32))
   y = (jax.ShapeDtypeStruct((mb,), jnp.int32) if loss == "cross_entropy"
        else jax.ShapeDtypeStruct((mb, outputs), jnp.float32))
-  words = {}
+  x = jax.ShapeDtypeStruct((mb, D), pipe.activation_dtype)
+  words, carried = {}, {}
   for k in groups:
     def fn(flat, x, y, keys, k=k):  # the executor's stage function (no dropout keys)
       out = pipe._stage_forward(k, flat, x, None, True)  # noqa: SLF001
       return (jnp.mean(objective.loss(out, y)) / M if k == K - 1
               else out.astype(pipe.activation_dtype))
 
-    words[k] = residuals.layout(fn, flat, jax.ShapeDtypeStruct((mb, D), pipe.activation_dtype),
-                                y, jax.ShapeDtypeStruct((), jnp.uint32)).size
-  return words
+    no_key = jax.ShapeDtypeStruct((), jnp.uint32)
+    words[k] = mb * D if remat else residuals.layout(fn, flat, x, y, no_key).size
+    # The executor computes no input gradient on a first stage no other shares.
+    if pipe.schedule.split_backward and not (k == 0 and pipe.stage_groups.count(0) == 1):
+      def backward(flat, x, y, seed, fn=fn):
+        return jax.vjp(lambda f, a: fn(f, a, y, None), flat, x)[1](seed)
+
+      seed = (jax.ShapeDtypeStruct((), jnp.float32) if k == K - 1 else x)
+      carried[k] = split.split(backward, flat, x, y, seed).layout.size
+  return words, carried
 
 
 def pipeline_temporaries(shape: PipelineShape, example_size: int, largest_leaf: int,
