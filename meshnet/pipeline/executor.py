@@ -35,8 +35,13 @@ first; at ``S = 2`` both go in one exchange). A forward keeps its vjp
 residuals, packed (:mod:`meshnet.pipeline.residuals`: only what depends on
 the microbatch; weights are re-sliced from the parameters), for the
 backward, so nothing is recomputed; with ``remat=True`` it keeps the stage
-input instead and the backward recomputes the forward. Received
-activations, cotangents and residuals live in ring buffers whose slots
+input instead and the backward recomputes the forward. Split schedules
+(ZB-H1) run each stage's backward as two halves cut from one trace
+(:mod:`meshnet.pipeline.split`): the input half computes ``dx`` and
+*carries* the cotangents the weight half needs (a dense layer's
+pre-activation cotangent), so the weight half computes only the weight
+gradients, not the input gradients again. Received
+activations, cotangents, residuals and carried cotangents live in ring buffers whose slots
 :mod:`meshnet.pipeline.plan` assigns; what a round produces is stored at the
 start of the next one, so the switches only read the buffers (XLA copies a
 buffer that a conditional reads and the same iteration then writes). The

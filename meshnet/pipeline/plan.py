@@ -4,7 +4,9 @@ Every device keeps three ring buffers per chunk: received activations (a
 stage's input, from its arrival to its forward), received cotangents (from
 arrival to the backward, or to the weight half when split) and residuals
 (what the forward keeps for the backward, from the forward to the last
-backward op). :func:`plan` assigns each (virtual stage, microbatch) a slot in
+backward op); split schedules add a fourth, the carried buffer (what a
+backward's input half passes to its weight half, from B to W; an idle
+input half writes its trash slot). :func:`plan` assigns each (virtual stage, microbatch) a slot in
 each buffer by interval colouring over the rounds' phases, and writes the
 int32 tables ``[rounds, S]`` that the program indexes at run time. A round
 that has nothing to store still stores (so stores need no branch): the
