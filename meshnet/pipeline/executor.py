@@ -816,10 +816,10 @@ class Pipeline:
                   whole(cot_buf[c, cot_slot]))
           args = (params_of(k, c), res, _varying(ys[m], axes), keys, seed)
           if half == "input":
-            dx, carried = splits[k].run_input(*args, width=G)
+            dx, carried = splits[k].run_input(*args, width=G, each=whole)
             return dx, whole(carried)
           if half == "weight" and k in splits:
-            dflat = splits[k].run_weight(whole(carry_buf[c, carry_slot]), *args)
+            dflat = splits[k].run_weight(whole(carry_buf[c, carry_slot]), *args, each=whole)
           else:
             dflat, dx = pullback_of(k, *args[:4])(seed)
           if hoist:

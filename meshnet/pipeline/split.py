@@ -55,16 +55,23 @@ class Split:
   dx_tree: Any
   layout: residuals.Layout
 
-  def run_input(self, *args: Any, width: int) -> tuple[Any, jax.Array]:
-    """``(dx, carried)``: ``carried`` packed into ``uint32[width]``."""
+  def run_input(self, *args: Any, width: int,
+                each: Callable[[jax.Array], jax.Array] = lambda a: a) -> tuple[Any, jax.Array]:
+    """``(dx, carried)``: ``carried`` packed into ``uint32[width]``.
+
+    ``each`` is applied to every carried value before it is packed (the
+    executor keeps them whole over ``tensor``: packing a value the compiler
+    split there would exchange halos inside a switch branch)."""
     outs = jax.core.eval_jaxpr(self.input_half, self.consts, *jax.tree.leaves(args))
     n_dx = self.dx_tree.num_leaves
     dx = jax.tree.unflatten(self.dx_tree, outs[:n_dx])
-    return dx, residuals.pack(outs[n_dx:], self.layout, width)
+    return dx, residuals.pack([each(a) for a in outs[n_dx:]], self.layout, width)
 
-  def run_weight(self, carried: jax.Array, *args: Any) -> Any:
-    """``dflat`` from the arguments and the input half's ``carried`` words."""
-    values = residuals.unpack(carried, self.layout)
+  def run_weight(self, carried: jax.Array, *args: Any,
+                 each: Callable[[jax.Array], jax.Array] = lambda a: a) -> Any:
+    """``dflat`` from the arguments and the input half's ``carried`` words
+    (``each``: applied to every value unpacked from them)."""
+    values = [each(a) for a in residuals.unpack(carried, self.layout)]
     outs = jax.core.eval_jaxpr(self.weight_half, self.consts,
                                *jax.tree.leaves(args), *values)
     return jax.tree.unflatten(self.dflat_tree, outs)
