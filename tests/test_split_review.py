@@ -191,6 +191,37 @@ def test_custom_split_table_with_chunks_and_deferred_ws_equals_one_device(digits
                             schedule=_custom_split(2, 4, 2, defer=True))
 
 
+def _dense(n_in, n_out, dtype=jnp.float32):
+  def init(key):
+    return ((0.3 * jax.random.normal(key, (n_in, n_out))).astype(dtype), jnp.zeros(n_out),
+            {"unused": jnp.ones(3), "scale": jnp.ones(())})
+
+  def apply(p, x):
+    return p[2]["scale"] * jnp.tanh(x @ p[0].astype(jnp.float32) + p[1][None, :])
+  return meshnet.Model(init, apply)
+
+
+def _free(fn):
+  return meshnet.Model(lambda key: {}, lambda p, x: fn(x))
+
+
+def test_parameter_free_stages_and_odd_layers_equal_one_device(digits):
+  """Stage 1: tuple parameters with a bf16 leaf, a scalar and a leaf that
+  does not touch the output (zero gradient); stage 2: six identical linear
+  parameter-free layers (a run with nothing to scan over, no residuals:
+  its forward's words were not varying over the mesh and the program
+  failed to build, with every schedule); stage 3, the loss stage:
+  parameter-free, odd width, nothing to carry (its input half's words were
+  not varying either: zb failed to build)."""
+  model = meshnet.sequential(
+      [_dense(64, 27), _dense(27, 27, jnp.bfloat16)] + [_free(lambda x: 0.9 * x + 0.1)] * 6 +
+      [_free(lambda x: 3.0 * x[:, 1:11])])
+  _, grads = _assert_equals_one_device(model, dict(stage=4), digits, schedule="zb",
+                                       microbatches=4, bounds=(0, 1, 2, 8, 9))
+  assert grads[1][0].dtype == jnp.bfloat16
+  np.testing.assert_array_equal(grads[1][2]["unused"], 0.0)
+
+
 def test_gpt_with_scanned_blocks_and_dropout_equals_one_device():
   """A gpt of 6 blocks on 2 stages, the second's 5 blocks one scan (cut in
   two), dropout; the first stage (embedding) reads int32 tokens."""
