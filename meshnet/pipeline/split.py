@@ -38,6 +38,7 @@ no output needs runs in the weight half.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from typing import Any, Callable, Sequence
 
@@ -100,19 +101,15 @@ class _ScanParts:
   carries: tuple  # carry positions it runs
   xs: tuple  # xs positions it reads
   ys: tuple  # ys positions it yields
-  stacked: tuple  # scan_in: ids of the body values it yields per iteration;
-  # scan_w: the same ids, read per iteration
+  stacked: tuple  # the body values scan_in yields per iteration and scan_w reads
 
 
-class _Ids:
-  def __init__(self):
-    self._next = itertools.count()
-
-  def __call__(self) -> int:
-    return next(self._next)
+def _counter() -> Callable[[], int]:
+  """Fresh value ids: 0, 1, 2, ..."""
+  return functools.partial(next, itertools.count())
 
 
-def _flatten(jaxpr: Any, consts: Sequence[Any], ids: _Ids) -> _Program:
+def _flatten(jaxpr: Any, consts: Sequence[Any], ids: Callable[[], int]) -> _Program:
   """``jaxpr`` (open) with its calls inlined, scan bodies flattened too."""
   names: dict = {}
   const_values: dict = {}
@@ -215,7 +212,7 @@ def _needed(nodes: Sequence[_Node], roots: Sequence, skip: frozenset = frozenset
 
 
 def _cut(program: _Program, seeds: set, hidden: set, for_input: Sequence[bool],
-         ids: _Ids) -> _Cut:
+         ids: Callable[[], int]) -> _Cut:
   """Cuts ``program``: ``seeds``, ids of the inputs on the cotangent;
   ``hidden``, ids of inputs the weight half does not get (carried when it
   reads them); ``for_input``, per output, whether the input half computes it."""
@@ -260,7 +257,7 @@ def _cut(program: _Program, seeds: set, hidden: set, for_input: Sequence[bool],
   return _Cut(tuple(inputs), tuple(weights), carried)
 
 
-def _cut_scan(node: _Node, ins_on: Sequence[bool], hit: Sequence[bool], ids: _Ids,
+def _cut_scan(node: _Node, ins_on: Sequence[bool], hit: Sequence[bool], ids: Callable[[], int],
               program: _Program) -> tuple[_Node, _Node]:
   """A scan whose outputs ``hit`` the input half needs (some, not all) and
   whose inputs ``ins_on`` are on the cotangent, as two scans: ``scan_in``
@@ -466,7 +463,7 @@ def split(fn: Callable, *args: Any, seeds: Sequence[int] = (-1,)) -> Split:
   closed, shapes = jax.make_jaxpr(fn, return_shape=True)(*args)
   dflat_tree = jax.tree.structure(shapes[0])
   dx_tree = jax.tree.structure(shapes[1])
-  ids = _Ids()
+  ids = _counter()
   program = _flatten(closed.jaxpr, closed.consts, ids)
   seed_at = {i % len(args) for i in seeds}
   flags = [i in seed_at for i, a in enumerate(args) for _ in jax.tree.leaves(a)]
