@@ -337,6 +337,8 @@ def test_weight_half_does_the_weight_matmuls_and_carries_only_cotangents(name):
   recompute = 1 if "checkpointed" in name else 0  # the layer's forward, per layer
   assert _count(input_half) == per_stack * (1 + recompute), name
   assert _count(weight_half) == per_stack, name
+  # a checkpoint's recompute stays behind its barriers (not merged with a forward)
+  assert (_count(input_half, "optimization_barrier") > 0) == bool(recompute), name
   if stacked:
     assert sp.layout.shapes == ((N, MB, WIDTH),) or sp.layout.shapes == (
         (2, N // 2, MB, WIDTH),), sp.layout.shapes

@@ -25,14 +25,17 @@ The cut goes inside the equations that hold a whole layer's backward:
 * calls (``jit``, ``jax.checkpoint``, ``closed_call``) are inlined, so a
   rematerialised layer's input and weight gradients fall in their halves
   (as one equation, the layer's whole backward ran in the input half and
-  its weight gradient, a copy of the weights' size, was carried);
+  its weight gradient, a copy of the weights' size, was carried); a
+  checkpoint's inputs keep the optimization barriers its lowering gives
+  them, so its recomputed forward is not merged with another;
 * a ``scan`` (a stage's run of identical layers) is cut into two scans:
   the input scan runs the loop-carried chain (``dx``) and emits, per
   iteration, what the weight scan reads from it (``[layers, mb, width]``);
   the weight scan computes the run's weight gradient.
 
-Other equations go whole into one half. An equation with side effects that
-no output needs runs in the weight half.
+Other equations (``cond``, ``while``, custom rules) go whole into one
+half. An equation with side effects that no output needs runs once, in the
+weight half.
 """
 
 from __future__ import annotations
