@@ -767,7 +767,10 @@ class Pipeline:
             res = whole(jnp.pad(words, (0, R - words.shape[0])))
           else:
             out, leaves = residuals.leaves_fn(fn)(flat, x_in, ys[m], keys)
-            res = whole(residuals.pack([whole(a) for a in leaves], layouts[k], R))
+            # varying even with nothing to keep (a stage of linear,
+            # parameter-free layers), like the idle branch's words
+            res = whole(_varying(residuals.pack([whole(a) for a in leaves], layouts[k], R),
+                                 axes))
           if k == K - 1:
             return res, act_zeros(), out
           return res, out, zeros(())
@@ -821,10 +824,12 @@ class Pipeline:
                   whole(cot_buf[c, cot_slot]))
           args = (params_of(k, c), res, _varying(ys[m], axes), keys, seed)
           if half == "input":
-            dx, carried = splits[k].run_input(*args, width=G)
-            return dx, whole(carried)
+            dx, carried = splits[k].run_input(*args, width=G, each=whole)
+            # varying like the other branches' words even when nothing is
+            # carried (a stage without parameters: no weight half to feed)
+            return dx, whole(_varying(carried, axes))
           if half == "weight" and k in splits:
-            dflat = splits[k].run_weight(whole(carry_buf[c, carry_slot]), *args)
+            dflat = splits[k].run_weight(whole(carry_buf[c, carry_slot]), *args, each=whole)
           else:
             dflat, dx = pullback_of(k, *args[:4])(seed)
           if hoist:
