@@ -371,7 +371,7 @@ def _run_scan(node: _Node, ins: list) -> list:
   nc, ncar = params["num_consts"], params["num_carry"]
   b_consts, b_carry, b_xs = (body.invars[:nc], body.invars[nc:nc + ncar],
                              body.invars[nc + ncar:])
-  n_c, n_k, n_x = len(parts.consts), len(parts.carries), len(parts.xs)
+  n_c, n_k = len(parts.consts), len(parts.carries)
   consts, init, xs = ins[:n_c], ins[n_c:n_c + n_k], ins[n_c + n_k:]
   const_env = dict(zip([b_consts[j] for j in parts.consts], consts))
   c_out, y_out = body.outvars[:ncar], body.outvars[ncar:]
