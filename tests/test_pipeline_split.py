@@ -25,8 +25,10 @@ def _params(key, widths):
           for k, a, b in zip(keys, widths[:-1], widths[1:])]
 
 
-def _dots(jaxpr):
-  return sum(eqn.primitive.name == "dot_general" for eqn in jaxpr.eqns)
+def _dots(fn, *args):
+  """``dot_general`` equations in the program of ``fn(*args)``."""
+  return sum(eqn.primitive.name == "dot_general"
+             for eqn in jax.make_jaxpr(fn)(*args).jaxpr.eqns)
 
 
 def _residuals(params, x):
@@ -49,11 +51,12 @@ def test_the_halves_share_the_work_and_equal_the_fused_backward():
   backward = lambda leaves, seed: _backward(leaves, treedef, seed)
   halves = split.split(backward, leaves, seed)
   n = len(params)
-  # dx takes one matmul a layer; the weight half only the weight gradients'.
-  assert _dots(halves.input_half) == n and _dots(halves.weight_half) == n
   # Carried: each layer's pre-activation cotangent, nothing weight- or input-shaped.
   assert sorted(halves.layout.shapes) == sorted((5, w) for w in widths[1:])
   dx, carried = halves.run_input(leaves, seed, width=halves.layout.size + 7)
+  # dx takes one matmul a layer; the weight half only the weight gradients'.
+  assert _dots(lambda l, g: halves.run_input(l, g, width=carried.shape[0]), leaves, seed) == n
+  assert _dots(halves.run_weight, carried, leaves, seed) == n
   assert carried.shape == (halves.layout.size + 7,) and carried.dtype == jnp.uint32
   dflat = halves.run_weight(carried, leaves, seed)
   ref_dflat, ref_dx = backward(leaves, seed)
