@@ -60,7 +60,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from meshnet.data import data_change
-from meshnet.diskfull import disk_full_error, is_disk_full, quiet_disk_full_logs
+from meshnet.diskfull import (disk_full_error, is_disk_full, quiet_abandoned_writes,
+                              quiet_disk_full_logs)
 from meshnet.errors import MeshnetError
 from meshnet.metrics import Ticker
 from meshnet.noise import verbose_from_env
@@ -700,6 +701,7 @@ class Checkpointer:
       if step is None or not is_disk_full(e):
         raise
       self._saving = None
+      quiet_abandoned_writes()
       raise self._disk_full(step) from None
 
   def _disk_full(self, step: int):

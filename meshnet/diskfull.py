@@ -28,6 +28,7 @@ import errno
 import logging
 import os
 import shutil
+import warnings
 
 from meshnet.errors import DiskFullError
 
@@ -130,3 +131,15 @@ def quiet_disk_full_logs() -> None:
     logger = logging.getLogger(name)
     if _FILTER not in logger.filters:
       logger.addFilter(_FILTER)
+
+
+def quiet_abandoned_writes() -> None:
+  """Drops Python's "coroutine '...' was never awaited" warnings for the
+  rest of the process. Called once a save has failed on a full disk: Orbax
+  leaves the writes of that save that never started as coroutine objects,
+  and when they are collected (often at exit, after meshnet's one-line
+  error) Python prints a warning for each, which would make the error
+  not the last line. Not installed before: an unawaited coroutine in a
+  run that did not hit a full disk is someone's bug, and shows."""
+  warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited",
+                          category=RuntimeWarning)
