@@ -63,7 +63,8 @@ def test_host_call_inside_shard_map_runs_once_per_device_on_its_shard():
   x = jax.device_put(jnp.arange(8.0), NamedSharding(mesh, P("data")))
   f = jax.jit(jax.shard_map(lambda x: call(_like(x.sum()), x)[0], mesh=mesh,
                             in_specs=P("data"), out_specs=P()))
-  assert float(f(x)) == 6.0  # device 0: 0 + 1 + 2 + 3
+  out = jax.block_until_ready(f(x))  # every device's run, not only the shard read
+  assert float(out) == 6.0  # device 0: 0 + 1 + 2 + 3
   assert sorted(calls) == [6.0, 22.0]
 
 
