@@ -117,6 +117,80 @@ def _theory(schedule: str, microbatches: int) -> float:
                             VIRTUAL.get(schedule, 1))).speedup
 
 
+def _op_costs(work: PipelineWork, virtual: int, microbatches: int,
+              reps: int = 5) -> dict[str, float]:
+  """Seconds each op of each virtual stage takes on one microbatch, on this
+  process's core, timed alone (plain ``jax.jit`` of the stage's layers with
+  meshnet's default cut, best of ``reps``): ``"F/k"`` the forward (the
+  last stage's with its loss), ``"BW/k"`` the backward from the forward's
+  residuals (input and weight gradients; the first stage's has no input
+  gradient, as the executor's), ``"B/k"`` the input gradient alone (0 on
+  the first stage). A split backward's weight half is ``BW - B``."""
+  import jax
+  import jax.numpy as jnp
+
+  import meshnet
+  from meshnet import losses
+  from meshnet.model import layer_params
+
+  model = meshnet.models.mlp(list(work.widths))
+  K = STAGES * virtual
+  bounds = meshnet.pipeline.default_bounds(model.layers, K)
+  params = layer_params(model, model.init(jax.random.key(0)))
+  mb = work.batch // microbatches
+  x, y = ddp._data(work.batch, 0, 1, 0)
+  h, y = jnp.asarray(x[:mb]), jnp.asarray(y[:mb], jnp.int32)
+  loss = losses.objective("cross_entropy").loss
+
+  def best(fn, *args) -> float:
+    jax.block_until_ready(fn(*args))  # compile and warm up
+    times = []
+    for _ in range(reps):
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times.append(time.perf_counter() - start)
+    return min(times)
+
+  costs = {}
+  for k in range(K):
+    layers = model.layers[bounds[k]:bounds[k + 1]]
+    ps = params[bounds[k]:bounds[k + 1]]
+
+    def stage(ps, h, layers=layers, last=k == K - 1):
+      for layer, p in zip(layers, ps):
+        h = layer.apply(p, h, train=True, key=None)
+      return jnp.mean(loss(h, y)) / microbatches if last else h
+
+    out, pullback = jax.vjp(stage, ps, h)
+    seed = jnp.ones_like(out)
+    costs[f"F/{k}"] = best(jax.jit(stage), ps, h)
+    if k == 0:  # no input gradient: the executor's first stage computes none
+      costs[f"BW/{k}"] = best(jax.jit(lambda pb, s: pb(s)[0]), pullback, seed)
+      costs[f"B/{k}"] = 0.0
+    else:
+      costs[f"BW/{k}"] = best(jax.jit(lambda pb, s: pb(s)), pullback, seed)
+      costs[f"B/{k}"] = best(jax.jit(lambda pb, s: pb(s)[1]), pullback, seed)
+    h = out
+  return costs
+
+
+def _op_seconds(costs: dict[str, float], split: bool) -> dict[tuple[str, int], float]:
+  """:meth:`~meshnet.pipeline.rounds.Rounds.timed`'s op costs from
+  :func:`_op_costs`'s: ``B`` the whole backward, or with ``split`` (ZB) the
+  input gradient, and ``W`` the rest."""
+  seconds = {}
+  for key, value in costs.items():
+    kind, k = key.split("/")
+    k = int(k)
+    if kind == "F":
+      seconds[("F", k)] = value
+    elif kind == "BW":
+      seconds[("B", k)] = costs[f"B/{k}"] if split else value
+      if split:
+        seconds[("W", k)] = value - costs[f"B/{k}"]
+  return seconds
+
+
 # --- workers: build programs, then time them on request -----------------------------
 
 
@@ -315,6 +389,10 @@ def _serve(kind: str, work, rank: int, world: int, port: int) -> None:
   for line in iter(sys.stdin.readline, ""):
     if line.strip() == "quit":
       break
+    if line.startswith("costs "):  # op costs: "costs V M" (one process)
+      _, v, m = line.split()
+      print(REPLY + json.dumps(_op_costs(work, int(v), int(m))), flush=True)
+      continue
     key, steps = line.split()
     barrier()
     start = time.perf_counter()
@@ -387,13 +465,17 @@ class _Group:
 
   def time(self, key: str, steps: int) -> float:
     """Seconds for ``steps`` steps of program ``key`` (the slowest rank)."""
+    return max(self.ask(f"{key} {steps}"))
+
+  def ask(self, line: str) -> list:
+    """Every rank's answer to request ``line``."""
     for rank, proc in enumerate(self.procs):
       try:
-        proc.stdin.write(f"{key} {steps}\n")
+        proc.stdin.write(line + "\n")
         proc.stdin.flush()
       except BrokenPipeError:
         self._fail(rank)
-    return max(self._answers(TIME_TIMEOUT))
+    return self._answers(TIME_TIMEOUT)
 
   def close(self) -> None:
     for proc in self.procs:
@@ -435,11 +517,13 @@ def _progress(message: str) -> None:
 
 
 def _measure(specs: dict[str, tuple[str, int, object]], plan: list[tuple[str, str]],
-             steps: int, rounds: int) -> tuple[dict[tuple[str, str], float], dict]:
+             steps: int, rounds: int, queries: tuple[tuple[str, str], ...] = ()
+             ) -> tuple[dict[tuple[str, str], float], dict, dict]:
   """Starts every group of ``specs`` (``name: (kind, world, work)``) at once
   (they compile in parallel), then times ``plan`` with them
-  (:func:`_best_times`); returns the best seconds per step and each group's
-  first-step losses."""
+  (:func:`_best_times`), then asks ``queries`` (``(group, line)``: rank 0's
+  answer); returns the best seconds per step, each group's first-step
+  losses and the answers by line."""
   groups: dict[str, _Group] = {}
   try:
     for name, (kind, world, work) in specs.items():
@@ -450,7 +534,8 @@ def _measure(specs: dict[str, tuple[str, int, object]], plan: list[tuple[str, st
     losses = {name: group.ready() for name, group in groups.items()}
     _progress(f"{', '.join(g.name for g in groups.values())}: compiled and warmed up in "
               f"{time.perf_counter() - began:.0f} s")
-    return _best_times(groups, plan, steps, rounds), losses
+    best = _best_times(groups, plan, steps, rounds)
+    return best, losses, {line: groups[name].ask(line)[0] for name, line in queries}
   finally:
     for group in groups.values():
       group.close()
@@ -473,23 +558,39 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
   return "\n".join(lines)
 
 
-def _pipeline_table(work: PipelineWork, rounds: int) -> tuple[str, float]:
-  """Measures the pipeline against one process; the table and the largest
-  first-step loss difference."""
+def _pipeline_table(work: PipelineWork, rounds: int) -> tuple[str, float, list[str]]:
+  """Measures the pipeline against one process; the table, the largest
+  first-step loss difference and notes on the op costs."""
+  from meshnet.pipeline import make_schedule
+  from meshnet.pipeline.rounds import pack
+
   plan = []
   for m in work.microbatches:  # one process and two take turns
     plan += [("one", "full"), ("one", f"accum/{m}")]
     plan += [("two", f"{name}/{m}") for name in work.schedules]
-  best, losses = _measure({"one": ("unpipelined", 1, work),
-                           "two": ("pipelined", STAGES, work)}, plan, work.steps, rounds)
+  virtuals = sorted({VIRTUAL.get(name, 1) for name in work.schedules})
+  queries = tuple(("one", f"costs {v} {m}") for v in virtuals for m in work.microbatches)
+  best, losses, answers = _measure({"one": ("unpipelined", 1, work),
+                                    "two": ("pipelined", STAGES, work)}, plan, work.steps,
+                                   rounds, queries)
   full = best[("one", "full")]
-  rows, worst = [], 0.0
+  rows, worst, notes = [], 0.0, []
   for m in work.microbatches:
     accum = best[("one", f"accum/{m}")]
     efficiency = full / accum
+    for v in virtuals:
+      costs = answers[f"costs {v} {m}"]
+      ops = m * sum(costs[f"{kind}/{k}"] for kind in ("F", "BW") for k in range(STAGES * v))
+      notes.append(f"M={m}, {STAGES * v} stages: op costs (ms) " + ", ".join(
+          f"{key} {value * 1e3:.1f}" for key, value in costs.items())
+          + f"; all ops of a step {ops * 1e3:.1f} against the 1-process M-microbatch step "
+          f"{accum * 1e3:.1f}")
     for name in work.schedules:
       two = best[("two", f"{name}/{m}")]
       measured, theory = full / two, _theory(name, m)
+      schedule = make_schedule(name, STAGES, m, VIRTUAL.get(name, 1))
+      costs = answers[f"costs {VIRTUAL.get(name, 1)} {m}"]
+      lockstep, _ = pack(schedule).timed(_op_seconds(costs, schedule.split_backward))
       diff = max(abs(losses["two"][f"{name}/{m}"] - losses["one"][k])
                  for k in ("full", f"accum/{m}"))
       worst = diff if math.isnan(diff) else max(worst, diff)
@@ -497,12 +598,14 @@ def _pipeline_table(work: PipelineWork, rounds: int) -> tuple[str, float]:
       rows.append([label, str(m), str(work.batch // m), f"{two * 1e3:.1f}",
                    f"{full * 1e3:.1f}", f"{measured:.2f}", f"{accum * 1e3:.1f}",
                    f"{efficiency:.2f}", f"{theory:.2f}", f"{theory * efficiency:.2f}",
-                   f"{measured / (theory * efficiency):.2f}", f"{diff:.1e}"])
+                   f"{measured / (theory * efficiency):.2f}", f"{lockstep * 1e3:.1f}",
+                   f"{full / lockstep:.2f}", f"{lockstep / two:.2f}", f"{diff:.1e}"])
   header = ["schedule", "M", "microbatch", "ms/step 2 proc", "ms/step 1 proc",
             "measured speedup", "ms/step 1 proc M mb", "mb-efficiency",
             "theory S(1-bubble)", "theory x eff", "measured / (theory x eff)",
+            "rounds at op costs ms", "theory at op costs", "measured / theory at op costs",
             "loss diff"]
-  return _table(header, rows), worst
+  return _table(header, rows), worst, notes
 
 
 def _dp_table(work: DataParallelWork, rounds: int, with_torch: bool) -> str:
@@ -513,7 +616,7 @@ def _dp_table(work: DataParallelWork, rounds: int, with_torch: bool) -> str:
   plan += [("meshnet 2", f"shm/{b}") for b in work.batches]
   plan += [("meshnet 2", f"shm-cb/{b}") for b in work.batches]
   plan += [("meshnet 1", f"half/{b}") for b in work.batches]
-  best, _ = _measure(specs, plan, work.steps, rounds)
+  best, _, _ = _measure(specs, plan, work.steps, rounds)
   rows = []
   for b in work.batches:
     rate = {name: b / best.get((name, str(b)), math.nan) for name in
@@ -605,11 +708,15 @@ def main(argv=None) -> int:
         f"{rounds} rounds, one process and two alternating\n")
   status = 0
   if args.only in (None, "pipeline"):
-    table, worst = _pipeline_table(pipeline, rounds)
+    table, worst, notes = _pipeline_table(pipeline, rounds)
     print(f"Pipeline, stage={STAGES} over 2 processes vs unpipelined on 1: MLP "
           f"{_widths(pipeline.widths)}, SGD, global batch {pipeline.batch}, "
           f"{pipeline.steps} steps per round\n")
     print(table + "\n")
+    print("Op costs: each stage's ops on one microbatch, timed alone on one core "
+          "(F forward, BW backward, B its input gradient; ZB's W is BW - B); the rounds "
+          "at op costs sum each lockstep round's busiest device:")
+    print("\n".join(f"- {note}" for note in notes) + "\n")
     if not worst <= LOSS_TOLERANCE:  # NaN too
       print(f"FAILED: pipelined first-step loss differs from unpipelined by {worst:.2e} "
             f"(> {LOSS_TOLERANCE})")

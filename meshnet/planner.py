@@ -741,8 +741,8 @@ def _pipeline_step(config: PlanConfig, shapes: _Shapes, shape: stepcost.Pipeline
   tensor = _tensor_messages(config, shapes, shape)
   seconds = {op: f / rate + sum(link.time(ALL_REDUCE, m, shape.T) for m in tensor[op])
              for op, f in flops.items()}
-  duration, busy = stepcost.rounds_time(shape, seconds)
-  compute_busy = stepcost.rounds_time(shape, {op: f / rate for op, f in flops.items()})[1]
+  duration, busy = shape.pipe.rounds.timed(seconds)
+  compute_busy = shape.pipe.rounds.timed({op: f / rate for op, f in flops.items()})[1]
   bubble = 1.0 - busy / (S * duration) if duration > 0 else 0.0
   rounds = shape.pipe.rounds.num_rounds
   stores = 4 * shape.message + F32 * 2 * shape.R  # into the ring buffers, per round

@@ -491,18 +491,3 @@ def pipeline_op_flops(shape: PipelineShape, widths: Sequence[int], remat: bool
     else:
       flops[("B", k)] = input_grad + forward + recompute
   return flops
-
-
-def rounds_time(shape: PipelineShape, seconds: Mapping[tuple[str, int], float]
-                ) -> tuple[float, float]:
-  """``(duration, busy)`` of the lockstep rounds: each round lasts as long
-  as its busiest device (``seconds`` per op kind and virtual stage);
-  ``busy`` sums every device's work."""
-  S = shape.S
-  duration, busy = 0.0, 0.0
-  for row in shape.pipe.rounds.ops:
-    times = [sum(seconds[(op.kind, op.chunk * S + d)] for op in ops)
-             for d, ops in enumerate(row)]
-    duration += max(times)
-    busy += sum(times)
-  return duration, busy

@@ -163,3 +163,24 @@ def test_packed_residuals_are_bit_exact(dtype):
   assert back.dtype == leaf.dtype and back.shape == leaf.shape
   as_bits = lambda a: np.asarray(a).view(np.uint8) if a.dtype != jnp.bool_ else np.asarray(a)
   np.testing.assert_array_equal(as_bits(back), as_bits(leaf))
+
+
+def test_rounds_timed_with_each_stages_own_op_costs():
+  """Unequal stages: each round lasts as long as its busiest device's own
+  ops (1F1B, S=2, M=2: rounds F0 | -, F1 | F0 B0, B0 | F1 B1, B1 | -)."""
+  rounds = pack(make_schedule("1f1b", 2, 2))
+  assert rounds.timed() == (sum(rounds.round_times()), 12.0)  # F = 1, B = 2
+  seconds = {("F", 0): 1.0, ("B", 0): 1.0, ("F", 1): 2.0, ("B", 1): 3.0}
+  assert rounds.round_times(seconds) == [1.0, 5.0, 5.0, 1.0]
+  assert rounds.timed(seconds) == (12.0, 14.0)
+  # interleaved: device d's chunk c is virtual stage c * S + d
+  inter = pack(make_schedule("interleaved", 2, 2, 2))
+  costs = {(kind, k): (10.0 ** k if kind == "F" else 0.0) for kind in ("F", "B")
+           for k in range(4)}
+  first = inter.ops[0]
+  assert inter.round_times(costs)[0] == max(
+      sum(10.0 ** (op.chunk * 2 + d) for op in ops if op.kind == "F")
+      for d, ops in enumerate(first))
+  assert inter.timed(costs)[1] == 2 * (1 + 10 + 100 + 1000)  # every F of M = 2
+  with pytest.raises(meshnet.MeshnetError, match=r"lack \[\('B', 0\), \('B', 1\), \('F', 1\)\]"):
+    rounds.timed({("F", 0): 1.0})

@@ -41,6 +41,17 @@ def test_quick_scaling_benchmark_prints_both_tables():
     assert float(row["loss diff"]) <= 1e-4, row
     assert abs(float(row["theory x eff"]) - float(row["theory S(1-bubble)"])
                * float(row["mb-efficiency"])) < 0.02, row
+    # the lockstep rounds timed with each stage's measured op costs
+    rounds_ms = float(row["rounds at op costs ms"])
+    assert abs(float(row["theory at op costs"]) - float(row["ms/step 1 proc"]) / rounds_ms
+               ) < 0.02 * float(row["theory at op costs"]) + 0.01, row
+    assert abs(float(row["measured / theory at op costs"])
+               - rounds_ms / float(row["ms/step 2 proc"])) < 0.01 + 0.02 * rounds_ms, row
+  # one line of op costs per microbatch count and stage count (v = 1 and 2)
+  notes = [line for line in proc.stdout.splitlines() if line.startswith("- M=4")]
+  assert [note.split(":")[0] for note in notes] == ["- M=4, 2 stages", "- M=4, 4 stages"], out
+  for note in notes:
+    assert "F/0" in note and "BW/1" in note and "B/0 0.0" in note, note
 
   dp = tables["global batch"]
   assert [r["global batch"] for r in dp] == ["256"], out

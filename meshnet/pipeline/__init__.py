@@ -11,7 +11,7 @@ draws them.
 from meshnet.pipeline import schedules
 from meshnet.pipeline.executor import Pipeline, make_pipeline
 from meshnet.pipeline.schedules import SCHEDULES, Op, Schedule, custom, make_schedule
-from meshnet.pipeline.stages import balanced_bounds
+from meshnet.pipeline.stages import balanced_bounds, default_bounds
 from meshnet.pipeline.timeline import save_png, text
 
 
@@ -23,4 +23,5 @@ def timeline(schedule: Schedule, path: str | None = None) -> str:
 
 
 __all__ = ["Op", "Pipeline", "SCHEDULES", "Schedule", "balanced_bounds", "custom",
-           "make_pipeline", "make_schedule", "save_png", "schedules", "text", "timeline"]
+           "default_bounds", "make_pipeline", "make_schedule", "save_png", "schedules",
+           "text", "timeline"]

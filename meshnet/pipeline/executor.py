@@ -71,7 +71,7 @@ from meshnet.step import check_batch_size
 from meshnet.pipeline import plan, residuals, restack, rounds as packing, split as halves
 from meshnet.pipeline import schedules as sched
 from meshnet.pipeline.stages import (balanced_bounds, check_balance, check_bounds,
-                                     layer_flops, layer_param_counts)
+                                     default_bounds)
 
 
 HOIST_BYTES = 1 << 28
@@ -1044,9 +1044,8 @@ def make_pipeline(
   n_layers = len(model.layers)
   check_balance(balance)
   if bounds is None:
-    costs = (layer_param_counts(model.layers) if balance == "params" else layer_flops(
-        model.layers, jax.ShapeDtypeStruct((1, *example_shape), jnp.dtype(input_dtype))))
-    bounds = balanced_bounds(costs, K)
+    bounds = default_bounds(model.layers, K, balance, jax.ShapeDtypeStruct(
+        (1, *example_shape), jnp.dtype(input_dtype)))
   else:
     if K > n_layers:
       balanced_bounds([1] * n_layers, K)  # raises the "more stages than layers" error

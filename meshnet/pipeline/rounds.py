@@ -22,6 +22,7 @@ speedup the executor can reach over one device running the same ops.
 from __future__ import annotations
 
 import dataclasses
+from typing import Mapping
 
 from meshnet.errors import MeshnetError
 from meshnet.pipeline.schedules import B, F, W, Op, Schedule, _dependencies, op_costs
@@ -46,17 +47,45 @@ class Rounds:
   def num_rounds(self) -> int:
     return len(self.ops)
 
-  def round_times(self) -> list[float]:
-    """Each round's duration: its busiest device's sum of op costs."""
-    cost = op_costs(self.schedule)
-    return [max(sum(cost[op.kind] for op in ops) for ops in row) for row in self.ops]
+  def round_times(self, seconds: Mapping[tuple[str, int], float] | None = None
+                  ) -> list[float]:
+    """Each round's duration: its busiest device's sum of op costs.
+
+    ``seconds[(kind, k)]``: what op ``kind`` (F, B, W) of virtual stage
+    ``k`` costs (device ``d``'s chunk ``c`` is virtual stage ``c * S + d``),
+    e.g. measured per stage, so unequal stages count; by default every
+    stage costs the same (:func:`~meshnet.pipeline.schedules.op_costs`)."""
+    return [max(times) for times in self._device_times(seconds)]
+
+  def timed(self, seconds: Mapping[tuple[str, int], float] | None = None
+            ) -> tuple[float, float]:
+    """``(duration, busy)``: the rounds' total duration and every device's
+    work summed, with op costs ``seconds`` (see :meth:`round_times`)."""
+    rows = self._device_times(seconds)
+    return sum(max(times) for times in rows), sum(sum(times) for times in rows)
+
+  def _device_times(self, seconds: Mapping[tuple[str, int], float] | None
+                    ) -> list[list[float]]:
+    S = self.schedule.num_stages
+    if seconds is None:
+      cost = op_costs(self.schedule)
+      seconds = {(kind, k): cost[kind] for kind in KINDS
+                 for k in range(S * self.schedule.virtual_stages)}
+    kinds = {op.kind for row in self.ops for ops in row for op in ops}
+    missing = [(kind, k) for kind in sorted(kinds)
+               for k in range(S * self.schedule.virtual_stages) if (kind, k) not in seconds]
+    if missing:
+      raise MeshnetError(f"op costs given for {sorted(seconds)} lack {missing}: give "
+                         "seconds[(kind, virtual stage)] for every op kind the "
+                         "schedule runs on every virtual stage")
+    return [[sum(seconds[(op.kind, op.chunk * S + d)] for op in ops)
+             for d, ops in enumerate(row)] for row in self.ops]
 
   @property
   def bubble(self) -> float:
     """Idle fraction of the devices' time over the rounds."""
-    cost = op_costs(self.schedule)
-    busy = sum(cost[op.kind] for row in self.ops for ops in row for op in ops)
-    return 1.0 - busy / (self.schedule.num_stages * sum(self.round_times()))
+    duration, busy = self.timed()
+    return 1.0 - busy / (self.schedule.num_stages * duration)
 
   @property
   def speedup(self) -> float:

@@ -88,6 +88,18 @@ def balanced_bounds(costs: Sequence[float], num_stages: int) -> list[int]:
   return bounds[::-1]
 
 
+def default_bounds(layers: Sequence[Model], num_stages: int, balance: str = "params",
+                   example: Any = None) -> list[int]:
+  """The cut :func:`~meshnet.pipeline.make_pipeline` makes when given no
+  ``bounds``: ``num_stages`` contiguous parts balancing ``balance``
+  (``params``, or ``flops`` of one example: ``example`` is then the first
+  layer's input as a ``jax.ShapeDtypeStruct`` with a batch dimension of 1)."""
+  check_balance(balance)
+  costs = (layer_param_counts(layers) if balance == "params"
+           else layer_flops(layers, example))
+  return balanced_bounds(costs, num_stages)
+
+
 def check_balance(balance: str) -> str:
   """``balance`` if it is one of :data:`BALANCES`, else a one-line error."""
   if balance not in BALANCES:
