@@ -411,7 +411,7 @@ def _residual_words(pipe, mb: int, loss: str, outputs: int,
     no_key = jax.ShapeDtypeStruct((), jnp.uint32)
     words[k] = mb * D if remat else residuals.layout(fn, flat, x, y, no_key).size
     # The executor computes no input gradient on a first stage no other shares.
-    if pipe.schedule.split_backward and not (k == 0 and pipe.stage_groups.count(0) == 1):
+    if pipe.schedule.split_backward and pipe.computes_input_grad(k):
       def backward(flat, x, y, seed, fn=fn):
         return jax.vjp(lambda f, a: fn(f, a, y, None), flat, x)[1](seed)
 
@@ -477,12 +477,11 @@ def pipeline_op_flops(shape: PipelineShape, widths: Sequence[int], remat: bool
   """
   pipe, mb = shape.pipe, shape.mb
   split = pipe.schedule.split_backward
-  first_alone = pipe.stage_groups.count(0) == 1
   flops = {}
   for k in range(pipe.num_virtual_stages):
     w = shape.stage_widths(widths, k)
     forward = forward_flops(w, mb)
-    input_grad = forward - (2.0 * mb * w[0] * w[1] if k == 0 and first_alone else 0.0)
+    input_grad = forward - (0.0 if pipe.computes_input_grad(k) else 2.0 * mb * w[0] * w[1])
     recompute = forward if remat else 0.0
     flops[("F", k)] = forward
     if split:

@@ -274,6 +274,12 @@ class Pipeline:
     for any depth and stage count."""
     return self._groups or tuple(range(self.num_virtual_stages))
 
+  def computes_input_grad(self, k: int) -> bool:
+    """Whether virtual stage ``k``'s backward computes its input gradient:
+    every stage's does but the first's when no other stage runs its branch
+    (its input is the data, which nothing differentiates)."""
+    return not (k == 0 and self.stage_groups.count(0) == 1)
+
   @property
   def num_virtual_stages(self) -> int:
     return len(self.bounds) - 1
@@ -793,9 +799,7 @@ class Pipeline:
         return residuals.pullback(lay, stored, recomputed)
 
       def no_dx(k):
-        """The first stage's input gradient goes nowhere: not computed when
-        no other stage runs its branch."""
-        return k == 0 and self.stage_groups.count(0) == 1
+        return not self.computes_input_grad(k)
 
       def seed_example(k):
         return _varying(jnp.ones((), jnp.float32), axes) if k == K - 1 else act_zeros()
