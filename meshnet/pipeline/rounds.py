@@ -17,6 +17,8 @@ runs one F and one B per round, and the lockstep costs nothing.
 per chunk (divided by ``v``): the idle fraction of ``S`` devices over the
 sum of the rounds' longest device times. ``S * (1 - bubble)`` is the
 speedup the executor can reach over one device running the same ops.
+:meth:`Rounds.timed` times them with each stage's own op costs instead (say,
+measured: ``benchmarks/scaling.py`` does), so unequal stages count.
 """
 
 from __future__ import annotations
