@@ -139,6 +139,12 @@ def test_flops_balance_cuts_by_compute_and_equals_one_device():
                            balance="flops")
   assert by_params.bounds[1] == 1, by_params.bounds  # the 131k-parameter table alone
   assert by_flops.bounds[1] > 1, by_flops.bounds  # blocks ride with the lookup
+  # the cuts a benchmark or planner can compute without a mesh
+  assert list(by_params.bounds) == meshnet.pipeline.default_bounds(model.layers, 4)
+  assert list(by_flops.bounds) == meshnet.pipeline.default_bounds(
+      model.layers, 4, "flops", jax.ShapeDtypeStruct((1, T), jnp.int32))
+  with pytest.raises(meshnet.MeshnetError, match="balance"):
+    meshnet.pipeline.default_bounds(model.layers, 4, "time")
   costs = meshnet.pipeline.stages.layer_flops(
       model.layers, jax.ShapeDtypeStruct((1, T), jnp.int32))
   assert costs[0] < costs[1] < costs[-1], costs  # lookup < block < 4096-way head
