@@ -14,7 +14,11 @@ machine is noisy; each keeps its best round):
   the same step cut into M accumulated microbatches (``grad_accum=M``), so
   a pipeline is not blamed for what small matmuls cost on their own:
   ``measured / (theory x efficiency)`` is what the executor achieves of
-  what its schedule could. The first step's loss of every pipelined program
+  what its schedule could. That theory takes every stage as equal; the
+  table also times the same lockstep rounds with each stage's own op costs
+  (:func:`_op_costs`, measured alone on the one-process worker's core after
+  the timed rounds): "theory at op costs" is what this layer split allows,
+  compute only. The first step's loss of every pipelined program
   must equal the unpipelined one (within 1e-4), so the comparison is of
   the same computation.
 * **Data parallel**: MLP 784-512-256-128-10, Adam (lr 1e-3), global batch
