@@ -191,7 +191,7 @@ def _op_seconds(costs: dict[str, float], split: bool) -> dict[tuple[str, int], f
     elif kind == "BW":
       seconds[("B", k)] = costs[f"B/{k}"] if split else value
       if split:
-        seconds[("W", k)] = value - costs[f"B/{k}"]
+        seconds[("W", k)] = max(0.0, value - costs[f"B/{k}"])  # noise can invert them
   return seconds
 
 

@@ -145,6 +145,8 @@ def test_flops_balance_cuts_by_compute_and_equals_one_device():
       model.layers, 4, "flops", jax.ShapeDtypeStruct((1, T), jnp.int32))
   with pytest.raises(meshnet.MeshnetError, match="balance"):
     meshnet.pipeline.default_bounds(model.layers, 4, "time")
+  with pytest.raises(meshnet.MeshnetError, match="example="):
+    meshnet.pipeline.default_bounds(model.layers, 4, "flops")
   costs = meshnet.pipeline.stages.layer_flops(
       model.layers, jax.ShapeDtypeStruct((1, T), jnp.int32))
   assert costs[0] < costs[1] < costs[-1], costs  # lookup < block < 4096-way head

@@ -43,10 +43,12 @@ def test_quick_scaling_benchmark_prints_both_tables():
                * float(row["mb-efficiency"])) < 0.02, row
     # the lockstep rounds timed with each stage's measured op costs
     rounds_ms = float(row["rounds at op costs ms"])
-    assert abs(float(row["theory at op costs"]) - float(row["ms/step 1 proc"]) / rounds_ms
-               ) < 0.02 * float(row["theory at op costs"]) + 0.01, row
-    assert abs(float(row["measured / theory at op costs"])
-               - rounds_ms / float(row["ms/step 2 proc"])) < 0.01 + 0.02 * rounds_ms, row
+    # (from cells rounded to 0.1 ms: a quick run's steps are a few ms)
+    slack = 0.06 / rounds_ms
+    theory = float(row["ms/step 1 proc"]) / rounds_ms
+    assert abs(float(row["theory at op costs"]) - theory) <= 0.01 + 2 * slack * theory, row
+    ratio = rounds_ms / float(row["ms/step 2 proc"])
+    assert abs(float(row["measured / theory at op costs"]) - ratio) <= 0.01 + 2 * slack * ratio, row
   # one line of op costs per microbatch count and stage count (v = 1 and 2)
   notes = [line for line in proc.stdout.splitlines() if line.startswith("- M=4")]
   assert [note.split(":")[0] for note in notes] == ["- M=4, 2 stages", "- M=4, 4 stages"], out

@@ -69,17 +69,18 @@ class Rounds:
   def _device_times(self, seconds: Mapping[tuple[str, int], float] | None
                     ) -> list[list[float]]:
     S = self.schedule.num_stages
+    K = S * self.schedule.virtual_stages
     if seconds is None:
       cost = op_costs(self.schedule)
-      seconds = {(kind, k): cost[kind] for kind in KINDS
-                 for k in range(S * self.schedule.virtual_stages)}
+      seconds = {(kind, k): cost[kind] for kind in KINDS for k in range(K)}
     kinds = {op.kind for row in self.ops for ops in row for op in ops}
-    missing = [(kind, k) for kind in sorted(kinds)
-               for k in range(S * self.schedule.virtual_stages) if (kind, k) not in seconds]
+    missing = [(kind, k) for kind in sorted(kinds) for k in range(K) if (kind, k) not in seconds]
     if missing:
-      raise MeshnetError(f"op costs given for {sorted(seconds)} lack {missing}: give "
-                         "seconds[(kind, virtual stage)] for every op kind the "
-                         "schedule runs on every virtual stage")
+      split = " (its backward is split: W too)" if W in kinds else ""
+      more = " ..." if len(missing) > 8 else ""
+      raise MeshnetError(
+          f"op costs lack {missing[:8]}{more}: give seconds[(kind, virtual stage)] for "
+          f"each of {sorted(kinds)}{split} on each virtual stage 0..{K - 1}")
     return [[sum(seconds[(op.kind, op.chunk * S + d)] for op in ops)
              for d, ops in enumerate(row)] for row in self.ops]
 

@@ -95,6 +95,9 @@ def default_bounds(layers: Sequence[Model], num_stages: int, balance: str = "par
   (``params``, or ``flops`` of one example: ``example`` is then the first
   layer's input as a ``jax.ShapeDtypeStruct`` with a batch dimension of 1)."""
   check_balance(balance)
+  if balance == "flops" and example is None:
+    raise MeshnetError("default_bounds(balance='flops') needs example=, the first layer's "
+                       "input as jax.ShapeDtypeStruct((1, ...), dtype)")
   costs = (layer_param_counts(layers) if balance == "params"
            else layer_flops(layers, example))
   return balanced_bounds(costs, num_stages)
