@@ -103,7 +103,7 @@ def test_restack_is_used_only_where_it_applies():
 def test_a_step_through_restack_trains_like_one_device():
   """Adam, three steps, the odd model (bf16 leaves, whole leaves, a 3-D leaf,
   closures) on stage=2 x data=2: the steps the gather path takes (the same
-  losses; parameters to the last bit, as the compiler fuses the update
+  first loss; later losses and parameters to the last bit, as the compiler fuses the update
   differently), and those of one device (to float rounding: the
   microbatches sum in another order, which Adam's first steps magnify)."""
   model = _odd_model()
@@ -124,7 +124,11 @@ def test_a_step_through_restack_trains_like_one_device():
       state, metrics = step(state, (x, y))
       losses.append(float(metrics["loss"]))
     runs[name] = (losses, jax.tree.leaves(state.params), jax.tree.leaves(state.opt_state))
-  assert runs["restack"][0] == runs["gather"][0]
+  # The first step starts from the same parameters: the same loss. Later
+  # ones start from parameters a last bit apart (the fused update), which
+  # some CPUs carry into the loss's last bits (seen on an AMD EPYC).
+  assert runs["restack"][0][0] == runs["gather"][0][0]
+  np.testing.assert_allclose(runs["restack"][0], runs["gather"][0], rtol=1e-6, atol=1e-7)
   for a, b in zip(runs["restack"][1] + runs["restack"][2],
                   runs["gather"][1] + runs["gather"][2], strict=True):
     assert a.sharding == b.sharding
