@@ -97,7 +97,7 @@ def _dp_rows(work: scaling.DataParallelWork, rounds: int, link_file: str | None)
            for b in work.batches}
   specs = {"one": ("meshnet", 1, work), "two": ("meshnet", 2, work)}
   order = [(name, str(b)) for b in work.batches for name in specs]
-  best, _ = scaling._measure(specs, order, work.steps, rounds)
+  best, _, _ = scaling._measure(specs, order, work.steps, rounds)
   return [_row(f"data=2, batch {b}", _predicted(plans[b]),
                (best[("one", str(b))], best[("two", str(b))]))
           for b in work.batches], plans
@@ -112,7 +112,7 @@ def _pipeline_rows(work: scaling.PipelineWork, rounds: int, link_file: str | Non
   order = []
   for m in work.microbatches:
     order += [("one", "full")] + [("two", f"{name}/{m}") for name in work.schedules]
-  best, _ = scaling._measure(specs, order, work.steps, rounds)
+  best, _, _ = scaling._measure(specs, order, work.steps, rounds)
   rows = [_row(f"stage=2 {name} M={m}, batch {work.batch}", _predicted(plans[(name, m)]),
                (best[("one", "full")], best[("two", f"{name}/{m}")]))
           for m in work.microbatches for name in work.schedules]
