@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import json
+import math
 import os
 from collections import defaultdict
 from typing import Any, Iterable, Sequence
@@ -81,6 +82,10 @@ class StepProfile:
     time_ms: from the first op's start to the last op's end.
     compute_ms: in ops that are not collectives.
     collectives: by kind and named scope.
+    busy_ms: the part of ``time_ms`` in which at least one op ran. Ops on
+      different threads of a device can run at once (the CPU runtime runs
+      independent ops side by side), so ``compute_ms`` plus ``collective_ms``
+      can exceed it; the excess is ``overlap_ms``.
   """
 
   process: int
@@ -89,6 +94,7 @@ class StepProfile:
   time_ms: float
   compute_ms: float
   collectives: tuple[CollectiveTime, ...]
+  busy_ms: float
 
   def kind_ms(self, kind: str) -> float:
     return sum(c.ms for c in self.collectives if c.kind == kind)
@@ -102,8 +108,14 @@ class StepProfile:
 
   @property
   def idle_ms(self) -> float:
-    """The step's time that no op covered."""
-    return max(0.0, self.time_ms - self.compute_ms - self.collective_ms)
+    """The step's time in which no op ran."""
+    return max(0.0, self.time_ms - self.busy_ms)
+
+  @property
+  def overlap_ms(self) -> float:
+    """Op time counted twice because ops ran at once (on other threads):
+    ``compute_ms + collective_ms - overlap_ms + idle_ms == time_ms``."""
+    return max(0.0, self.compute_ms + self.collective_ms - self.busy_ms)
 
   def to_dict(self) -> dict[str, Any]:
     kinds = {kind: {"ms": self.kind_ms(kind), "bytes": _exact(self.kind_bytes(kind)),
@@ -112,6 +124,7 @@ class StepProfile:
     return {"process": self.process, "step": self.step, "devices": self.devices,
             "time_ms": self.time_ms, "compute_ms": self.compute_ms,
             "collective_ms": self.collective_ms, "idle_ms": self.idle_ms,
+            "overlap_ms": self.overlap_ms,
             "collectives": kinds,
             "scopes": [{**dataclasses.asdict(c), "calls": _exact(c.calls),
                         "bytes": _exact(c.bytes)} for c in self.collectives]}
@@ -297,12 +310,13 @@ def _scope(op_name: str, scopes: Sequence[str]) -> str:
 def _step_profile(process: int, step: int, devices: dict[Any, dict[Any, list[_Event]]],
                   module: HloModule, scopes: Sequence[str]) -> StepProfile:
   n = len(devices)
-  time_ns = compute_ns = 0.0
+  time_ns = compute_ns = busy_ns = 0.0
   by_scope: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])
   unknown = HloOp("", None, 0, "")
   for threads in devices.values():
     events = [e for thread in threads.values() for e in thread]
     time_ns += max(e.end for e in events) - min(e.start for e in events)
+    busy_ns += _covered(events)
     for thread in threads.values():
       _own_times(thread)
     for event in events:
@@ -319,7 +333,19 @@ def _step_profile(process: int, step: int, devices: dict[Any, dict[Any, list[_Ev
       CollectiveTime(kind, scope, calls / n, ns / n / 1e6, nbytes / n)
       for (kind, scope), (calls, ns, nbytes) in sorted(
           by_scope.items(), key=lambda item: (order.get(item[0][0], 99), item[0][1])))
-  return StepProfile(process, step, n, time_ns / n / 1e6, compute_ns / n / 1e6, collectives)
+  return StepProfile(process, step, n, time_ns / n / 1e6, compute_ns / n / 1e6, collectives,
+                     busy_ns / n / 1e6)
+
+
+def _covered(events: list[_Event]) -> float:
+  """The length of the union of the events' intervals (ns)."""
+  covered = 0.0
+  end = -math.inf
+  for event in sorted(events, key=lambda e: e.start):
+    if event.end > end:
+      covered += event.end - max(event.start, end)
+      end = event.end
+  return covered
 
 
 def _kinds(steps: Iterable[StepProfile]) -> list[str]:
@@ -360,10 +386,16 @@ def format_profile(summary: ProfileSummary) -> str:
            "bench collectives counts it; a ring all-reduce sends 2(n-1)/n of it: the "
            "bytes meshnet plan reports as sent)"]
   kinds = _kinds(steps)
+  overlap = any(s.overlap_ms >= 0.0005 for s in steps)
+  if overlap:
+    lines.append("overlap: op time in which another op of the step ran too (on another "
+                 "thread), counted in both; compute + collectives - overlap + idle = step")
   header = (["process", "step", "devices", "step ms", "compute ms"]
-            + [f"{k} ms" for k in kinds] + ["idle ms"] + [f"{k} bytes" for k in kinds])
+            + [f"{k} ms" for k in kinds] + ["overlap ms"] * overlap + ["idle ms"]
+            + [f"{k} bytes" for k in kinds])
   rows = [[str(s.process), str(s.step), str(s.devices), f"{s.time_ms:.3f}",
            f"{s.compute_ms:.3f}"] + [f"{s.kind_ms(k):.3f}" for k in kinds]
+          + [f"{s.overlap_ms:.3f}"] * overlap
           + [f"{s.idle_ms:.3f}"] + [_number(s.kind_bytes(k)) for k in kinds]
           for s in steps]
   lines += ["", *_table(header, rows)]
