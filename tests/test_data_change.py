@@ -4,6 +4,7 @@ unless allowed."""
 
 import dataclasses
 import gzip
+import hashlib
 import json
 import os
 import pathlib
@@ -57,7 +58,13 @@ def test_fingerprint_of_mnist_sized_arrays_is_cheap():
   began = time.perf_counter()
   fingerprint(ds)
   seconds = time.perf_counter() - began
-  assert seconds < 2.0, seconds  # ~0.12 s here (SHA-256 at 1.8 GB/s)
+  # Against hashing the same bytes once, timed here: one pass over each
+  # array, no copies, on whatever CPU this is (~0.12 s with SHA instructions).
+  began = time.perf_counter()
+  for a in (ds.x_train, ds.y_train, ds.x_test, ds.y_test):
+    hashlib.sha256(memoryview(np.ascontiguousarray(a)).cast("B")).hexdigest()
+  once = time.perf_counter() - began
+  assert seconds < 3 * once + 0.5, (seconds, once)
 
 
 def _config(directory, steps, *, resume=False, allow=False):

@@ -15,7 +15,7 @@ import pytest
 
 import meshnet
 from meshnet import checkpoint
-from meshnet.faults import EXIT_PEER_FAILED, peer_failure_cause
+from meshnet.faults import EXIT_PEER_FAILED, SAVE_GRACE_SECONDS, peer_failure_cause
 
 ROOT = str(pathlib.Path(meshnet.__file__).resolve().parent.parent)
 ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -123,7 +123,13 @@ def test_a_stuck_peer_ends_the_other_at_the_step_timeout(tmp_path):
   last = err.strip().splitlines()[-1]
   print(f"stuck peer: the other exited {elapsed:.1f}s after SIGSTOP")
   assert code == EXIT_PEER_FAILED, err[-3000:]
-  assert 3 <= elapsed < 3 + 2 + 5, elapsed  # the limit, the save's grace, slack
+  # The watchdog counts from the last finished step (before the SIGSTOP) and
+  # looks every 0.3 s: the wait it reports is at least the limit; the wall
+  # clock is at most the limit, a look, the save's grace and slack for a
+  # loaded machine.
+  waited = float(re.search(r"did not finish in ([\d.]+)s", last)[1])
+  assert waited >= 3.0, last
+  assert elapsed < 3 + 0.3 + SAVE_GRACE_SECONDS + 20, elapsed
   steps = [row["step"] for row in checkpoint.list_checkpoints(str(ck))]
   assert re.fullmatch(
       r"meshnet: error: step \d+ did not finish in [\d.]+s \(3s is --step-timeout\); a peer "

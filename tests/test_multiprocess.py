@@ -179,6 +179,7 @@ def test_shared_memory_transport_trains_what_one_process_trains(tmp_path):
   sums in process order: two runs give the same bits."""
   args = TRAIN + ["--mesh", "data=2", "--steps", "12", "--dropout", "0.2",
                   "--grad-accum", "2", "--optimizer", "adamw", "--weight-decay", "0.01"]
+  before = _shm_segments()  # another run's segments on this machine are not ours
   for run in ("shm", "shm_again"):
     out = _run(["launch", "-n", "2", "--", *MESHNET, *args, "--grad-transport", "shm",
                 "--checkpoint-dir", str(tmp_path / run)])
@@ -189,8 +190,12 @@ def test_shared_memory_transport_trains_what_one_process_trains(tmp_path):
   one_params = checkpoint.load_params(str(tmp_path / "one"), 12)
   for got, want in zip(jax.tree.leaves(shm_params), jax.tree.leaves(one_params)):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-7)
-  leftovers = [n for n in os.listdir("/dev/shm") if n.startswith("meshnet-")]
+  leftovers = _shm_segments() - before
   assert not leftovers, leftovers  # the segment's name is removed once all attached
+
+
+def _shm_segments() -> set[str]:
+  return {n for n in os.listdir("/dev/shm") if n.startswith("meshnet-")}
 
 
 def test_shared_memory_transport_refuses_what_it_cannot_do():

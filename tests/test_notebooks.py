@@ -38,7 +38,7 @@ NOTEBOOKS = {
          "interleaved: S=4, M=8, v=2,", "zb: S=4, M=8,",
          "every schedule trains exactly like the unpipelined step"]),
     "03_checkpoints": (
-        {"MESHNET_NB_STOP_AT": "10", "MESHNET_NB_STEPS": "40"},
+        {"MESHNET_NB_STOP_AT": "10", "MESHNET_NB_STEPS": "80"},
         ["stopped by SIGINT after step", "parameters of step", "resumed from step",
          "largest loss difference between the resumed run and the uninterrupted one"]),
     "04_multihost": (

@@ -26,7 +26,7 @@ def _positive(cell: str) -> bool:
 def test_quick_scaling_benchmark_prints_both_tables():
   with_torch = importlib.util.find_spec("torch") is not None
   proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scaling.py"), "--quick"],
-                        capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
+                        capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=1800)
   out = proc.stdout + proc.stderr
   assert proc.returncode == 0, out[-3000:]
   tables = _tables(proc.stdout)
