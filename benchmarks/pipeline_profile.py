@@ -11,8 +11,13 @@ everything outside it (stacking parameters, the all-gather of the
 gradient, the optimizer). Event names are mapped to these parts through
 the compiled program's ``jax.named_scope`` metadata.
 
+The table also gives the step untraced (the tracer's own cost shows) and
+the page faults a step on each process (fresh memory touched each step:
+glibc handing XLA's buffers back to the kernel, see ``meshnet launch``).
+``--part "outside rounds" --top 20`` lists one part's heaviest ops.
+
 Run: python benchmarks/pipeline_profile.py [--schedule 1f1b] [--microbatches 8]
-       [--widths 784,1024x8,10] [--batch 2048] [--remat]
+       [--widths 784,1024x8,10] [--batch 2048] [--remat] [--top N] [--part PART]
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import glob
 import json
 import os
 import re
+import resource
 import socket
 import subprocess
 import sys
@@ -58,7 +64,8 @@ def _part(op_name: str) -> str:
   return "rest of rounds" if "pipeline_rounds" in op_name else "outside rounds"
 
 
-def _split(trace_dir: str, names: dict[str, str], steps: int) -> dict[str, float]:
+def _split(trace_dir: str, names: dict[str, str], steps: int, top: int = TOP,
+           only: str | None = None) -> dict[str, float]:
   """ms per step of each part, from one process's trace: every event's own
   time (its duration less that of the events nested in it) goes to the part
   its HLO op's named scope says (an event without an op: its parent's)."""
@@ -93,8 +100,9 @@ def _split(trace_dir: str, names: dict[str, str], steps: int) -> dict[str, float
         stack.append([start + duration, part, duration, op or "(thunk executor)"])
       while stack:
         close(stack.pop())
-  top = dict(sorted(ops.items(), key=lambda kv: -kv[1])[:TOP])
-  return {part: value / steps for part, value in ms.items()} | {"top": top}
+  listed = {k: v for k, v in ops.items() if only is None or k.startswith(only + ":")}
+  top_ops = dict(sorted(listed.items(), key=lambda kv: -kv[1])[:top])
+  return {part: value / steps for part, value in ms.items()} | {"top": top_ops}
 
 
 def _worker(args) -> None:
@@ -127,16 +135,26 @@ def _worker(args) -> None:
   for _ in range(2):
     state, metrics = step(state, batch)
   jax.block_until_ready(metrics)
+
+  def timed(state):
+    """``args.steps`` steps: (state, ms a step, page faults a step)."""
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    began = time.perf_counter()
+    for _ in range(args.steps):
+      state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    wall = (time.perf_counter() - began) * 1e3 / args.steps
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / args.steps
+    return state, wall, faults
+
+  state, plain, plain_faults = timed(state)
   trace = os.path.join(args.out, f"trace{jax.process_index()}")
   jax.profiler.start_trace(trace)
-  began = time.perf_counter()
-  for _ in range(args.steps):
-    state, metrics = step(state, batch)
-  jax.block_until_ready(metrics)
-  wall = (time.perf_counter() - began) * 1e3 / args.steps
+  state, wall, faults = timed(state)
   jax.profiler.stop_trace()
   with open(os.path.join(args.out, f"split{jax.process_index()}.json"), "w") as f:
-    json.dump(_split(trace, names, args.steps) | {"wall": wall}, f)
+    json.dump(_split(trace, names, args.steps, args.top, args.part)
+              | {"wall": wall, "plain": plain, "plain_faults": plain_faults}, f)
 
 
 def main(argv=None) -> None:
@@ -147,6 +165,9 @@ def main(argv=None) -> None:
   parser.add_argument("--batch", type=int, default=2048)
   parser.add_argument("--steps", type=int, default=2)
   parser.add_argument("--remat", action="store_true")
+  parser.add_argument("--top", type=int, default=TOP, help=f"ops listed per device "
+                      f"(default {TOP})")
+  parser.add_argument("--part", choices=PARTS, help="list only this part's ops")
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--out", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
@@ -189,8 +210,13 @@ def main(argv=None) -> None:
   print(f"| in no XLA event (dispatch, waits outside ops) | "
         f"{splits[0]['wall'] - accounted[0]:.1f} | {splits[1]['wall'] - accounted[1]:.1f} |")
   print(f"| step (wall clock, traced) | {splits[0]['wall']:.1f} | {splits[1]['wall']:.1f} |")
+  print(f"| step (wall clock, not traced) | {splits[0]['plain']:.1f} | "
+        f"{splits[1]['plain']:.1f} |")
+  print(f"| page faults a step, not traced (first touches of fresh memory) | "
+        f"{splits[0]['plain_faults']:,.0f} | {splits[1]['plain_faults']:,.0f} |")
   for rank, split in enumerate(splits):
-    print(f"\nstage {rank}, the {TOP} ops with the most own time (ms per step):")
+    print(f"\nstage {rank}, the {args.top} {args.part + ' ' if args.part else ''}ops with "
+          f"the most own time (ms per step):")
     for name, value in split["top"].items():
       print(f"  {value:7.1f}  {name}")
 
