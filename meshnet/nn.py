@@ -48,9 +48,53 @@ def dense_init(
   return {"w": w, "b": jnp.zeros((fan_out,), dtype)}
 
 
+@jax.custom_jvp
+def matmul(x_BxI: jax.Array, w_IxO: jax.Array) -> jax.Array:
+  """``x @ w``: ``[..., I] @ [I, O] -> [..., O]``, whose weight gradient runs
+  on XLA:CPU's fast matmul.
+
+  Under autodiff the weight gradient is ``x^T @ dy``, a contraction over the
+  batch. XLA:CPU hands a matmul to YNNPACK only when its left operand is
+  row-major and contracted on its last dimension; ``x^T`` read in place is
+  neither, so that matmul falls back to a kernel 1.2-1.6x slower (one core,
+  ``[256, 1024]``: 10.1 against 7.3 ms with the transpose; ``[2048, 1024]``:
+  119 against 73 ms), a third of a dense network's training FLOPs. On a CPU
+  backend this rule keeps ``x`` transposed once, behind an optimization
+  barrier so the compiler does not fold the transpose back into the
+  matmul, and the transpose of the tangent's ``x @ dw`` is then ``x^T @
+  dy`` on a row-major ``x^T``. Values are those of ``x @ w`` (the sum may
+  run in another order); on other backends it is ``x @ w`` unchanged.
+  Forward mode, ``vmap`` and higher derivatives work as for ``x @ w``.
+  """
+  return x_BxI @ w_IxO
+
+
+def _matmul_jvp(primals, tangents):
+  x, w = primals
+  dx, dw = tangents
+  y = matmul(x, w)
+  terms = []
+  if not isinstance(dx, jax.custom_derivatives.SymbolicZero):
+    terms.append(dx @ w)
+  if not isinstance(dw, jax.custom_derivatives.SymbolicZero):
+    if jax.default_backend() == "cpu" and x.ndim >= 2:
+      x_IxN = jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1]).T)
+      terms.append(jax.lax.dot_general(x_IxN, dw, (((0,), (0,)), ((), ())))
+                   .reshape(y.shape))
+    else:
+      terms.append(x @ dw)
+  if not terms:
+    return y, jax.custom_derivatives.SymbolicZero(jax.typeof(y).to_tangent_aval())
+  dy = terms[0] if len(terms) == 1 else terms[0] + terms[1]
+  return y, dy.astype(y.dtype)
+
+
+matmul.defjvp(_matmul_jvp, symbolic_zeros=True)
+
+
 def dense(params: dict[str, jax.Array], x_BxI: jax.Array) -> jax.Array:
-  """``x @ w + b``: ``[B, I] -> [B, O]``."""
-  return x_BxI @ params["w"] + params["b"][None, :]
+  """``x @ w + b``: ``[B, I] -> [B, O]`` (``x @ w`` by :func:`matmul`)."""
+  return matmul(x_BxI, params["w"]) + params["b"][None, :]
 
 
 def dropout(x: jax.Array, rate: float, *, key: jax.Array | None, train: bool) -> jax.Array:
