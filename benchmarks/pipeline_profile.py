@@ -116,6 +116,8 @@ def _worker(args) -> None:
   from meshnet.sharding import batch_sharding
 
   distributed.initialize()
+  if args.plain_matmul:  # the layers' x @ w as written, without nn.matmul's CPU rule
+    meshnet.nn.matmul = lambda x, w: x @ w
   widths = _widths(args.widths)
   model = meshnet.models.mlp(widths)
   optimizer = optax.sgd(0.01)
@@ -167,6 +169,9 @@ def main(argv=None) -> None:
   parser.add_argument("--remat", action="store_true")
   parser.add_argument("--top", type=int, default=TOP, help=f"ops listed per device "
                       f"(default {TOP})")
+  parser.add_argument("--plain-matmul", action="store_true",
+                      help="dense layers as a plain x @ w (without meshnet.nn.matmul's "
+                      "CPU rule for the weight gradient), to compare")
   parser.add_argument("--part", choices=PARTS, help="list only this part's ops")
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -202,7 +207,8 @@ def main(argv=None) -> None:
           file=sys.stderr, flush=True)
     splits = [json.load(open(os.path.join(out, f"split{r}.json"))) for r in range(2)]
   print(f"{args.schedule}, M={args.microbatches}, MLP {args.widths}, batch {args.batch}, "
-        f"stage=2 over 2 pinned processes{' (remat)' if args.remat else ''}: ms per step\n")
+        f"stage=2 over 2 pinned processes{' (remat)' if args.remat else ''}"
+        f"{' (plain x @ w)' if args.plain_matmul else ''}: ms per step\n")
   print("| part | stage 0 | stage 1 |\n| --- | --- | --- |")
   for part in PARTS:
     print(f"| {part} | {splits[0][part]:.1f} | {splits[1][part]:.1f} |")

@@ -56,15 +56,16 @@ def matmul(x_BxI: jax.Array, w_IxO: jax.Array) -> jax.Array:
   Under autodiff the weight gradient is ``x^T @ dy``, a contraction over the
   batch. XLA:CPU hands a matmul to YNNPACK only when its left operand is
   row-major and contracted on its last dimension; ``x^T`` read in place is
-  neither, so that matmul falls back to a kernel 1.2-1.6x slower (one core,
-  ``[256, 1024]``: 10.1 against 7.3 ms with the transpose; ``[2048, 1024]``:
-  119 against 73 ms), a third of a dense network's training FLOPs. On a CPU
-  backend this rule keeps ``x`` transposed once, behind an optimization
-  barrier so the compiler does not fold the transpose back into the
-  matmul, and the transpose of the tangent's ``x @ dw`` is then ``x^T @
-  dy`` on a row-major ``x^T``. Values are those of ``x @ w`` (the sum may
-  run in another order); on other backends it is ``x @ w`` unchanged.
-  Forward mode, ``vmap`` and higher derivatives work as for ``x @ w``.
+  neither, so that matmul falls back to a kernel 1.1-2x slower (one core,
+  ``x: [256, 1024]``: 8.8 against 6.7 ms with the transpose; ``[2048,
+  1024]``: 107 against 54 ms; ``benchmarks/matmul_grad.py``), and it is a
+  third of a dense network's training FLOPs. On a CPU backend this rule
+  keeps ``x`` transposed once, behind an optimization barrier so that the
+  compiler does not fold the transpose back into the matmul; the transpose
+  of the tangent's ``x @ dw`` is then ``x^T @ dy`` on a row-major ``x^T``.
+  Values are those of ``x @ w`` (a sum may run in another order); on other
+  backends it is ``x @ w`` unchanged. Forward mode, ``vmap`` and higher
+  derivatives work as for ``x @ w``.
   """
   return x_BxI @ w_IxO
 
@@ -84,7 +85,7 @@ def _matmul_jvp(primals, tangents):
     else:
       terms.append(x @ dw)
   if not terms:
-    return y, jax.custom_derivatives.SymbolicZero(jax.typeof(y).to_tangent_aval())
+    return y, jnp.zeros_like(y)
   dy = terms[0] if len(terms) == 1 else terms[0] + terms[1]
   return y, dy.astype(y.dtype)
 
