@@ -3,11 +3,10 @@
 Under autodiff, ``x @ w``'s weight gradient is ``x^T @ dy`` contracted over
 the batch; XLA:CPU hands it to its slower fallback kernel because ``x^T``
 read in place is column-major. :func:`meshnet.nn.matmul` transposes ``x``
-once. This script times, side by side on one pinned core (as ``meshnet
-launch --cpus-per-process 1`` runs a worker): the weight gradient alone for
-a few shapes, then a whole forward and backward of the MLPs the scaling
-benchmark trains (784-1024x8-10 and the MNIST 784-512-256-128-10), written
-with each. Best of 5 spells, alternating.
+once. This script times, side by side on one pinned core: the weight
+gradient alone for a few shapes, then a whole forward and backward of the
+MLPs the scaling benchmark trains (784-1024x8-10 and the MNIST
+784-512-256-128-10), written with each. Best of 5 spells, alternating.
 
 Run: python benchmarks/matmul_grad.py [--all-cores]
 """
@@ -21,9 +20,14 @@ import time
 
 
 def _pin() -> None:
-  """Pins this process to one core before jax starts its threads."""
+  """Pins this process to one core and sets the math libraries' thread
+  counts as ``meshnet launch --cpus-per-process 1`` does, before jax starts
+  (glibc's allocator settings only take effect from a process's start: run
+  the script under ``meshnet launch -n 1 --cpus-per-process 1`` for those)."""
+  from meshnet.launch import THREAD_VARIABLES
   cpu = min(os.sched_getaffinity(0))
   os.sched_setaffinity(0, {cpu})
+  os.environ.update({name: "1" for name in THREAD_VARIABLES})
   os.environ["XLA_FLAGS"] = " ".join(
       f for f in os.environ.get("XLA_FLAGS", "").split()
       if "host_platform_device_count" not in f)

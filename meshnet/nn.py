@@ -84,10 +84,7 @@ def _matmul_jvp(primals, tangents):
                    .reshape(y.shape))
     else:
       terms.append(x @ dw)
-  if not terms:
-    return y, jnp.zeros_like(y)
-  dy = terms[0] if len(terms) == 1 else terms[0] + terms[1]
-  return y, dy.astype(y.dtype)
+  return y, sum(terms[1:], terms[0]).astype(y.dtype) if terms else jnp.zeros_like(y)
 
 
 matmul.defjvp(_matmul_jvp, symbolic_zeros=True)
